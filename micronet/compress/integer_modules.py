@@ -1,0 +1,127 @@
+"""Modules of the integer deploy form (spec training.md §2.3, generalised to any network).
+
+In this form every quantized conv/linear holds its *integer weight codes* (as float32 tensors that are
+exact integers; zero means pruned) and no scale; the de-quantisation, folded BatchNorm and the next
+activation step live in per-channel ``ChannelAffine`` layers; activation quantizers are ``RoundClamp``.
+This is the representation the scorer counts and the ONNX exporter writes. Read protocol:
+
+* ``IntConv2d`` / ``IntLinear``: buffer ``weight`` (codes), ``weight_bits`` (int), ``weight_signed``
+  (bool), ``block`` (mask block ``(out, in)`` or ``None`` for element masks).
+* ``ChannelAffine``: buffers ``scale`` (shape ``[C]`` or ``[1]``) and optional ``bias``; computes
+  ``y[:, c] = scale[c] * x[:, c] + bias[c]``.
+* ``RoundClamp``: ``qmin``, ``qmax``, ``bits``; output codes are integers in ``[qmin, qmax]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from micronet.compress.ops import range_bits, round_clamp
+
+
+class IntConv2d(nn.Module):
+    """Convolution with integer weight codes and no bias (the bias lives in the next ChannelAffine)."""
+
+    def __init__(
+        self,
+        codes: Tensor,
+        *,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        weight_bits: int,
+        weight_signed: bool = True,
+        block: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("weight", codes.detach().to(torch.float32).clone())
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.weight_bits, self.weight_signed, self.block = int(weight_bits), bool(weight_signed), block
+        self.out_channels, self.in_channels = codes.shape[0], codes.shape[1] * groups
+        self.kernel_size = tuple(codes.shape[2:])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight.to(x.dtype), None, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, weight_bits={self.weight_bits}"
+        )
+
+
+class IntLinear(nn.Module):
+    """Fully-connected layer with integer weight codes and no bias."""
+
+    def __init__(
+        self,
+        codes: Tensor,
+        *,
+        weight_bits: int,
+        weight_signed: bool = True,
+        block: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("weight", codes.detach().to(torch.float32).clone())
+        self.weight_bits, self.weight_signed, self.block = int(weight_bits), bool(weight_signed), block
+        self.out_features, self.in_features = codes.shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, weight_bits={self.weight_bits}"
+
+
+class ChannelAffine(nn.Module):
+    """Per-channel affine ``y = scale[c] * x + bias[c]`` over dimension 1 (a scalar when C == 1)."""
+
+    def __init__(self, scale: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().to(torch.float32).reshape(-1).clone())
+        if bias is not None:
+            bias = bias.detach().to(torch.float32).reshape(-1).clone()
+        self.register_buffer("bias", bias)
+
+    @property
+    def num_channels(self) -> int:
+        return self.scale.numel()
+
+    def _view(self, t: Tensor, x: Tensor) -> Tensor:
+        if t.numel() == 1:
+            return t.reshape(())
+        return t.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x * self._view(self.scale, x).to(x.dtype)
+        if self.bias is not None:
+            y = y + self._view(self.bias, x).to(x.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"channels={self.num_channels}, bias={self.bias is not None}"
+
+
+class RoundClamp(nn.Module):
+    """Activation quantizer of the integer form: ``clamp(round(x), qmin, qmax)`` (ReLU absorbed when qmin=0)."""
+
+    def __init__(self, qmin: int, qmax: int) -> None:
+        super().__init__()
+        self.qmin, self.qmax = int(qmin), int(qmax)
+
+    @property
+    def bits(self) -> int:
+        return range_bits(self.qmin, self.qmax)
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return round_clamp(x, self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        return f"qmin={self.qmin}, qmax={self.qmax}"
