@@ -29,3 +29,22 @@ class _Group(click.Group):
 def main() -> None:
     """micronet: compressed CIFAR-100 networks, scored exactly by the MicroNet Challenge rules."""
 
+
+@main.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as a JSON list of objects.")
+def models_command(as_json: bool) -> None:
+    """List the model zoo: parameters and dense MACs per 32x32 image (conv + FC + LSTM)."""
+    import json
+
+    from tabulate import tabulate
+
+    from micronet.models import describe_models, list_families
+
+    rows = describe_models()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = [(row["name"], row["family"], row["params"], row["macs"], row["summary"]) for row in rows]
+    click.echo(tabulate(table, headers=["name", "family", "params", "dense MACs", "description"], intfmt=","))
+    click.echo("Also accepted: FAMILY:key=value,... e.g. densenet_bc:depth=40,growth=12 "
+               f"(families: {', '.join(list_families())}).")
