@@ -1,0 +1,25 @@
+"""Compression state on the modules: masks, quantizers, BN recalibration, the integer deploy form."""
+
+from micronet.compress.bn import recalibrate_bn_
+from micronet.compress.integer import fold_bn, to_integer_form
+from micronet.compress.layout import apply_layout, compression_layout
+from micronet.compress.quant import (
+    ActQuantizer,
+    QuantConfig,
+    WeightQuantizer,
+    calibrate_activations_,
+    least_squares_scale,
+    quantize_,
+    refit_weight_scales_,
+)
+from micronet.compress.sparsity import SparsityConfig, WeightMask, freeze_masks_, prune_, update_masks_
+from micronet.compress.state import input_quantizer, is_quantized, weight_mask, weight_quantizer
+from micronet.compress.summary import compression_rows, compression_summary
+
+__all__ = [
+    "ActQuantizer", "QuantConfig", "SparsityConfig", "WeightMask", "WeightQuantizer", "apply_layout",
+    "calibrate_activations_", "compression_layout", "compression_rows", "compression_summary", "fold_bn",
+    "freeze_masks_", "input_quantizer", "is_quantized", "least_squares_scale", "prune_", "quantize_",
+    "recalibrate_bn_", "refit_weight_scales_", "to_integer_form", "update_masks_", "weight_mask",
+    "weight_quantizer",
+]

@@ -1,0 +1,105 @@
+"""Reading the compression state of a model: the one place other packages look.
+
+The state lives on the modules themselves (see docs/architecture.md): a ``WeightMask`` and/or a
+``WeightQuantizer`` parametrization on ``module.weight``, and an ``ActQuantizer`` submodule
+``module.input_quantizer`` applied to the module's input. These helpers return them (or ``None``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator, Sequence
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from micronet.errors import MicronetError
+
+#: Module kinds that can carry weight compression, by the short names configs use.
+LAYER_KINDS: dict[str, tuple[type[nn.Module], ...]] = {"conv": (nn.Conv2d,), "fc": (nn.Linear,)}
+
+
+def _parametrizations(module: nn.Module) -> Sequence[nn.Module]:
+    if parametrize.is_parametrized(module, "weight"):
+        return list(module.parametrizations.weight)
+    return []
+
+
+def weight_mask(module: nn.Module):
+    """The module's ``WeightMask`` parametrization, or ``None``."""
+    from micronet.compress.sparsity import WeightMask
+
+    return next((p for p in _parametrizations(module) if isinstance(p, WeightMask)), None)
+
+
+def weight_quantizer(module: nn.Module):
+    """The module's ``WeightQuantizer`` parametrization, or ``None``."""
+    from micronet.compress.quant import WeightQuantizer
+
+    return next((p for p in _parametrizations(module) if isinstance(p, WeightQuantizer)), None)
+
+
+def input_quantizer(module: nn.Module):
+    """The module's input ``ActQuantizer``, or ``None``."""
+    return getattr(module, "input_quantizer", None)
+
+
+def raw_weight(module: nn.Module):
+    """The trainable (dense, unquantized) weight tensor behind any parametrizations."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
+def compressed_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) pairs of modules that carry a mask, a weight quantizer or an input quantizer."""
+    for name, module in model.named_modules():
+        if weight_mask(module) is not None or weight_quantizer(module) is not None:
+            yield name, module
+        elif input_quantizer(module) is not None:
+            yield name, module
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True if any weight or activation in the model is quantized."""
+    from micronet.compress.integer_modules import IntConv2d, IntLinear, RoundClamp
+
+    for module in model.modules():
+        if isinstance(module, IntConv2d | IntLinear | RoundClamp):
+            return True
+        if weight_quantizer(module) is not None or input_quantizer(module) is not None:
+            return True
+    return False
+
+
+def select_layers(
+    model: nn.Module,
+    kinds: Sequence[str] = ("conv",),
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> list[tuple[str, nn.Module]]:
+    """Layers of the given kinds, filtered by fnmatch name patterns; unknown patterns are an error."""
+    unknown_kinds = set(kinds) - set(LAYER_KINDS)
+    if unknown_kinds:
+        raise MicronetError(f"unknown layer kind(s) {sorted(unknown_kinds)}; valid: {sorted(LAYER_KINDS)}")
+    types = tuple(t for k in kinds for t in LAYER_KINDS[k])
+    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
+    all_names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    for pattern in (*include, *exclude):
+        if not fnmatch.filter(all_names, pattern):
+            raise MicronetError(f"layer name pattern {pattern!r} matches no conv/linear layer of the model")
+    if include:
+        candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)
+                      and any(fnmatch.fnmatchcase(n, p) for p in include)]
+    return [(n, m) for n, m in candidates if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+
+
+def first_conv_name(model: nn.Module) -> str | None:
+    """Name of the first convolution in registration order (the stem of every zoo model)."""
+    return next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def classifier_name(model: nn.Module) -> str | None:
+    """Name of the last Linear layer in registration order (the classifier of every zoo model)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return names[-1] if names else None
