@@ -1,0 +1,327 @@
+"""``export_onnx``: integer deploy form -> one small, verified, self-contained ONNX file.
+
+Flow: the model is converted to its integer deploy form (``micronet.compress.to_integer_form``; models
+already in that form, such as imported riair2019 checkpoints, are used as they are), the graph is built
+directly from it (:mod:`micronet.export.graph`, which explains why the dynamo exporter is not used),
+checked with ``onnx.checker.check_model(full_check=True)``, written to a temporary file next to the
+target, verified in onnxruntime (:mod:`micronet.export.verify`) and only then moved into place with
+``os.replace``. A failed export therefore never leaves a file behind, and an existing file is only
+replaced by a verified one.
+
+Packaging: onnxruntime is needed only for verification and comes from the ``onnx`` extra
+(``onnxruntime``, CPU) or the ``onnx-gpu`` extra (``onnxruntime-gpu``, CUDA). Install exactly one:
+both wheels write the same ``onnxruntime/`` package directory, so whichever is installed last silently
+wins, and uninstalling either one breaks the other (spec onnx-export.md §6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from micronet.compress.integer_modules import ChannelAffine, IntConv2d, IntLinear, RoundClamp
+from micronet.errors import MicronetError
+from micronet.export import verify as _verify
+from micronet.export.graph import BuiltGraph, WeightRecord, build_graph
+
+INPUT_SHAPE = (3, 32, 32)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+
+@dataclass
+class ExportReport:
+    """What was written, how big it is, and how it verified."""
+
+    path: str
+    form: str
+    sparse_weights: bool
+    opset: int
+    ir_version: int
+    num_classes: int
+    file_bytes: int
+    fp32_bytes: int  # the same tensors stored as float32 (the fp32 checkpoint's payload)
+    storage_bytes: int | None  # scorer's parameter storage: params (32-bit units) x 4 bytes
+    checkpoint_bytes: int | None = None  # size of the checkpoint file exported from, if any
+    exact: bool = False
+    weights: list[WeightRecord] = field(default_factory=list)
+    parity: _verify.ParityReport | None = None
+    latency: _verify.Latency | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def weight_summary(self) -> dict[str, Any]:
+        """Counts of stored weight tensors by encoding/type, and the overall density of the codes."""
+        kinds: dict[str, int] = {}
+        for w in self.weights:
+            key = f"{w.encoding} {w.storage}"
+            kinds[key] = kinds.get(key, 0) + 1
+        codes = [w for w in self.weights if w.kind == "codes"]
+        numel = sum(w.numel for w in codes)
+        return {
+            "tensors": kinds,
+            "code_values": numel,
+            "nonzero_fraction": (sum(w.nnz for w in codes) / numel) if numel else None,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {
+            "path": self.path, "form": self.form, "sparse_weights": self.sparse_weights, "opset": self.opset,
+            "ir_version": self.ir_version, "num_classes": self.num_classes, "exact": self.exact,
+            "file_bytes": self.file_bytes, "fp32_bytes": self.fp32_bytes, "storage_bytes": self.storage_bytes,
+            "checkpoint_bytes": self.checkpoint_bytes, "weights": self.weight_summary(),
+            "parity": self.parity.to_dict() if self.parity else None,
+            "latency_ms": None if self.latency is None else {
+                "device": self.latency.device,
+                "onnxruntime": self.latency.onnxruntime,
+                "pytorch": self.latency.pytorch,
+            },
+            "notes": self.notes,
+        }
+
+    def format(self) -> str:
+        """Human-readable report."""
+        ws = self.weight_summary()
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(ws["tensors"].items()))
+        density = "" if ws["nonzero_fraction"] is None else f", {ws['nonzero_fraction']:.1%} of codes non-zero"
+        lines = [
+            f"wrote {self.path} ({self.form} form, opset {self.opset}, IR {self.ir_version}, "
+            f"input [batch,{','.join(map(str, INPUT_SHAPE))}] -> logits [batch,{self.num_classes}])",
+            f"  weights: {kinds}{density}",
+            f"  size: {self.file_bytes:,} B  | fp32 tensors {self.fp32_bytes:,} B "
+            f"({self.fp32_bytes / self.file_bytes:.2f}x larger)",
+        ]
+        if self.checkpoint_bytes is not None:
+            lines.append(f"        checkpoint file {self.checkpoint_bytes:,} B")
+        if self.storage_bytes is not None:
+            lines.append(f"        scorer storage (params x 4 B) {self.storage_bytes:,} B "
+                         f"(file is {self.file_bytes / self.storage_bytes:.2f}x that)")
+        lines.append(self.parity.format() if self.parity else "parity: not verified (--no-verify)")
+        if self.latency is not None:
+            lines.append(self.latency.format())
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def deploy_model(model: nn.Module) -> nn.Module:
+    """The eval-mode module that gets exported: the integer deploy form (a copy; ``model`` is untouched)."""
+    already = any(isinstance(m, IntConv2d | IntLinear | RoundClamp | ChannelAffine) for m in model.modules())
+    training_form = any(
+        getattr(m, "parametrizations", None) is not None or hasattr(m, "input_quantizer") for m in model.modules()
+    )
+    if already and not training_form:
+        import copy
+
+        return copy.deepcopy(model).eval()
+    from micronet.compress import to_integer_form
+
+    try:
+        return to_integer_form(model).eval()
+    except MicronetError:
+        raise
+    except Exception as exc:
+        raise MicronetError(f"cannot convert the model to its integer deploy form: {exc}") from exc
+
+
+def _check_output_path(path: Path, force: bool) -> None:
+    parent = path.parent
+    if not parent.exists():
+        raise MicronetError(f"output directory {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise MicronetError(f"{parent} is not a directory")
+    if path.is_dir():
+        raise MicronetError(f"output path {path} is a directory; give a file name such as model.onnx")
+    if path.exists() and not force:
+        raise MicronetError(f"{path} already exists; pass --force (force=True) to overwrite it")
+
+
+def _fp32_bytes(model: nn.Module) -> int:
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()}
+    return 4 * sum(t.numel() for t in tensors.values())
+
+
+def _storage_bytes(model: nn.Module, notes: list[str]) -> int | None:
+    """The scorer's parameter storage in bytes (32-bit units x 4), or None if scoring is unavailable."""
+    try:
+        from micronet.scoring import score
+    except ImportError:
+        notes.append("scorer not available: no storage figure")
+        return None
+    try:
+        report = score(model)
+    except MicronetError as exc:
+        notes.append(f"scorer failed, no storage figure: {exc}")
+        return None
+    return round(float(report.params) * 4)
+
+
+def _inputs(samples: int, data: Any) -> tuple[torch.Tensor, str]:
+    """Verification inputs: the first ``samples`` images of ``data``, else seeded N(0, 1) images."""
+    if samples < 1:
+        raise MicronetError("samples must be at least 1")
+    if data is None:
+        g = torch.Generator().manual_seed(12345)
+        return torch.randn((samples, *INPUT_SHAPE), generator=g), "synthetic"
+    if isinstance(data, str | os.PathLike):
+        data = _cifar100_test(Path(data), samples)
+    if isinstance(data, torch.Tensor):
+        x = data
+    else:  # an iterable of batches or (images, labels) pairs
+        parts, total = [], 0
+        for batch in data:
+            xb = batch[0] if isinstance(batch, tuple | list) else batch
+            parts.append(xb)
+            total += len(xb)
+            if total >= samples:
+                break
+        if not parts:
+            raise MicronetError("the verification data is empty")
+        x = torch.cat(parts)
+    x = x[:samples].float()
+    if tuple(x.shape[1:]) != INPUT_SHAPE:
+        raise MicronetError(f"verification images must be [N,{','.join(map(str, INPUT_SHAPE))}], got {list(x.shape)}")
+    return x, "data"
+
+
+def _cifar100_test(root: Path, samples: int) -> torch.Tensor:
+    """CIFAR-100 test images under ``root`` (the python pickles), normalised with the CIFAR-100 statistics."""
+    import pickle
+
+    for candidate in (root / "cifar-100-python" / "test", root / "test"):
+        if candidate.is_file():
+            with open(candidate, "rb") as f:
+                # The CIFAR pickles hold only numpy arrays, lists and strings.
+                batch = pickle.load(f, encoding="latin1")
+            x = torch.as_tensor(batch["data"][:samples]).reshape(-1, 3, 32, 32).float() / 255.0
+            mean = torch.tensor(CIFAR100_MEAN).view(1, 3, 1, 1)
+            std = torch.tensor(CIFAR100_STD).view(1, 3, 1, 1)
+            return (x - mean) / std
+    raise MicronetError(f"no CIFAR-100 test set under {root} (expected {root}/cifar-100-python/test)")
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    form: str = "integer",
+    sparse_weights: bool = False,
+    opset: int = 21,
+    verify: bool = True,
+    device: str = "cpu",
+    samples: int = 512,
+    data: Any = None,
+    force: bool = False,
+    timing: bool = True,
+    storage: bool = True,
+) -> ExportReport:
+    """Export ``model`` (training, integer or float form) to a verified single-file ONNX model at ``path``.
+
+    ``form``: "integer" (integer-domain graph, the default) or "qdq" (activation quantizers as
+    QuantizeLinear/DequantizeLinear pairs). ``sparse_weights``: bitmask-encode sparse weight tensors.
+    ``verify``: check weights, logits on ``samples`` inputs (``data``: images tensor, iterable of
+    batches, or a CIFAR-100 directory; else synthetic) and dynamic batch in onnxruntime on ``device``;
+    raises MicronetError and writes nothing if any check fails. ``timing``/``storage``: add the latency
+    table and the scorer's storage figure to the report.
+    """
+    path = Path(path)
+    _check_output_path(path, force)
+    if device not in ("cpu", "cuda"):
+        raise MicronetError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
+    inputs, source = _inputs(samples, data) if verify else (None, "")
+    deploy = deploy_model(model)
+    built = build_graph(deploy, form=form, sparse_weights=sparse_weights, opset=opset, input_shape=INPUT_SHAPE)
+    try:
+        onnx.checker.check_model(built.model, full_check=True)
+    except onnx.checker.ValidationError as exc:  # a bug here, not a user error, but say it plainly
+        first = str(exc).strip().splitlines()[0]
+        raise MicronetError(f"the generated ONNX model fails the ONNX checker: {first}") from None
+    payload = built.model.SerializeToString()
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        report = _report(path, built, deploy, opset, sparse_weights, len(payload), storage)
+        if verify:
+            report.parity = _verify.verify(tmp, deploy, built, inputs, source=source, device=device)
+            if not report.parity.passed:
+                raise MicronetError(
+                    f"ONNX export failed verification, no file written: {'; '.join(report.parity.failures[:3])}"
+                )
+            if timing:
+                report.latency = _verify.measure_latency(tmp, deploy, device=device)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return report
+
+
+def _report(path: Path, built: BuiltGraph, deploy: nn.Module, opset: int, sparse: bool, size: int,
+            storage: bool) -> ExportReport:
+    notes: list[str] = []
+    return ExportReport(
+        path=str(path),
+        form=built.form,
+        sparse_weights=sparse,
+        opset=opset,
+        ir_version=built.model.ir_version,
+        num_classes=built.num_classes,
+        file_bytes=size,
+        fp32_bytes=_fp32_bytes(deploy),
+        storage_bytes=_storage_bytes(deploy, notes) if storage else None,
+        exact=built.exact,
+        weights=built.weights,
+        notes=notes,
+    )
+
+
+def verify_onnx(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    device: str = "cpu",
+    samples: int = 512,
+    data: Any = None,
+    form: str | None = None,
+) -> _verify.ParityReport:
+    """Verify an existing ONNX file against ``model`` (weights, logits, dynamic batch); never raises on a
+    mismatch: check ``report.passed``."""
+    path = Path(path)
+    if not path.is_file():
+        raise MicronetError(f"file not found: {path}")
+    proto = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    form = form or props.get("micronet.form", "integer")
+    deploy = deploy_model(model)
+    # Rebuilding (in memory) gives the weight list and whether the graph must be bit-exact.
+    built = build_graph(deploy, form=form, input_shape=INPUT_SHAPE)
+    inputs, source = _inputs(samples, data)
+    return _verify.verify(path, deploy, built, inputs, source=source, device=device)
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    path: str | os.PathLike,
+    *,
+    format: str = "auto",
+    model: str | None = None,
+    **kwargs: Any,
+) -> ExportReport:
+    """Export any checkpoint the scorer accepts (micronet, plain state_dict + ``model``, riair2019)."""
+    _check_output_path(Path(path), bool(kwargs.get("force", False)))
+    from micronet.scoring import load_for_scoring
+
+    net = load_for_scoring(checkpoint, format=format, model=model)
+    report = export_onnx(net, path, **kwargs)
+    report.checkpoint_bytes = Path(checkpoint).stat().st_size
+    return report
