@@ -48,3 +48,35 @@ def models_command(as_json: bool) -> None:
     click.echo(tabulate(table, headers=["name", "family", "params", "dense MACs", "description"], intfmt=","))
     click.echo("Also accepted: FAMILY:key=value,... e.g. densenet_bc:depth=40,growth=12 "
                f"(families: {', '.join(list_families())}).")
+
+
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx file.")
+@click.option("--form", type=click.Choice(["integer", "qdq"]), default="integer", show_default=True,
+              help="integer: convs on integer codes, Round/Clip activations; qdq: activations as Q/DQ pairs.")
+@click.option("--sparse-weights", is_flag=True, help="Store sparse weights as bitmask + packed non-zeros.")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime checks (weights, logits, batch).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where onnxruntime and PyTorch run for verification and timing.")
+@click.option("--samples", type=int, default=512, show_default=True, help="Inputs compared in verification.")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="CIFAR-100 folder (cifar-100-python/) for real verification images; default synthetic.")
+@click.option("--model", "arch", default=None, help="Architecture (zoo name or spec) for plain state_dicts.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "micronet", "state_dict", "riair2019"]),
+              default="auto", show_default=True, help="Checkpoint format.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--no-timing", is_flag=True, help="Skip the latency table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool, no_verify: bool, device: str,
+                   samples: int, data_root: str | None, arch: str | None, fmt: str, force: bool, no_timing: bool,
+                   as_json: bool) -> None:
+    """Export CHECKPOINT to one small, verified ONNX file (packed INT4 weights, dynamic batch)."""
+    import json
+
+    from micronet.export import export_checkpoint
+
+    report = export_checkpoint(checkpoint, output, format=fmt, model=arch, form=form,
+                               sparse_weights=sparse_weights, verify=not no_verify, device=device,
+                               samples=samples, data=data_root, force=force, timing=not no_timing)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
