@@ -68,29 +68,29 @@ def fold_bn(model: nn.Module) -> nn.Module:
 
 
 def _bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> ChannelAffine:
-    inv = torch.rsqrt(bn.running_var.float() + bn.eps)
-    scale = inv if bn.weight is None else bn.weight.float() * inv
-    shift = -bn.running_mean.float() * scale
+    inv = torch.rsqrt(bn.running_var + bn.eps)
+    scale = inv if bn.weight is None else bn.weight.detach() * inv
+    shift = -bn.running_mean * scale
     if bn.bias is not None:
-        shift = shift + bn.bias.float()
+        shift = shift + bn.bias.detach()
     return ChannelAffine(scale, shift)
 
 
 def _deploy_layer(layer: nn.Conv2d | nn.Linear) -> nn.Module:
     """Integer (or float, folded) replacement of one compressed conv/linear."""
     wq, aq, mask = state.weight_quantizer(layer), state.input_quantizer(layer), state.weight_mask(layer)
-    w = layer.weight.detach().float()
+    w = layer.weight.detach()
     block = mask.block if mask is not None else None
     parts: OrderedDict[str, nn.Module] = OrderedDict()
-    in_step = torch.ones(())
+    in_step = torch.ones((), dtype=w.dtype, device=w.device)
     if aq is not None:
-        in_step = aq.scale.detach().float().reshape(())
+        in_step = aq.scale.detach().to(w.dtype).reshape(())
         parts["in_scale"] = ChannelAffine(1.0 / in_step.reshape(1))
         parts["quant"] = RoundClamp(*aq.qrange)
-    bias = layer.bias.detach().float() if layer.bias is not None else None
+    bias = layer.bias.detach() if layer.bias is not None else None
     if wq is not None:
         qmin, qmax = wq.qrange
-        w_step = wq.scale.detach().float()
+        w_step = wq.scale.detach().to(w.dtype)
         codes = torch.clamp(torch.round(w / w_step), qmin, qmax)
         kwargs = {"weight_bits": wq.bits, "weight_signed": True, "block": block}
         if isinstance(layer, nn.Conv2d):

@@ -21,6 +21,12 @@ from torch import Tensor, nn
 from micronet.compress.ops import range_bits, round_clamp
 
 
+def _as_float(t: Tensor) -> Tensor:
+    """A detached copy, float32 unless already floating point (a float64 model stays float64)."""
+    t = t.detach().clone()
+    return t if torch.is_floating_point(t) else t.to(torch.float32)
+
+
 class IntConv2d(nn.Module):
     """Convolution with integer weight codes and no bias (the bias lives in the next ChannelAffine)."""
 
@@ -37,7 +43,7 @@ class IntConv2d(nn.Module):
         block: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        self.register_buffer("weight", codes.detach().to(torch.float32).clone())
+        self.register_buffer("weight", _as_float(codes))
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.weight_bits, self.weight_signed, self.block = int(weight_bits), bool(weight_signed), block
         self.out_channels, self.in_channels = codes.shape[0], codes.shape[1] * groups
@@ -65,7 +71,7 @@ class IntLinear(nn.Module):
         block: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        self.register_buffer("weight", codes.detach().to(torch.float32).clone())
+        self.register_buffer("weight", _as_float(codes))
         self.weight_bits, self.weight_signed, self.block = int(weight_bits), bool(weight_signed), block
         self.out_features, self.in_features = codes.shape
 
@@ -81,9 +87,9 @@ class ChannelAffine(nn.Module):
 
     def __init__(self, scale: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
-        self.register_buffer("scale", scale.detach().to(torch.float32).reshape(-1).clone())
+        self.register_buffer("scale", _as_float(scale).reshape(-1))
         if bias is not None:
-            bias = bias.detach().to(torch.float32).reshape(-1).clone()
+            bias = _as_float(bias).reshape(-1)
         self.register_buffer("bias", bias)
 
     @property

@@ -22,13 +22,19 @@ from torch import Tensor
 @torch.library.custom_op("micronet::fake_quant", mutates_args=())
 def fake_quant(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
     """Quantize-dequantize ``x`` onto the grid ``scale * {qmin..qmax}`` (round half to even)."""
-    s = scale.float()
-    return torch.clamp(torch.round(x.float() / s), qmin, qmax) * s
+    dtype = _compute_dtype(x)
+    s = scale.to(dtype)
+    return torch.clamp(torch.round(x.to(dtype) / s), qmin, qmax) * s
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """fp32 for half/bf16/fp32 inputs (never low precision), fp64 for fp64 inputs."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 @fake_quant.register_fake
 def _(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
-    return torch.empty_like(x, dtype=torch.float32)
+    return torch.empty_like(x, dtype=_compute_dtype(x))
 
 
 def _fake_quant_setup(ctx, inputs, output) -> None:
@@ -52,11 +58,12 @@ def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
 
 def _fake_quant_backward(ctx, grad: Tensor):
     x, scale = ctx.saved_tensors
-    s = scale.float()
-    v = x.float() / s
+    dtype = _compute_dtype(x)
+    s = scale.to(dtype)
+    v = x.to(dtype) / s
     code = torch.round(v)
     inside = (code >= ctx.qmin) & (code <= ctx.qmax)
-    grad = grad.float()
+    grad = grad.to(dtype)
     grad_x = torch.where(inside, grad, torch.zeros_like(grad)).to(ctx.x_dtype)
     grad_scale = None
     if ctx.needs_input_grad[1]:
@@ -71,13 +78,13 @@ fake_quant.register_autograd(_fake_quant_backward, setup_context=_fake_quant_set
 
 @torch.library.custom_op("micronet::round_clamp", mutates_args=())
 def round_clamp(x: Tensor, qmin: int, qmax: int) -> Tensor:
-    """Integer activation codes: ``clamp(round(x), qmin, qmax)`` as float32 (round half to even)."""
-    return torch.clamp(torch.round(x.float()), qmin, qmax)
+    """Integer activation codes: ``clamp(round(x), qmin, qmax)`` as float32 or wider (round half to even)."""
+    return torch.clamp(torch.round(x.to(_compute_dtype(x))), qmin, qmax)
 
 
 @round_clamp.register_fake
 def _(x: Tensor, qmin: int, qmax: int) -> Tensor:
-    return torch.empty_like(x, dtype=torch.float32)
+    return torch.empty_like(x, dtype=_compute_dtype(x))
 
 
 def _round_clamp_setup(ctx, inputs, output) -> None:
@@ -88,7 +95,7 @@ def _round_clamp_setup(ctx, inputs, output) -> None:
 
 def _round_clamp_backward(ctx, grad: Tensor):
     (x,) = ctx.saved_tensors
-    code = torch.round(x.float())
+    code = torch.round(x.to(_compute_dtype(x)))
     inside = (code >= ctx.qmin) & (code <= ctx.qmax)
     return torch.where(inside, grad, torch.zeros_like(grad)).to(x.dtype), None, None
 

@@ -1,0 +1,87 @@
+import pytest
+import torch
+from torch import nn
+
+from micronet import models
+from micronet.compress import QuantConfig, SparsityConfig, fold_bn, prune_, quantize_, recalibrate_bn_, to_integer_form
+from micronet.compress.integer_modules import ChannelAffine, IntConv2d, IntLinear, RoundClamp
+
+from .conftest import TINY, randomize_bn_
+
+
+def _compressed(spec: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = randomize_bn_(models.create(spec).eval())
+    prune_(model, SparsityConfig(0.5))
+    quantize_(model, QuantConfig(weight_bits=4, act_bits=4, fc_weight_bits=4),
+              calibration_data=torch.randn(16, 3, 32, 32))
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_bn_folding_reproduces_logits(family):
+    torch.manual_seed(0)
+    model = randomize_bn_(models.create(TINY[family]).eval())
+    x = torch.randn(8, 3, 32, 32)
+    folded = fold_bn(model)
+    assert (folded(x) - model(x)).abs().max() < 1e-5
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_integer_form_reproduces_fake_quant_logits_exactly_in_float64(family):
+    # In float64 re-associated scales cannot flip a rounding decision, so this checks the algebra itself.
+    model = _compressed(TINY[family]).double()
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    ref = model(x)
+    deployed = to_integer_form(model)
+    assert (deployed(x) - ref).abs().max() < 1e-9
+    assert torch.equal(model(x), ref)  # the caller's model is untouched
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_integer_form_matches_in_float32_up_to_rounding_ties(family):
+    # In fp32 a value within an ulp of a .5 tie may round the other way (spec onnx-export.md §5):
+    # almost every sample is identical to fp32 rounding, none drifts beyond one code flip's effect.
+    model = _compressed(TINY[family])
+    x = torch.randn(32, 3, 32, 32)
+    with torch.no_grad():
+        diff = (to_integer_form(model)(x) - model(x)).abs().amax(1)
+    assert float((diff < 1e-5).float().mean()) >= 0.9
+    assert float(diff.max()) < 0.1
+
+
+def test_integer_form_of_densenet_is_the_winners_merged_network():
+    model = _compressed(TINY["densenet"])
+    deployed = to_integer_form(model)
+    kinds = [type(m) for m in deployed.modules()]
+    n_conv = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert kinds.count(IntConv2d) == n_conv and kinds.count(IntLinear) == 1
+    assert nn.BatchNorm2d not in kinds
+    # every activation quantizer became a RoundClamp onto 0..15 (the ReLU absorbed by the clamp at 0)
+    clamps = [m for m in deployed.modules() if isinstance(m, RoundClamp)]
+    assert len(clamps) == n_conv - 1 and all((c.qmin, c.qmax) == (0, 15) for c in clamps)
+    # weights are integer codes within the signed 4-bit range, zeros preserved
+    for m in deployed.modules():
+        if isinstance(m, IntConv2d):
+            assert torch.equal(m.weight, m.weight.round()) and m.weight.min() >= -8 and m.weight.max() <= 7
+    # per bottleneck: BN1+ReLU+step -> one affine; conv1 dequant + BN2 + step -> one affine; conv2 dequant
+    affines = [m for m in deployed.modules() if isinstance(m, ChannelAffine)]
+    n_layers = sum(1 for n, _ in model.named_modules() if n.endswith(".conv1"))
+    n_trans = sum(1 for n, _ in model.named_modules() if n.startswith("trans") and n.endswith(".conv"))
+    # stem scale + 3 per bottleneck + 2 per transition + final BN + FC dequant
+    assert len(affines) == 1 + 3 * n_layers + 2 * n_trans + 1 + 1
+
+
+def test_bn_recalibration_changes_bn_stats_and_nothing_else(tiny_densenet):
+    model = _compressed(TINY["densenet"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [torch.randn(8, 3, 32, 32) * 2 + 1 for _ in range(3)]
+    assert recalibrate_bn_(model, data, batches=2) == 2
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
+    assert not model.training
+    # cumulative average: the statistics equal the mean over exactly the batches used
+    stem_bn = model.block1[0].bn1
+    assert int(stem_bn.num_batches_tracked) == 2
