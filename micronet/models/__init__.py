@@ -9,10 +9,10 @@ holds every resolved family option.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
-import torch.fx
 import torch.nn as nn
 
 from micronet.errors import MicronetError
@@ -26,14 +26,10 @@ from micronet.models.summary import _meta_forward_macs, count_params, dense_macs
 from micronet.models.wrn import WideResNet
 
 __all__ = [
-    "FX_LEAF_MODULES", "DenseNet", "PyramidNet", "PyramidSkipNet", "ShakeDrop", "WideResNet", "count_params",
-    "create", "dense_macs", "describe_models", "fx_trace", "list_families", "list_models", "parse_spec",
+    "DenseNet", "PyramidNet", "PyramidSkipNet", "ShakeDrop", "WideResNet", "count_params",
+    "create", "dense_macs", "describe_models", "list_families", "list_models", "parse_spec",
     "register_family", "register_model",
 ]
-
-# Modules whose training-mode forward draws random numbers: keep them opaque when tracing with torch.fx.
-FX_LEAF_MODULES: tuple[type[nn.Module], ...] = (ShakeDrop,)
-
 
 def list_models() -> list[str]:
     """Names of the zoo presets, in registration order."""
@@ -118,9 +114,16 @@ def create(name_or_spec: str, num_classes: int = 100, **overrides: Any) -> nn.Mo
 def describe_models(names: list[str] | None = None, input_size: tuple[int, int, int] = (3, 32, 32),
                     num_classes: int = 100) -> list[dict[str, Any]]:
     """Name, family, parameter count and dense MACs per image of each zoo model (or each given spec)."""
+    key = tuple(list_models() if names is None else names)
+    return [dict(row) for row in _describe(key, tuple(input_size), num_classes)]
+
+
+@functools.lru_cache(maxsize=16)
+def _describe(names: tuple[str, ...], input_size: tuple[int, int, int], num_classes: int) -> tuple[dict, ...]:
+    # Cached: the figures depend only on the architecture, and sizing the big models takes seconds.
     rows = []
-    for name in list_models() if names is None else names:
-        # Built on the meta device: shapes only, so even the 36M-parameter models cost nothing to size.
+    for name in names:
+        # Built on the meta device: shapes only, so even the 36M-parameter models cost no memory or arithmetic.
         with torch.device("meta"):
             model = create(name, num_classes=num_classes)
         entry = zoo().get(model.micronet_spec["name"])
@@ -131,17 +134,4 @@ def describe_models(names: list[str] | None = None, input_size: tuple[int, int, 
             "macs": _meta_forward_macs(model, input_size),
             "summary": entry.summary if entry else "",
         })
-    return rows
-
-
-def fx_trace(model: nn.Module) -> torch.fx.GraphModule:
-    """`torch.fx.symbolic_trace` with `FX_LEAF_MODULES` kept opaque (needed in training mode only)."""
-
-    class _Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
-            return isinstance(module, FX_LEAF_MODULES) or super().is_leaf_module(module, qualname)
-
-    graph = _Tracer().trace(model)
-    return torch.fx.GraphModule(model, graph, model.__class__.__name__)
-
-
+    return tuple(rows)

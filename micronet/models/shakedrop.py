@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn as nn
 
 
@@ -32,10 +33,7 @@ class _ShakeDropFunction(torch.autograd.Function):
         return grad_output * (gate + (1.0 - gate) * beta), None, None, None
 
 
-def shake_drop(x: torch.Tensor, p_drop: float, training: bool) -> torch.Tensor:
-    """Apply ShakeDrop to a residual branch `x` of shape [N, C, H, W] (functional form)."""
-    if not training:
-        return x * (1.0 - p_drop)
+def _shake_drop_train(x: torch.Tensor, p_drop: float) -> torch.Tensor:
     # Per-sample scalars broadcast over C, H, W. beta is drawn here rather than inside backward():
     # it is independent of b and alpha either way, and a backward without RNG replays deterministically.
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
@@ -45,11 +43,23 @@ def shake_drop(x: torch.Tensor, p_drop: float, training: bool) -> torch.Tensor:
     return _ShakeDropFunction.apply(x, gate, alpha, beta)
 
 
+# torch.fx would otherwise inline the autograd.Function's forward and silently drop the beta backward rule:
+# keep the training path as one opaque call in traced graphs.
+torch.fx.wrap("_shake_drop_train")
+
+
+def shake_drop(x: torch.Tensor, p_drop: float, training: bool) -> torch.Tensor:
+    """Apply ShakeDrop to a residual branch `x` of shape [N, C, H, W] (functional form)."""
+    if not training:
+        return x * (1.0 - p_drop)
+    return _shake_drop_train(x, p_drop)
+
+
 class ShakeDrop(nn.Module):
     """ShakeDrop on a residual branch with drop probability `p_drop` (gate survival 1 - p_drop).
 
-    For torch.fx in training mode treat it as a leaf module (see `micronet.models.FX_LEAF_MODULES`);
-    in eval mode it traces to a single multiplication.
+    Under torch.fx it traces to one multiplication in eval mode and to one opaque call (custom backward
+    kept) in training mode.
     """
 
     def __init__(self, p_drop: float) -> None:
