@@ -22,6 +22,7 @@ scales.
 from __future__ import annotations
 
 import copy
+import operator
 from collections import OrderedDict
 
 import torch
@@ -246,7 +247,32 @@ def _scaled_layer(layer: nn.Module, affine: ChannelAffine) -> nn.Module:
     return new
 
 
+def _constant_factor(node: fx.Node) -> tuple[fx.Node, float] | None:
+    """(tensor input, factor) if ``node`` multiplies or divides a tensor by a Python number."""
+    if node.op != "call_function" or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if node.target in (operator.mul, torch.mul):
+        if isinstance(a, fx.Node) and isinstance(b, int | float):
+            return a, float(b)
+        if isinstance(b, fx.Node) and isinstance(a, int | float):
+            return b, float(a)
+    if node.target in (operator.truediv, torch.div) and isinstance(a, fx.Node) and isinstance(b, int | float) and b:
+        return a, 1.0 / float(b)
+    return None
+
+
 def _try_rules(gm: fx.GraphModule, node: fx.Node) -> bool:
+    factor = _constant_factor(node)
+    if factor is not None:  # e.g. eval-mode ShakeDrop: a scalar affine that can merge with its neighbours
+        src, value = factor
+        name = f"scale_{node.name}"
+        gm.add_submodule(name, ChannelAffine(torch.tensor([value])))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (src,))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        return True
     affine = _module(gm, node, ChannelAffine)
     if affine is not None:
         if bool((affine.scale == 1).all()) and affine.bias is None:
