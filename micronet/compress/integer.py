@@ -267,7 +267,8 @@ def _try_rules(gm: fx.GraphModule, node: fx.Node) -> bool:
     if factor is not None:  # e.g. eval-mode ShakeDrop: a scalar affine that can merge with its neighbours
         src, value = factor
         name = f"scale_{node.name}"
-        gm.add_submodule(name, ChannelAffine(torch.tensor([value])))
+        dtype = next((t.dtype for t in gm.state_dict().values() if t.is_floating_point()), torch.float32)
+        gm.add_submodule(name, ChannelAffine(torch.tensor([value], dtype=dtype)))
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(name, (src,))
         node.replace_all_uses_with(new)
