@@ -1,0 +1,16 @@
+"""The MicroNet scorer: trace one forward at the aten level, price every op under a named policy.
+
+``score(model, policy="official", track="cifar100") -> ScoreReport``; ``load_for_scoring(path)``.
+See docs/architecture.md ("Scoring data flow") and spec scoring.md for the conventions.
+"""
+
+from micronet.scoring.api import FORMATS, create_model, deploy_form, detect_format, load_for_scoring, score
+from micronet.scoring.costs import RULES, Cost, accumulate, adder_tree_bitadds, register
+from micronet.scoring.policy import PRESETS, TRACKS, Policy, Track, get_track, list_policies, resolve_policy
+from micronet.scoring.report import LayerRow, ScoreReport
+
+__all__ = [
+    "FORMATS", "PRESETS", "RULES", "TRACKS", "Cost", "LayerRow", "Policy", "ScoreReport", "Track", "accumulate",
+    "adder_tree_bitadds", "create_model", "deploy_form", "detect_format", "get_track", "list_policies",
+    "load_for_scoring", "register", "resolve_policy", "score",
+]

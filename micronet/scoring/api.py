@@ -1,0 +1,321 @@
+"""The scorer's entry points: ``score(model, ...)`` and ``load_for_scoring(path, ...)``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from micronet.errors import MicronetError
+from micronet.scoring.accounting import account
+from micronet.scoring.policy import Policy, Track, get_track, resolve_policy
+from micronet.scoring.report import ScoreReport
+from micronet.scoring.trace import Trace, trace_model
+
+FORMATS = ("auto", "micronet", "state_dict", "riair2019")
+
+
+def _has_compression_state(model: nn.Module) -> bool:
+    """True if the model carries training-form compression (weight parametrizations, act quantizers)."""
+    for module in model.modules():
+        if getattr(module, "parametrizations", None) is not None or hasattr(module, "input_quantizer"):
+            return True
+    return False
+
+
+def deploy_form(model: nn.Module) -> tuple[nn.Module, bool]:
+    """The module to trace: ``to_integer_form(model)`` (a converted copy) for a compressed training-form
+    model, else the model itself (already integer form or plain float; BN folding is then done by the
+    cost rules). Returns (module, converted)."""
+    if not _has_compression_state(model):
+        return model, False
+    try:
+        from micronet.compress import to_integer_form
+    except ImportError:
+        return model, False
+    try:
+        return to_integer_form(model), True
+    except MicronetError:
+        raise
+    except Exception as exc:  # the conversion is another package's code: report it, don't hide it
+        raise MicronetError(f"cannot convert the model to integer form for scoring: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode and restore each one's own flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _synthetic_inputs(samples: int, channels: int, size: int, device: torch.device) -> Iterator[Tensor]:
+    """Deterministic normalised-image-like inputs, one example each."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(samples):
+        yield torch.randn(1, channels, size, size, generator=gen).to(device)
+
+
+def _split_examples(data: Tensor | Iterable[Any], samples: int) -> Iterator[Tensor]:
+    """Examples one at a time (batch 1), from a tensor or an iterable of tensors / (x, y) batches."""
+    count = 0
+    batches = [data] if isinstance(data, Tensor) else data
+    for batch in batches:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        for i in range(x.shape[0]):
+            if count >= samples:
+                return
+            yield x[i : i + 1]
+            count += 1
+
+
+def _gate_rates(model: nn.Module) -> dict[str, float]:
+    """Per-gate execution rates exposed by a dynamic model (``gate_rates()`` or ``execution_rates()``)."""
+    for attr in ("gate_rates", "execution_rates"):
+        fn = getattr(model, attr, None)
+        if callable(fn):
+            try:
+                rates = fn()
+            except Exception:
+                return {}
+            items = rates.items() if isinstance(rates, dict) else enumerate(rates)
+            return {(f"gate{k}" if isinstance(k, int) else str(k)): float(v) for k, v in items}
+    return {}
+
+
+def _reset_gate_stats(model: nn.Module) -> None:
+    fn = getattr(model, "reset_gate_stats", None)
+    if callable(fn):
+        fn()
+
+
+def is_dynamic(model: nn.Module) -> bool:
+    """True for input-dependent networks (SkipNet-style gates), whose ops must be averaged over examples."""
+    return bool(getattr(model, "is_dynamic", False)) or any(callable(getattr(model, a, None))
+                                                           for a in ("gate_rates", "execution_rates"))
+
+
+def score(
+    model: nn.Module,
+    policy: str | Policy = "official",
+    track: str | Track = "cifar100",
+    input_size: int = 32,
+    *,
+    samples: int | None = None,
+    data: Tensor | Iterable[Any] | None = None,
+    in_channels: int = 3,
+    model_name: str = "",
+    **overrides: Any,
+) -> ScoreReport:
+    """Score ``model`` under a policy and track; ops per example (mean over ``samples`` for dynamic nets).
+
+    The caller's model is not modified and no hooks are left behind. ``overrides`` replace policy fields
+    (e.g. ``accumulator="adder_tree"``).
+    """
+    pol = resolve_policy(policy, overrides)
+    trk = get_track(track)
+    target, converted = deploy_form(model)
+    dynamic = is_dynamic(target)
+    n = samples if samples is not None else (16 if dynamic else 1)
+    if n < 1:
+        raise MicronetError("--samples must be at least 1")
+    device = _model_device(target)
+    examples = (_split_examples(data, n) if data is not None
+                else _synthetic_inputs(n, in_channels, input_size, device))
+    traces: list[Trace] = []
+    with _eval_mode(target):
+        _reset_gate_stats(target)
+        for x in examples:
+            traces.append(trace_model(target, x.to(device), input_bits=pol.model_input_bits,
+                                      float_bits=pol.float_bits))
+        rates = _gate_rates(target) if dynamic else {}
+        param_traces = []
+        if dynamic and traces:
+            # Training mode runs every gated block (blended), so every stored weight is seen once.
+            target.train()
+            param_traces.append(trace_model(target, next(_synthetic_inputs(1, in_channels, input_size, device)),
+                                            input_bits=pol.model_input_bits, float_bits=pol.float_bits))
+    if not traces:
+        raise MicronetError("no input examples to score (empty data)")
+    acc = account(traces, pol, param_traces)
+    if pol.freebie and acc.quantized:
+        raise MicronetError(
+            f"policy {pol.name!r} uses the 16-bit freebie, which the rules forbid for a quantized model; "
+            "use --policy official"
+        )
+    notes = []
+    if converted:
+        notes.append("scored the integer deploy form (to_integer_form) of the model")
+    report = ScoreReport(pol, trk, acc.rows, acc.unknown_ops, acc.free_ops, samples=acc.examples,
+                         gate_rates=rates, notes=notes, model=model_name or type(model).__name__,
+                         quantized=acc.quantized)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading what the user points at.
+
+
+def _read_torch_file(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MicronetError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise MicronetError(f"{path} is a directory, not a checkpoint file") from None
+    except PermissionError:
+        raise MicronetError(f"cannot read {path}: permission denied") from None
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise MicronetError(f"cannot read {path} as a PyTorch state_dict (corrupt or not a weights file): "
+                            f"{first}") from None
+
+
+def _as_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise MicronetError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+    keys = list(obj)
+    if all(k.startswith("module.") for k in keys):  # saved from DataParallel
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def _summarise(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_dict_into(model: nn.Module, state: dict[str, Tensor], source: str) -> nn.Module:
+    """Load ``state`` strictly, raising a one-line MicronetError naming missing/unexpected/mismatched keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_summarise(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_summarise(unexpected)}")
+        if wrong:
+            parts.append(f"shape mismatch: {_summarise(wrong, 2)}")
+        raise MicronetError(f"{source} does not match the architecture: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def create_model(name: str) -> nn.Module:
+    """Build a zoo model by name or spec string, with a one-line error for unknown names."""
+    try:
+        from micronet import models
+    except ImportError as exc:  # pragma: no cover - models is part of the package
+        raise MicronetError(f"the model zoo is not available: {exc}") from None
+    create = getattr(models, "create", None)
+    if create is None:
+        raise MicronetError("the model zoo (micronet.models.create) is not available in this build")
+    try:
+        return create(name)
+    except MicronetError:
+        raise
+    except (KeyError, ValueError) as exc:
+        raise MicronetError(f"unknown model {name!r}: {exc}") from None
+
+
+def detect_format(path: str | Path) -> str:
+    """Guess a file's format: micronet (.safetensors), riair2019 (by key layout) or state_dict."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return "micronet"
+    from micronet.io.riair2019 import looks_like_riair2019
+
+    obj = _read_torch_file(path)
+    return "riair2019" if isinstance(obj, dict) and looks_like_riair2019(obj) else "state_dict"
+
+
+def load_for_scoring(path: str | Path, format: str = "auto", model: str | None = None, **riair_kwargs: Any
+                     ) -> nn.Module:
+    """Load a model to score from a micronet checkpoint, a plain state_dict (``model`` names the
+    architecture) or a riair2019 merged checkpoint. Errors are one-line MicronetErrors."""
+    path = Path(path)
+    if format not in FORMATS:
+        raise MicronetError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
+    if not path.exists():
+        raise MicronetError(f"file not found: {path}")
+    if path.is_dir():
+        raise MicronetError(f"{path} is a directory, not a checkpoint file")
+    fmt = detect_format(path) if format == "auto" else format
+    if fmt == "micronet":
+        try:
+            from micronet.io import load
+        except ImportError:
+            raise MicronetError("micronet checkpoints need micronet.io.load, which this build lacks") from None
+        try:
+            loaded = load(path)
+        except MicronetError:
+            raise
+        except Exception as exc:
+            raise MicronetError(f"cannot read micronet checkpoint {path}: {str(exc).splitlines()[0]}") from None
+        return getattr(loaded, "model", loaded)
+    obj = _read_torch_file(path)
+    if fmt == "riair2019":
+        from micronet.io.riair2019 import build_riair2019
+
+        state = _as_state_dict(obj, path)
+        return build_riair2019(state, source=str(path), **riair_kwargs)
+    state = _as_state_dict(obj, path)
+    if model is None:
+        raise MicronetError(f"{path} is a plain state_dict: name its architecture with --model")
+    return load_state_dict_into(create_model(model), state, str(path))
+
+
+def resolve_target(checkpoint: str | None = None, model: str | None = None, format: str = "auto",
+                   recipe: str | None = None) -> tuple[nn.Module, str, list[str]]:
+    """What ``micronet score`` scores: a file, a zoo model (optionally projected through a recipe), or by
+    default ``densenet100_k12`` under the 2019 recipe's compression. Returns (model, name, notes)."""
+    from micronet.scoring.projection import DEFAULT_RECIPE, apply_projection, projection_from_recipe
+
+    if checkpoint is not None:
+        if recipe is not None:
+            raise MicronetError("--recipe projects an untrained zoo model; it cannot be combined with a checkpoint")
+        loaded = load_for_scoring(checkpoint, format=format, model=model)
+        spec = getattr(loaded, "micronet_spec", None) or {}
+        return loaded, f"{Path(checkpoint).name} ({spec.get('name', type(loaded).__name__)})", []
+    name = model or "densenet100_k12"
+    net = create_model(name)
+    if model is not None and recipe is None:
+        return net, name, []
+    projection = projection_from_recipe(recipe if recipe is not None else None)
+    apply_projection(net, projection)
+    note = "PROJECTION: " + projection.describe() + "; train the model for its real score"
+    if recipe is None:
+        note += f" (default target: {name} under {DEFAULT_RECIPE})"
+    return net, name, [note]
+
+
+def load_score_data(root: str | Path, samples: int, input_size: int = 32) -> Tensor:
+    """The first ``samples`` test images under ``root``, normalised as for training (for dynamic nets)."""
+    try:
+        from micronet.training.data import get_normalization, load_dataset
+    except ImportError:
+        raise MicronetError("--data-root needs micronet.training.data, which this build lacks") from None
+    data = load_dataset(root, "test")
+    return get_normalization("micronet2019")(data.images[:samples])

@@ -1,0 +1,646 @@
+"""Per-op cost rules: small pure functions from a traced op record to multiplies, adds and parameters.
+
+Rules are registered by aten schema name (``@register("aten::convolution")``), in the manner of
+``torch.utils.flop_counter``. A rule returns a :class:`Cost` with raw counts (per traced batch) and
+their bit-weighted totals (``*_bitops`` = count x operand width); 32-bit op units are bitops / 32.
+Conventions (spec scoring.md b.1, c):
+
+* dot product of n nonzero weights: n mults at max(activation, weight) width and n-1 adds priced by the
+  policy's accumulator (c.3); +1 add per output for a bias (inside the accumulator); a channel with no
+  nonzero weight costs nothing (its output is the bias, a constant);
+* elementwise op with a static operand (per-channel affine, BN unfolded): 1 mult / 1 add per element;
+  add/mul of two dynamic tensors: 1 add / 1 mult per element (elements of known-zero channels are free);
+* activations per element (mults, adds): relu 1,0; relu6/hardtanh 2,0; sigmoid 2,1; swish/silu 3,1;
+  hard-swish 4,1; hard-sigmoid 3,1; tanh 3,2; gelu 4,1; elu 3,1; leaky-relu 2,0; softplus 2,1;
+  exp/log/sqrt/rsqrt/reciprocal/erf and comparisons 1,0 (transcendentals and comparisons are "mults",
+  as in the reference counter);
+* average pool: (k^2 - 1) adds + 1 mult per output; adaptive pool / mean: (window - 1) adds + 1 mult per
+  output; max pool: (k^2 - 1) comparisons per output (mult bucket);
+* activation quantizer (round + clamp) on a dynamic tensor: ``policy.quantizer_ops`` per element at its
+  input width (mult bucket), no parameters (its step is folded into the preceding affine);
+* data movement (cat, view, pad, slicing, copies) is free and listed under ``free_ops``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from micronet.scoring.policy import Policy
+from micronet.scoring.trace import DATA_MOVEMENT, OpRecord, TensorRef, Trace
+
+INT_ACCUMULATORS = ("int_fixed_bound", "int_tree_final", "int_tree_final_cap16", "adder_tree")
+
+
+# --------------------------------------------------------------------------------------------------
+# Accumulator formulas (spec c.3), pure functions of integers.
+
+
+@lru_cache(maxsize=4096)
+def adder_tree_bitadds(nnz: int, first_width: int) -> int:
+    """Bit-adds of a pairwise adder tree over ``nnz`` products whose level j adds are ``first_width + j`` wide."""
+    total, m, width = 0, nnz, first_width
+    while m > 1:
+        total += (m // 2) * width
+        m = (m + 1) // 2
+        width += 1
+    return total
+
+
+def product_width(act_bits: int, weight_bits: int, act_signed: bool) -> int:
+    """Width of one activation x weight product (signed weights; one bit less when both are signed)."""
+    return act_bits + weight_bits - (1 if act_signed else 0)
+
+
+def fixed_bound_width(act_bits: int, weight_bits: int, dense_k: int, act_signed: bool) -> int:
+    """Fixed accumulator width from the worst-case bound M = max|a| * max|w| * K: floor(log2 M) + 1.
+
+    The bound is the winner's (spec c.3 item 3, largest positive weight code 2^(b_w-1) - 1, dense K, no
+    extra sign bit), with the weight width used for the weight factor; it gives W = 16 for 4x4 bits, K=432.
+    """
+    a_max = 2 ** (act_bits - 1) - 1 if act_signed else 2**act_bits - 1
+    w_max = 2 ** (weight_bits - 1) - 1
+    return max((a_max * w_max * dense_k).bit_length(), 1)
+
+
+def tree_final_width(max_nnz: int, act_bits: int, weight_bits: int, act_signed: bool, cap: int | None = None) -> int:
+    """Final adder-tree width of the densest kernel: product width + ceil(log2 max_nnz), optionally capped."""
+    width = product_width(act_bits, weight_bits, act_signed) + max(max_nnz - 1, 0).bit_length()
+    return min(width, cap) if cap is not None else width
+
+
+def accumulate(mode: str, nnz: list[int], dense_k: int, act_bits: int, weight_bits: int, act_signed: bool
+               ) -> tuple[int, int]:
+    """(adds, bit-adds) of one output position summed over output channels with ``nnz[c]`` nonzeros."""
+    adds = sum(n - 1 for n in nnz if n > 1)
+    if mode == "fp32":
+        return adds, adds * 32
+    if mode == "fp16_true":
+        return adds, adds * 16
+    if mode == "int_fixed_bound":
+        return adds, adds * fixed_bound_width(act_bits, weight_bits, dense_k, act_signed)
+    if mode in ("int_tree_final", "int_tree_final_cap16"):
+        cap = 16 if mode == "int_tree_final_cap16" else None
+        return adds, adds * tree_final_width(max(nnz, default=0), act_bits, weight_bits, act_signed, cap)
+    if mode == "adder_tree":
+        w0 = product_width(act_bits, weight_bits, act_signed)
+        return adds, sum(adder_tree_bitadds(n, w0) for n in nnz)
+    raise ValueError(f"unknown accumulator {mode!r}")
+
+
+def accumulator_float_bits(mode: str) -> int:
+    """Width of a bias add performed inside the accumulator (32 unless the accumulation is real FP16)."""
+    return 16 if mode == "fp16_true" else 32
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost records.
+
+
+@dataclass
+class ParamUse:
+    """A stored tensor charged as parameters: ``numel`` values at ``bits``; ``sparse`` ones may use a mask."""
+
+    key: Any
+    name: str
+    numel: int
+    bits: int
+    value: Tensor | None = None
+    sparse: bool = False
+    block: tuple[int, int] | None = None
+    nnz: int | None = None  # nonzeros, when the rule already counted them
+
+
+@dataclass
+class Cost:
+    """Raw counts and bit-weighted totals of one op (per traced batch)."""
+
+    kind: str
+    mults: int = 0
+    mult_bitops: int = 0
+    adds: int = 0
+    add_bitops: int = 0
+    params: list[ParamUse] | None = None  # None: every static stored input, dense, at its width
+    shape: tuple[int, ...] | None = None
+    weight_numel: int | None = None
+    weight_nnz: int | None = None
+    weight_bits: int | None = None
+    input_bits: int | None = None
+
+    def mul(self, count: int, bits: int) -> Cost:
+        """Add ``count`` multiplies (or other non-add ops) at ``bits``."""
+        self.mults += count
+        self.mult_bitops += count * bits
+        return self
+
+    def add(self, count: int, bits: int) -> Cost:
+        """Add ``count`` additions at ``bits``."""
+        self.adds += count
+        self.add_bitops += count * bits
+        return self
+
+
+@dataclass
+class CostContext:
+    """What rules may consult besides their record: the policy and the trace's producer/consumer graph."""
+
+    policy: Policy
+    trace: Trace
+    producers: dict[int, OpRecord] = field(default_factory=dict)
+    consumers: dict[int, int] = field(default_factory=dict)
+    kinds: dict[int, str] = field(default_factory=dict)  # record index -> cost kind
+    # Folding (policy.bn == "fold"): tensor uid -> the float conv/linear record whose output it still is
+    # up to foldable affines, and the roots that already have a bias.
+    fold_root: dict[int, OpRecord] = field(default_factory=dict)
+    root_has_bias: set[int] = field(default_factory=set)
+    root_float: set[int] = field(default_factory=set)
+
+    @classmethod
+    def build(cls, policy: Policy, trace: Trace) -> CostContext:
+        """Index which record produced each tensor and how many ops consume it."""
+        ctx = cls(policy, trace)
+        for rec in trace.records:
+            for ref in rec.inputs:
+                ctx.consumers[ref.uid] = ctx.consumers.get(ref.uid, 0) + 1
+            for ref in rec.outputs:
+                ctx.producers[ref.uid] = rec
+        return ctx
+
+    def operand_bits(self, ref: TensorRef | Any) -> int:
+        """Width of an elementwise operand: a tensor's bits, or a Python scalar's (float -> float_bits)."""
+        if isinstance(ref, TensorRef):
+            return ref.bits
+        if isinstance(ref, bool):
+            return 1
+        if isinstance(ref, int):
+            return max(abs(ref).bit_length() + (1 if ref < 0 else 0), 1)
+        return self.policy.float_bits
+
+    def gemm_bits(self, ref: TensorRef) -> int:
+        """Width charged for a conv/linear operand: its codes' width, else the policy's GEMM input width."""
+        if ref.info.codes or self.policy.gemm_input_bits is None:
+            return ref.bits
+        return self.policy.gemm_input_bits
+
+    def fold(self, rec: OpRecord, x: TensorRef, kind: str, scales: bool, shifts: bool) -> Cost | None:
+        """Cost of an affine op folded into the conv/linear producing ``x``, or None if it cannot fold.
+
+        Folding needs ``x`` to have no other consumer; a scale also needs float weights (integer codes
+        cannot absorb it). A shift becomes the conv's bias: +1 add per output and C parameters, once.
+        """
+        root = self.fold_root.get(x.uid)
+        if self.policy.bn != "fold" or root is None or self.consumers.get(x.uid, 0) != 1:
+            return None
+        if scales and root.index not in self.root_float:
+            return None
+        out = rec.outputs[0]
+        cost = Cost(kind, shape=out.shape, params=[])
+        if shifts and root.index not in self.root_has_bias:
+            self.root_has_bias.add(root.index)
+            mode = self.policy.accumulator_for(self.kinds.get(root.index) != "conv")
+            cost.add(out.numel, accumulator_float_bits(mode))
+            channels = out.shape[1] if len(out.shape) > 1 else out.shape[0]
+            cost.params = [ParamUse(("folded bias", root.module), f"{root.module}:folded bias",
+                                    channels, self.policy.float_bits)]
+        self.fold_root[out.uid] = root
+        return cost
+
+    def key_of(self, ref: TensorRef) -> str:
+        """Stable identity of the stored tensor a ref views (its name), the same across traces."""
+        stored = self.trace.stored.get(ref.info.origin)
+        return stored.name if stored is not None else f"<tensor {ref.uid}>"
+
+    def param(self, ref: TensorRef, *, sparse: bool = False, module: str = "") -> ParamUse:
+        """ParamUse for a static stored tensor, keyed by the stored tensor it views (counted once)."""
+        stored = self.trace.stored.get(ref.info.origin)
+        if stored is None:
+            return ParamUse(self.key_of(ref), f"{module}:<tensor>", ref.numel, ref.bits, ref.value, sparse)
+        owner = stored.owner if stored.owner is not None else self.trace.modules.get(module)
+        return ParamUse(stored.name, stored.name, stored.value.numel(), stored.bits, stored.value, sparse,
+                        _block_of(owner))
+
+
+def _block_of(module: Any) -> tuple[int, int] | None:
+    """Mask block shape of a layer: the Int layer's ``block`` or the training form's WeightMask.block."""
+    if module is None:
+        return None
+    block = getattr(module, "block", None)
+    if block is None:
+        parametrizations = getattr(module, "parametrizations", None)
+        chain = getattr(parametrizations, "weight", None) if parametrizations is not None else None
+        for p in chain or []:
+            if getattr(p, "block", None) is not None:
+                block = p.block
+    return tuple(block) if block is not None else None
+
+
+def storage_bits(use: ParamUse, mask: str) -> tuple[int, int, int]:
+    """(total bits, stored values, mask bits) of one stored tensor under the policy's mask mode."""
+    n = use.numel
+    dense = n * use.bits
+    if not use.sparse or use.value is None or n == 0:
+        return dense, n, 0
+    value = use.value
+    if use.block is not None and value.dim() >= 2:
+        nonzero_values, n_blocks = _block_counts(value, use.block)
+        sparse = nonzero_values * use.bits + n_blocks
+        mask_bits = n_blocks
+    else:
+        nonzero_values = use.nnz if use.nnz is not None else int(value.count_nonzero())
+        sparse = nonzero_values * use.bits + n
+        mask_bits = n
+    if mask == "always" or (mask == "if_sparse" and nonzero_values < n) or (mask == "cheapest" and sparse < dense):
+        return sparse, nonzero_values, mask_bits
+    return dense, n, 0
+
+
+def _block_counts(value: Tensor, block: tuple[int, int]) -> tuple[int, int]:
+    """(values stored in nonzero blocks, number of blocks) for a (out, in) block mask.
+
+    As in ``micronet.compress.sparsity``: a block spans ``bo`` output x ``bi`` input channels and all
+    kernel taps, one mask bit each; edge blocks are smaller.
+    """
+    bo, bi = block
+    o, i = value.shape[0], value.shape[1]
+    taps = value.numel() // (o * i)
+    v = value.reshape(o, i, taps)
+    po, pi = -o % bo, -i % bi
+    if po or pi:
+        v = torch.nn.functional.pad(v, (0, 0, 0, pi, 0, po))
+    nb_o, nb_i = v.shape[0] // bo, v.shape[1] // bi
+    live = v.reshape(nb_o, bo, nb_i, bi, taps).ne(0).any(dim=4).any(dim=3).any(dim=1).tolist()
+    stored = 0
+    for a in range(nb_o):
+        so = min(bo, o - a * bo)
+        for b in range(nb_i):
+            if live[a][b]:
+                stored += so * min(bi, i - b * bi) * taps
+    return stored, nb_o * nb_i
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry.
+
+Rule = Callable[[OpRecord, CostContext], "Cost | None"]
+RULES: dict[str, Rule] = {}
+
+FREE_OPS = frozenset(DATA_MOVEMENT) | {
+    "aten::_local_scalar_dense", "aten::empty_like", "aten::zeros_like", "aten::ones_like", "aten::full_like",
+    "aten::new_zeros", "aten::new_empty", "aten::new_ones", "aten::new_full", "aten::empty_strided",
+    "aten::fill_", "aten::zero_", "aten::detach_", "aten::lift_fresh_copy", "aten::_assert_async",
+    "aten::copy", "aten::sym_size", "aten::is_nonzero", "aten::item", "aten::_has_compatible_shallow_copy_type",
+    "aten::resize_", "aten::set_",
+}
+
+
+def register(*ops: str) -> Callable[[Rule], Rule]:
+    """Decorator: register a cost rule for one or more aten schema names."""
+
+    def wrap(fn: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = fn
+        return fn
+
+    return wrap
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def _gemm(ctx: CostContext, rec: OpRecord, kind: str, x: TensorRef, w: TensorRef, bias: Any,
+          nnz: list[int], dense_k: int, positions: int, linear: bool) -> Cost:
+    """Shared dot-product costing of conv and linear (nnz[c] nonzeros per output channel)."""
+    policy = ctx.policy
+    a_bits, w_bits = ctx.gemm_bits(x), ctx.gemm_bits(w)
+    mode = policy.accumulator_for(linear)
+    if mode in INT_ACCUMULATORS and not (x.info.codes and w.info.codes):
+        mode = "fp32"  # integer accumulation needs integer operands on both sides
+    a_signed = x.info.signed if x.info.codes else True
+    cost = Cost(kind, shape=w.shape, input_bits=a_bits, weight_bits=w_bits)
+    cost.mul(sum(nnz) * positions, max(a_bits, w_bits))
+    adds, bitops = accumulate(mode, nnz, dense_k, a_bits, w_bits, a_signed)
+    cost.adds += adds * positions
+    cost.add_bitops += bitops * positions
+    if isinstance(bias, TensorRef):
+        cost.add(sum(1 for n in nnz if n > 0) * positions, accumulator_float_bits(mode))
+    params = []
+    for ref in (w, bias):
+        if isinstance(ref, TensorRef) and ref.static and ref.info.stored:
+            use = ctx.param(ref, sparse=ref is w, module=rec.module)
+            if ref is w and use.numel == sum(nnz) + sum(dense_k - n for n in nnz):
+                use.nnz = sum(nnz)  # the weight is the whole stored tensor: reuse the count
+            params.append(use)
+    cost.params = params
+    out = rec.outputs[0]
+    ctx.fold_root[out.uid] = rec
+    if isinstance(bias, TensorRef):
+        ctx.root_has_bias.add(rec.index)
+    if not w.info.codes:
+        ctx.root_float.add(rec.index)
+    cost.weight_numel = dense_k * len(nnz)
+    cost.weight_nnz = sum(nnz)
+    return cost
+
+
+def _nnz_rows(value: Tensor, rows: int) -> list[int]:
+    """Nonzeros per row of ``value`` viewed as [rows, -1]; a dense tensor skips the per-row pass."""
+    if int(value.count_nonzero()) == value.numel():
+        return [value.numel() // rows] * rows
+    return torch.count_nonzero(value.reshape(rows, -1), dim=1).tolist()
+
+
+@register("aten::convolution", "aten::_convolution")
+def conv_cost(rec: OpRecord, ctx: CostContext) -> Cost | None:
+    """Convolution: per-output-channel nonzeros from the real weight values."""
+    x, w, bias = rec.args[0], rec.args[1], rec.args[2]
+    transposed = bool(rec.args[6]) if len(rec.args) > 6 else False
+    if transposed or not isinstance(w, TensorRef):
+        return None
+    out = rec.outputs[0]
+    c_out = out.shape[1]
+    positions = out.numel // c_out
+    dense_k = w.numel // c_out
+    nnz = _nnz_rows(w.value, c_out) if w.static else [dense_k] * c_out
+    if not x.static:
+        return _gemm(ctx, rec, "conv", x, w, bias, nnz, dense_k, positions, linear=False)
+    return None  # a static input with a dynamic weight: not a layer we know how to price
+
+
+def _mm_cost(rec: OpRecord, ctx: CostContext, a: TensorRef, b: TensorRef, bias: Any) -> Cost:
+    m, k = a.shape[-2], a.shape[-1]
+    n = b.shape[-1]
+    if b.static and not a.static:
+        nnz = _nnz_rows(b.value.reshape(k, n).t(), n)
+        return _gemm(ctx, rec, "linear", a, b, bias, nnz, k, m, linear=True)
+    if a.static and not b.static:
+        nnz = _nnz_rows(a.value.reshape(m, k), m)
+        return _gemm(ctx, rec, "linear", b, a, bias, nnz, k, n, linear=True)
+    batch = _numel(a.shape[:-2]) if len(a.shape) > 2 else 1
+    return _gemm(ctx, rec, "matmul", a, b, bias, [k] * n, k, m * batch, linear=True)
+
+
+@register("aten::mm", "aten::bmm")
+def mm_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """Matrix product (a linear layer without bias, or activation x activation)."""
+    return _mm_cost(rec, ctx, rec.args[0], rec.args[1], None)
+
+
+@register("aten::addmm")
+def addmm_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """bias + a @ b: a linear layer with bias."""
+    return _mm_cost(rec, ctx, rec.args[1], rec.args[2], rec.args[0])
+
+
+@register("aten::native_batch_norm", "aten::_native_batch_norm_legit_no_training", "aten::_native_batch_norm_legit")
+def batch_norm_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """BatchNorm: folded into a single-consumer float conv/linear as a bias, else a per-channel affine."""
+    x, weight, bias = rec.args[0], rec.args[1], rec.args[2]
+    running = rec.args[3] if len(rec.args) > 3 and isinstance(rec.args[3], TensorRef) else weight
+    channels = x.shape[1] if len(x.shape) > 1 else x.shape[0]
+    anchor = next((r for r in (running, weight, bias) if isinstance(r, TensorRef)), x)
+    policy = ctx.policy
+    folded = ctx.fold(rec, x, "bn_folded", scales=True, shifts=True)
+    if folded is not None:
+        return folded
+    cost = Cost("bn", shape=x.shape, input_bits=x.bits)
+    width = max(x.bits, policy.float_bits)
+    cost.mul(x.numel, width)
+    cost.add(x.numel, _first(policy.affine_add_bits, policy.add_bits, width))
+    cost.params = [ParamUse(("bn_affine", ctx.key_of(anchor)), f"{rec.module}:scale,shift", 2 * channels,
+                            policy.float_bits)]
+    return cost
+
+
+def _is_channelwise(operand: Any, out_shape: tuple[int, ...]) -> bool:
+    """A Python scalar, or a static tensor that varies at most along dimension 1 of the output."""
+    if not isinstance(operand, TensorRef):
+        return True
+    shape = operand.shape
+    offset = len(out_shape) - len(shape)
+    return all(d == 1 for i, d in enumerate(shape) if i + offset != 1)
+
+
+def _first(*values: int | None) -> int:
+    return next(v for v in values if v is not None)
+
+
+def _binary(rec: OpRecord, ctx: CostContext, multiplicative: bool) -> Cost | None:
+    a = rec.args[0]
+    b = rec.args[1] if len(rec.args) > 1 else rec.kwargs.get("other")
+    if rec.op == "aten::rsub":
+        a, b = b, a
+    out = rec.outputs[0]
+    width = max(ctx.operand_bits(a), ctx.operand_bits(b))
+    dynamic = [o for o in (a, b) if isinstance(o, TensorRef) and not o.static]
+    policy = ctx.policy
+    n = out.numel
+    if len(dynamic) == 2:
+        zero = a.info.zero_channels | b.info.zero_channels
+        if zero and len(out.shape) >= 2:
+            n -= (n // out.shape[1]) * len(zero)  # adding a known zero (padded channel) is no work
+        cost = Cost("mul" if multiplicative else "add", shape=out.shape, input_bits=width)
+        if multiplicative:
+            return cost.mul(n, width)
+        return cost.add(n, _first(policy.add_bits, width))
+    static = b if dynamic and dynamic[0] is a else a
+    # Foldable: x*s, x/s, x+s, x-s, s+x, s*x with a scalar or per-channel s (not s/x, and s-x negates x).
+    foldable = len(dynamic) == 1 and _is_channelwise(static, out.shape) and not (
+        rec.op.startswith("aten::div") and dynamic[0] is b)
+    if foldable:
+        negates = rec.op.startswith("aten::sub") and dynamic[0] is b
+        folded = ctx.fold(rec, dynamic[0], "affine_folded", scales=multiplicative or negates,
+                          shifts=not multiplicative)
+        if folded is not None:
+            return folded
+    cost = Cost("affine", shape=out.shape, input_bits=dynamic[0].bits if dynamic else width)
+    if multiplicative:
+        return cost.mul(n, width)
+    return cost.add(n, _first(policy.affine_add_bits, policy.add_bits, width))
+
+
+@register("aten::add", "aten::add_", "aten::sub", "aten::sub_", "aten::rsub")
+def add_cost(rec: OpRecord, ctx: CostContext) -> Cost | None:
+    """Elementwise add/sub: a residual add (two dynamic tensors) or a bias (a static operand)."""
+    alpha = rec.kwargs.get("alpha", rec.args[2] if len(rec.args) > 2 else 1)
+    cost = _binary(rec, ctx, multiplicative=False)
+    if cost is not None and alpha not in (1, -1):
+        cost.mul(rec.outputs[0].numel, max(ctx.operand_bits(alpha), ctx.operand_bits(rec.args[1])))
+    return cost
+
+
+@register("aten::mul", "aten::mul_", "aten::div", "aten::div_")
+def mul_cost(rec: OpRecord, ctx: CostContext) -> Cost | None:
+    """Elementwise mul/div: a product of two dynamic tensors (gating) or a per-channel scale."""
+    return _binary(rec, ctx, multiplicative=True)
+
+
+# Per-element (mults, adds) of pointwise functions; see the module docstring for the reasoning.
+POINTWISE: dict[str, tuple[str, int, int]] = {
+    "aten::relu": ("relu", 1, 0), "aten::relu_": ("relu", 1, 0),
+    "aten::hardtanh": ("relu6", 2, 0), "aten::hardtanh_": ("relu6", 2, 0),
+    "aten::sigmoid": ("sigmoid", 2, 1), "aten::sigmoid_": ("sigmoid", 2, 1),
+    "aten::silu": ("swish", 3, 1), "aten::silu_": ("swish", 3, 1),
+    "aten::hardswish": ("hardswish", 4, 1), "aten::hardswish_": ("hardswish", 4, 1),
+    "aten::hardsigmoid": ("hardsigmoid", 3, 1), "aten::hardsigmoid_": ("hardsigmoid", 3, 1),
+    "aten::tanh": ("tanh", 3, 2), "aten::tanh_": ("tanh", 3, 2),
+    "aten::gelu": ("gelu", 4, 1), "aten::gelu_": ("gelu", 4, 1),
+    "aten::elu": ("elu", 3, 1), "aten::elu_": ("elu", 3, 1),
+    "aten::leaky_relu": ("leaky_relu", 2, 0), "aten::leaky_relu_": ("leaky_relu", 2, 0),
+    "aten::softplus": ("softplus", 2, 1),
+    "aten::exp": ("exp", 1, 0), "aten::log": ("log", 1, 0), "aten::sqrt": ("sqrt", 1, 0),
+    "aten::rsqrt": ("rsqrt", 1, 0), "aten::reciprocal": ("reciprocal", 1, 0), "aten::erf": ("erf", 1, 0),
+    "aten::neg": ("neg", 1, 0), "aten::abs": ("abs", 1, 0), "aten::sign": ("sign", 1, 0),
+    "aten::round": ("round", 1, 0), "aten::floor": ("round", 1, 0), "aten::ceil": ("round", 1, 0),
+    "aten::trunc": ("round", 1, 0), "aten::clamp_min": ("clamp", 1, 0), "aten::clamp_max": ("clamp", 1, 0),
+    "aten::clamp_min_": ("clamp", 1, 0), "aten::clamp_max_": ("clamp", 1, 0),
+    "aten::gt": ("compare", 1, 0), "aten::lt": ("compare", 1, 0), "aten::ge": ("compare", 1, 0),
+    "aten::le": ("compare", 1, 0), "aten::eq": ("compare", 1, 0), "aten::ne": ("compare", 1, 0),
+    "aten::where": ("select", 1, 0), "aten::logical_not": ("compare", 1, 0),
+    "aten::upsample_nearest2d": ("upsample", 1, 0),
+}
+
+
+@register(*POINTWISE)
+def pointwise_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """Activations and other pointwise functions, per output element at the input's width."""
+    kind, mults, adds = POINTWISE[rec.op]
+    x = next(r for r in rec.inputs if not r.static)
+    n = rec.outputs[0].numel
+    cost = Cost(kind, shape=rec.outputs[0].shape, input_bits=x.bits)
+    cost.mul(mults * n, x.bits)
+    if adds:
+        cost.add(adds * n, _first(ctx.policy.add_bits, x.bits))
+    return cost
+
+
+@register("aten::clamp", "aten::clamp_")
+def clamp_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """clamp: one comparison per bound given."""
+    x = rec.args[0]
+    bounds = [b for b in rec.args[1:3] if b is not None] + [v for k, v in rec.kwargs.items() if v is not None]
+    n = rec.outputs[0].numel
+    return Cost("clamp", shape=rec.outputs[0].shape, input_bits=x.bits).mul(max(len(bounds), 1) * n, x.bits)
+
+
+@register("aten::_softmax", "aten::_log_softmax", "aten::softmax", "aten::log_softmax")
+def softmax_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """Softmax: an exp and a divide (2 mults) and one add into the row sum, per element."""
+    x = rec.args[0]
+    n = rec.outputs[0].numel
+    cost = Cost("softmax", shape=rec.outputs[0].shape, input_bits=x.bits).mul(2 * n, x.bits)
+    return cost.add(n, _first(ctx.policy.add_bits, x.bits))
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    if isinstance(v, (list, tuple)):
+        return (int(v[0]), int(v[-1])) if v else (0, 0)
+    return int(v), int(v)
+
+
+def _pool_cost(ctx: CostContext, kind: str, x: TensorRef, outputs: int, window_adds: int) -> Cost:
+    cost = Cost(kind, input_bits=x.bits)
+    cost.add(window_adds, _first(ctx.policy.pool_add_bits, ctx.policy.add_bits, x.bits))
+    return cost.mul(outputs, x.bits)
+
+
+@register("aten::avg_pool2d")
+def avg_pool_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """Average pool: (kh*kw - 1) adds + 1 mult (the divide) per output."""
+    x, kernel = rec.args[0], _pair(rec.args[1])
+    out = rec.outputs[0]
+    cost = _pool_cost(ctx, "avgpool", x, out.numel, (kernel[0] * kernel[1] - 1) * out.numel)
+    cost.shape = out.shape
+    return cost
+
+
+def _adaptive_windows(size_in: int, size_out: int) -> list[int]:
+    return [
+        -(-((i + 1) * size_in) // size_out) - (i * size_in) // size_out for i in range(size_out)
+    ]
+
+
+@register("aten::_adaptive_avg_pool2d", "aten::adaptive_avg_pool2d")
+def adaptive_avg_pool_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """Adaptive average pool: (window - 1) adds + 1 mult per output, with the exact window sizes."""
+    x, out = rec.args[0], rec.outputs[0]
+    h, w = x.shape[-2], x.shape[-1]
+    oh, ow = out.shape[-2], out.shape[-1]
+    planes = out.numel // (oh * ow)
+    area = sum(a * b for a in _adaptive_windows(h, oh) for b in _adaptive_windows(w, ow))
+    cost = _pool_cost(ctx, "avgpool", x, out.numel, planes * (area - oh * ow))
+    cost.shape = out.shape
+    return cost
+
+
+@register("aten::mean", "aten::sum")
+def reduce_mean_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """mean/sum over dimensions: (R - 1) adds per output (+1 mult, the divide, for a mean)."""
+    x, out = rec.args[0], rec.outputs[0]
+    reduced = x.numel // max(out.numel, 1)
+    kind = "mean" if rec.op == "aten::mean" else "sum"
+    cost = _pool_cost(ctx, kind, x, out.numel if kind == "mean" else 0, (reduced - 1) * out.numel)
+    cost.shape = out.shape
+    return cost
+
+
+@register("aten::max_pool2d_with_indices", "aten::max_pool2d")
+def max_pool_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """Max pool: (kh*kw - 1) comparisons per output, in the mult bucket at the input width."""
+    x, kernel = rec.args[0], _pair(rec.args[1])
+    out = rec.outputs[0]
+    return Cost("maxpool", shape=out.shape, input_bits=x.bits).mul((kernel[0] * kernel[1] - 1) * out.numel, x.bits)
+
+
+@register("aten::amax", "aten::max", "aten::argmax", "aten::amin", "aten::min")
+def reduce_max_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """max/argmax reductions: (R - 1) comparisons per output; max(a, b) of two tensors: 1 per element."""
+    x, out = rec.args[0], rec.outputs[0]
+    if len(rec.args) > 1 and isinstance(rec.args[1], TensorRef):
+        return Cost("compare", shape=out.shape, input_bits=x.bits).mul(out.numel, x.bits)
+    reduced = x.numel // max(out.numel, 1)
+    return Cost("compare", shape=out.shape, input_bits=x.bits).mul((reduced - 1) * out.numel, x.bits)
+
+
+@register("micronet::round_clamp", "micronet::fake_quant")
+def quantizer_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """Activation quantizer (round + clamp): quantizer_ops per element at its input width, no parameters."""
+    x, out = rec.args[0], rec.outputs[0]
+    cost = Cost("quant", shape=out.shape, input_bits=x.bits, params=[])
+    return cost.mul(ctx.policy.quantizer_ops * out.numel, x.bits)
+
+
+@register("aten::mkldnn_rnn_layer", "aten::lstm")
+def lstm_cost(rec: OpRecord, ctx: CostContext) -> Cost | None:
+    """One LSTM layer over T steps: gate dot products (nonzero weights) + biases, 3 sigmoids, 2 tanh,
+    and the cell update (3 mults, 1 add) per hidden unit and step."""
+    if rec.op == "aten::lstm":
+        x, weights, has_bias = rec.args[0], list(rec.args[2]), bool(rec.args[3])
+        if int(rec.args[4]) != 1 or bool(rec.args[7]):
+            return None  # stacked or bidirectional: not priced
+        w_ih, w_hh = weights[0], weights[1]
+    else:
+        x, w_ih, w_hh = rec.args[0], rec.args[1], rec.args[2]
+        has_bias = bool(rec.args[12])
+    if not (isinstance(w_ih, TensorRef) and isinstance(w_hh, TensorRef) and w_ih.static and w_hh.static):
+        return None
+    gates, hidden = w_hh.shape[0], w_hh.shape[1]
+    steps = (x.shape[0] * x.shape[1]) if len(x.shape) == 3 else x.shape[0]
+    nnz = int(w_ih.value.count_nonzero()) + int(w_hh.value.count_nonzero())
+    width = max(ctx.gemm_bits(x), w_ih.bits, w_hh.bits)
+    cost = Cost("lstm", shape=w_ih.shape, input_bits=x.bits, weight_bits=max(w_ih.bits, w_hh.bits))
+    cost.mul(steps * (nnz + 3 * hidden * 2 + 2 * hidden * 3 + 3 * hidden), width)
+    adds = nnz - gates + (2 * gates if has_bias else gates)  # two bias vectors, or just the ih + hh sum
+    cost.add(steps * adds, 32)
+    cost.add(steps * (3 * hidden + 2 * hidden * 2 + hidden), _first(ctx.policy.add_bits, width))
+    cost.weight_numel = w_ih.numel + w_hh.numel
+    cost.weight_nnz = nnz
+    cost.params = [ctx.param(r, sparse=r is w_ih or r is w_hh, module=rec.module)
+                   for r in rec.inputs if r.static and r.info.stored]
+    return cost

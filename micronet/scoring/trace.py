@@ -1,0 +1,319 @@
+"""Trace one forward pass at the aten level: every op with its module path and its tensors' metadata.
+
+Nothing is costed here. A ``TorchDispatchMode`` sees every operator, including functional ones
+(``torch.cat``, ``x + y``, ``F.relu``, pooling) and custom ops; ``ModuleTracker`` names the module that
+ran it. Each tensor carries, in a weak map keyed by identity:
+
+* ``bits``: width of the values it holds (model input: policy; parameters: float width, or the owning
+  Int layer's ``weight_bits``; quantizer outputs: their code range; other results: the float width),
+* ``static``: derived only from parameters, buffers and constants, hence folded at deploy time (free),
+* ``stored``: derived from the model's parameters/buffers (a runtime constant such as ``torch.zeros``
+  is static but not stored, so it is never charged as a parameter),
+* ``origin``: the stored tensor a view was taken from, so shared or re-viewed tensors count once.
+
+The model is neither modified nor left with hooks: ModuleTracker removes its global hooks on exit and
+the caller restores train/eval mode.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.module_tracker import ModuleTracker
+from torch.utils.weak import WeakIdKeyDictionary
+
+from micronet.compress.ops import range_bits
+
+# Ops that only move or re-view data: the result holds the same values (same width, same codes).
+DATA_MOVEMENT = frozenset(
+    {
+        "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::t", "aten::transpose", "aten::permute",
+        "aten::expand", "aten::squeeze", "aten::unsqueeze", "aten::slice", "aten::select", "aten::clone",
+        "aten::contiguous", "aten::_to_copy", "aten::alias", "aten::detach", "aten::lift_fresh",
+        "aten::cat", "aten::stack", "aten::constant_pad_nd", "aten::repeat", "aten::split",
+        "aten::split_with_sizes", "aten::chunk", "aten::unbind", "aten::narrow", "aten::index_select",
+        "aten::flatten", "aten::copy_", "aten::pixel_shuffle", "aten::pixel_unshuffle",
+        "aten::channel_shuffle", "aten::dropout", "aten::feature_dropout", "aten::index", "aten::gather",
+        "aten::_unsafe_index", "aten::as_strided", "aten::unfold", "aten::flip", "aten::roll",
+        "aten::index_copy", "aten::index_put", "aten::scatter", "aten::nonzero",
+    }
+)
+# Single-input views: the result is the same stored tensor (parameters are counted once per origin).
+SAME_ORIGIN = frozenset(
+    {
+        "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::t", "aten::transpose", "aten::permute",
+        "aten::expand", "aten::squeeze", "aten::unsqueeze", "aten::slice", "aten::select", "aten::clone",
+        "aten::contiguous", "aten::_to_copy", "aten::alias", "aten::detach", "aten::lift_fresh",
+        "aten::flatten", "aten::as_strided",
+    }
+)
+# Ops whose result stays within the input's value set (so it keeps the input's width and code-ness).
+VALUE_PRESERVING = frozenset(
+    {"aten::relu", "aten::relu_", "aten::hardtanh", "aten::hardtanh_", "aten::max_pool2d_with_indices",
+     "aten::max_pool2d", "aten::max_pool1d", "aten::adaptive_max_pool2d", "aten::amax", "aten::max",
+     "aten::clamp", "aten::clamp_", "aten::clamp_min", "aten::clamp_max", "aten::neg"}
+)
+QUANTIZERS = frozenset({"micronet::fake_quant", "micronet::round_clamp"})
+
+
+@dataclass
+class TensorInfo:
+    """What the scorer knows about one tensor (see module docstring)."""
+
+    uid: int
+    bits: int
+    static: bool
+    stored: bool = False
+    codes: bool = False  # holds integer codes of a quantizer or an Int layer
+    signed: bool = True
+    origin: int = -1  # uid of the stored tensor this is a view of
+    zero_channels: frozenset[int] = frozenset()  # dim-1 channels known to be identically zero
+
+
+@dataclass
+class TensorRef:
+    """A tensor as seen by a cost rule: shape plus metadata; ``value`` only for static tensors."""
+
+    uid: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    info: TensorInfo
+    value: Tensor | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def static(self) -> bool:
+        return self.info.static
+
+    @property
+    def bits(self) -> int:
+        return self.info.bits
+
+
+@dataclass
+class StoredTensor:
+    """A stored tensor (parameter, buffer or derived constant) that may be charged as parameters."""
+
+    uid: int
+    name: str
+    value: Tensor
+    bits: int
+    codes: bool
+    owner: nn.Module | None = None
+
+
+@dataclass
+class OpRecord:
+    """One traced aten op: its name, the module that ran it, args with tensors replaced by TensorRefs."""
+
+    index: int
+    op: str  # schema name, e.g. "aten::convolution"
+    module: str  # module path ("" = the root module)
+    args: tuple
+    kwargs: dict
+    inputs: list[TensorRef]
+    outputs: list[TensorRef]
+
+    @property
+    def dynamic(self) -> bool:
+        return any(not t.static for t in self.inputs)
+
+
+@dataclass
+class Trace:
+    """The result of tracing one forward: op records plus the stored tensors they read."""
+
+    records: list[OpRecord] = field(default_factory=list)
+    stored: dict[int, StoredTensor] = field(default_factory=dict)
+    batch: int = 1
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+    output: Any = None
+
+
+def _scalar_bits(x: Any, float_bits: int) -> int:
+    if isinstance(x, bool):
+        return 1
+    if isinstance(x, int):
+        return range_bits(min(x, 0), max(x, 0))
+    return float_bits
+
+
+class _Recorder(TorchDispatchMode):
+    """Dispatch mode that records ops and propagates TensorInfo (the tracing core)."""
+
+    def __init__(self, tracer: ModuleTracker, trace: Trace, infos: WeakIdKeyDictionary, float_bits: int,
+                 root_name: str, uids: itertools.count) -> None:
+        super().__init__()
+        self.tracker, self.trace, self.infos = tracer, trace, infos
+        self.float_bits, self.root_name, self.uids = float_bits, root_name, uids
+        self._prefix = root_name + "."
+
+    def _module_path(self) -> str:
+        deepest = ""
+        depth = -1
+        for name in self.tracker.parents:
+            if name == "Global":
+                continue
+            d = name.count(".")
+            if d > depth:
+                depth, deepest = d, name
+        if deepest.startswith(self._prefix):
+            return deepest[len(self._prefix):]
+        return ""
+
+    def _info(self, t: Tensor) -> TensorInfo:
+        info = self.infos.get(t)
+        if info is None:
+            # A tensor the model holds outside its parameters/buffers (a plain attribute): a stored constant.
+            uid = next(self.uids)
+            bits = 1 if t.dtype == torch.bool else self.float_bits
+            info = TensorInfo(uid, bits, static=True, stored=True, origin=uid)
+            self.infos[t] = info
+            name = f"{self._module_path() or '(root)'}.<constant {tuple(t.shape)}>"
+            self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), bits, False)
+        return info
+
+    def _ref(self, t: Tensor) -> TensorRef:
+        info = self._info(t)
+        return TensorRef(info.uid, tuple(t.shape), t.dtype, info, t if info.static else None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        op = func._schema.name
+        flat_in, _ = tree_flatten((args, kwargs))
+        in_tensors = [a for a in flat_in if isinstance(a, Tensor)]
+        in_refs = [self._ref(t) for t in in_tensors]
+        flat_out, _ = tree_flatten(out)
+        out_tensors = [o for o in flat_out if isinstance(o, Tensor)]
+        out_infos = self._derive(op, args, in_refs, out_tensors)
+        out_refs = []
+        for t, info in zip(out_tensors, out_infos):
+            self.infos[t] = info
+            out_refs.append(TensorRef(info.uid, tuple(t.shape), t.dtype, info, t if info.static else None))
+        ref_of = {id(t): r for t, r in zip(in_tensors, in_refs)}
+        rec_args = tree_map(lambda a: ref_of.get(id(a), a) if isinstance(a, Tensor) else a, args)
+        rec_kwargs = tree_map(lambda a: ref_of.get(id(a), a) if isinstance(a, Tensor) else a, kwargs)
+        self.trace.records.append(
+            OpRecord(len(self.trace.records), op, self._module_path(), rec_args, rec_kwargs, in_refs, out_refs)
+        )
+        return out
+
+    def _derive(self, op: str, args: tuple, ins: list[TensorRef], outs: list[Tensor]) -> list[TensorInfo]:
+        """Metadata of an op's outputs from its inputs (the bit-width propagation rules)."""
+        static = all(r.static for r in ins)
+        stored = static and any(r.info.stored for r in ins)
+        infos = []
+        for k, t in enumerate(outs):
+            uid = next(self.uids)
+            if op in QUANTIZERS:
+                qmin, qmax = (args[2], args[3]) if op == "micronet::fake_quant" else (args[1], args[2])
+                info = TensorInfo(uid, range_bits(int(qmin), int(qmax)), static, stored, codes=True,
+                                  signed=int(qmin) < 0, origin=uid)
+            elif not ins:
+                # Factory op (zeros, empty, full, arange): a runtime constant, never a stored parameter.
+                bits = 1 if t.dtype == torch.bool else self.float_bits
+                zero = t.numel() > 0 and t.dim() >= 2 and not bool(t.any())
+                info = TensorInfo(uid, bits, True, False, origin=uid,
+                                  zero_channels=frozenset(range(t.shape[1])) if zero else frozenset())
+            elif op in DATA_MOVEMENT or op in VALUE_PRESERVING:
+                bits = max(r.bits for r in ins)
+                codes = all(r.info.codes for r in ins)
+                signed = any(r.info.signed for r in ins) if codes else True
+                origin = ins[0].info.origin if (op in SAME_ORIGIN and len(ins) == 1 and k == 0) else uid
+                zeros = frozenset()
+                if op == "aten::cat":
+                    zeros = self._cat_zero_channels(args)
+                elif op == "aten::constant_pad_nd" and k == 0:
+                    zeros = self._pad_zero_channels(args, ins[0])
+                info = TensorInfo(uid, bits, static, stored, codes, signed, origin if static else uid, zeros)
+            elif static:
+                # Folded at deploy time (e.g. weight * mask): keeps the widest input's width.
+                bits = max(r.bits for r in ins)
+                codes = all(r.info.codes for r in ins)
+                info = TensorInfo(uid, bits, True, stored, codes, True, uid)
+            else:
+                bits = 1 if t.dtype == torch.bool else self.float_bits
+                info = TensorInfo(uid, bits, False, False, origin=uid)
+            if static and stored and info.origin == uid:
+                name = f"{self._module_path() or '(root)'}.<{op.split('::')[-1]} {tuple(t.shape)}>"
+                self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), info.bits, info.codes)
+            infos.append(info)
+        return infos
+
+    def _pad_zero_channels(self, args: tuple, src: TensorRef) -> frozenset[int]:
+        """Channels added by a zero ``F.pad`` along dim 1 (PyramidNet's shortcut), plus the source's own."""
+        pad = list(args[1])
+        value = args[2] if len(args) > 2 else 0
+        ndim = len(src.shape)
+        j = ndim - 2  # pad pairs run from the last dimension backwards; pair j pads dimension ndim-1-j
+        if value != 0 or ndim < 2 or len(pad) < 2 * (j + 1):
+            return frozenset(src.info.zero_channels)
+        before, after = pad[2 * j], pad[2 * j + 1]
+        channels = src.shape[1]
+        zeros = set(range(max(before, 0))) | {before + c for c in src.info.zero_channels}
+        zeros |= set(range(before + channels, before + channels + max(after, 0)))
+        return frozenset(zeros)
+
+    def _cat_zero_channels(self, args: tuple) -> frozenset[int]:
+        """Channels of a dim-1 concatenation known to be zero (PyramidNet's zero-padded shortcut)."""
+        tensors = args[0]
+        dim = args[1] if len(args) > 1 else 0
+        if not tensors or tensors[0].dim() < 2 or dim not in (1, 1 - tensors[0].dim()):
+            return frozenset()
+        zeros: set[int] = set()
+        offset = 0
+        for t in tensors:
+            info = self.infos.get(t)
+            if info is not None and info.zero_channels:
+                zeros.update(offset + c for c in info.zero_channels)
+            offset += t.shape[1]
+        return frozenset(zeros)
+
+
+def _register_model_tensors(model: nn.Module, infos: WeakIdKeyDictionary, trace: Trace, float_bits: int,
+                            uids: itertools.count) -> None:
+    """Seed the weak map with every parameter and buffer: its width and owner, counted once if shared."""
+    for path, module in model.named_modules():
+        trace.modules[path] = module
+        tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        for name, tensor in tensors:
+            if tensor is None or tensor in infos:
+                continue
+            uid = next(uids)
+            codes = name == "weight" and hasattr(module, "weight_bits")
+            if codes:
+                bits = int(module.weight_bits)
+                signed = bool(getattr(module, "weight_signed", True))
+            else:
+                bits = 1 if tensor.dtype == torch.bool else float_bits
+                signed = True
+            infos[tensor] = TensorInfo(uid, bits, True, True, codes, signed, uid)
+            full = f"{path}.{name}" if path else name
+            trace.stored[uid] = StoredTensor(uid, full, tensor.detach(), bits, codes, module)
+
+
+def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits: int) -> Trace:
+    """Run ``model(inputs)`` once under the recorder; the model must already be in eval mode."""
+    trace = Trace(batch=int(inputs.shape[0]))
+    infos = WeakIdKeyDictionary()
+    uids = itertools.count()
+    _register_model_tensors(model, infos, trace, float_bits, uids)
+    uid = next(uids)
+    infos[inputs] = TensorInfo(uid, input_bits, static=False, codes=input_bits < 16, signed=False, origin=uid)
+    tracker = ModuleTracker()
+    with torch.no_grad(), tracker, _Recorder(tracker, trace, infos, float_bits, type(model).__name__, uids):
+        trace.output = model(inputs)
+    return trace
