@@ -80,3 +80,38 @@ def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool
                                sparse_weights=sparse_weights, verify=not no_verify, device=device,
                                samples=samples, data=data_root, force=force, timing=not no_timing)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
+
+
+@main.command("score")
+@click.argument("checkpoint", required=False, type=click.Path(dir_okay=False))
+@click.option("--model", "-m", "model_name", help="Zoo model or spec (default: densenet100_k12 projected).")
+@click.option("--format", "file_format", default="auto", show_default=True,
+              type=click.Choice(["auto", "micronet", "state_dict", "riair2019"]), help="Checkpoint format.")
+@click.option("--recipe", help="Project a recipe's compression onto the untrained --model.")
+@click.option("--policy", "-p", default="official", show_default=True,
+              help="Accounting policy: official, freebie16, riair2019-t0..t6, or a YAML file.")
+@click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Override a policy field (repeatable).")
+@click.option("--track", default="cifar100", show_default=True, type=click.Choice(["cifar100", "imagenet"]))
+@click.option("--input-size", default=32, show_default=True, type=int, help="Input height = width.")
+@click.option("--samples", type=int, help="Examples to average ops over (dynamic nets; default 16 for them).")
+@click.option("--data-root", type=click.Path(file_okay=False), help="Real test images for dynamic nets.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the per-layer rows as CSV.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw per-layer contributions (PNG).")
+@click.option("--all-rows", is_flag=True, help="Print every layer row (default: the first 40).")
+def score_command(checkpoint, model_name, file_format, recipe, policy, sets, track, input_size, samples, data_root,
+                  as_json, csv_path, plot_path, all_rows) -> None:
+    """Score a model by the MicroNet rules: params and ops in 32-bit units, per layer."""
+    from micronet.scoring import api
+    from micronet.scoring.policy import parse_overrides
+
+    overrides = parse_overrides(sets)
+    target, name, notes = api.resolve_target(checkpoint, model_name, file_format, recipe)
+    data = api.load_score_data(data_root, samples or 16, input_size) if data_root else None
+    report = api.score(target, policy, track, input_size, samples=samples, data=data, model_name=name, **overrides)
+    report.notes[:0] = notes
+    if csv_path:
+        report.write_csv(csv_path)
+    if plot_path:
+        report.plot(plot_path)
+    click.echo(report.to_json() if as_json else report.table(None if all_rows else 40))
