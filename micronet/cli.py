@@ -115,3 +115,80 @@ def score_command(checkpoint, model_name, file_format, recipe, policy, sets, tra
     if plot_path:
         report.plot(plot_path)
     click.echo(report.to_json() if as_json else report.table(None if all_rows else 40))
+
+
+@main.command("train-stage")
+@click.argument("stage", type=click.Choice(["teacher", "student", "prune", "quant-act", "quant-weight", "bn-recal",
+                                            "prune-fc", "quant-fc", "all"]))
+@click.option("--recipe", "-r", required=True, help="Recipe YAML file or shipped name (micronet2019-densenet).")
+@click.option("--data-root", required=True, type=click.Path(file_okay=False), help="Dataset folder.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (default runs/RECIPE).")
+@click.option("--from", "init_from", type=click.Path(dir_okay=False), help="Previous stage's checkpoint.")
+@click.option("--teacher", type=click.Path(dir_okay=False), help="Teacher checkpoint for distillation.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted stage from OUT/STAGE.safetensors.")
+@click.option("--model", help="Override the recipe's model (zoo name or FAMILY:key=value spec).")
+@click.option("--teacher-model", help="Override the recipe's teacher architecture.")
+@click.option("--epochs", type=int, help="Epochs of every stage run (warm-up keeps its fraction).")
+@click.option("--batch-size", type=int, help="Per-process batch size of every stage run.")
+@click.option("--lr", type=float, help="Peak learning rate of every stage run.")
+@click.option("--dataset", type=click.Choice(["auto", "cifar100", "cifar10", "folder"]), help="Dataset layout.")
+@click.option("--seed", type=int, help="Override the recipe's seed.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override any recipe key, e.g. stages.quant-fc.weight_bits=6 (repeatable).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model (CUDA).")
+@click.option("--no-amp", is_flag=True, help="Train in fp32 on CUDA (default: bf16 autocast).")
+@click.option("--workers", type=int, default=0, show_default=True, help="CPU DataLoader workers.")
+@click.option("--download", is_flag=True, help="Download CIFAR into --data-root if it is missing.")
+@click.option("--tensorboard", is_flag=True, help="Also write TensorBoard scalars under OUT/tensorboard.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def train_stage_command(stage, recipe, data_root, out_dir, init_from, teacher, resume, model, teacher_model, epochs,
+                        batch_size, lr, dataset, seed, sets, device, use_compile, no_amp, workers, download,
+                        tensorboard, no_progress) -> None:
+    """Run one compression stage, or `all` of them in order (resumable), as the recipe says."""
+    from pathlib import Path
+
+    from micronet.training import RunOptions, load_recipe, run_all, run_stage
+
+    overrides = {"model": model, "teacher_model": teacher_model, "epochs": epochs, "batch_size": batch_size,
+                 "lr": lr, "dataset": dataset, "seed": seed, "stages_only": None if stage == "all" else [stage]}
+    spec = load_recipe(recipe, overrides, sets)
+    options = RunOptions(
+        data_root=Path(data_root), out=Path(out_dir or Path("runs") / spec.name),
+        init_from=Path(init_from) if init_from else None, teacher=Path(teacher) if teacher else None,
+        resume=resume, device=device, amp=False if no_amp else None, compile=use_compile, num_workers=workers,
+        download=download, tensorboard=tensorboard, progress=not no_progress,
+    )
+    results = run_all(spec, options) if stage == "all" else [run_stage(stage, spec, options)]
+    for r in results:
+        shown = {k: round(v, 2) for k, v in r.metrics.items() if k in ("val_top1", "test_top1", "test_top5")}
+        click.echo(f"{r.stage:<13} {'(done before) ' if r.skipped else ''}{r.path}  {shown}")
+
+
+@main.command("eval")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--data-root", required=True, type=click.Path(file_okay=False), help="Dataset folder.")
+@click.option("--dataset", type=click.Choice(["auto", "cifar100", "cifar10", "folder"]), default="auto",
+              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["auto", "micronet", "riair2019", "state_dict"]), default="auto",
+              show_default=True, help="Checkpoint format.")
+@click.option("--model", help="Architecture of a plain state_dict (zoo name or spec).")
+@click.option("--normalization", help="Input normalization preset (default: what the checkpoint was trained with).")
+@click.option("--half", is_flag=True, help="Evaluate in fp16 (weights and inputs).")
+@click.option("--batch-size", type=int, default=500, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_command(checkpoint, data_root, dataset, fmt, model, normalization, half, batch_size, device,
+                 as_json) -> None:
+    """Top-1/top-5 accuracy of a checkpoint on the test set."""
+    import json
+
+    from micronet.training import evaluate_checkpoint
+
+    r = evaluate_checkpoint(checkpoint, data_root, dataset=dataset, format=fmt, model=model,
+                            normalization=normalization, half=half, device=device, batch_size=batch_size)
+    if as_json:
+        click.echo(json.dumps(r, sort_keys=True))
+    else:
+        click.echo(f"{r['checkpoint']} ({r['format']}, {r['normalization']} inputs{', fp16' if half else ''}): "
+                   f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  on {r['images']} test images")

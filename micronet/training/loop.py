@@ -1,0 +1,300 @@
+"""The training loop and its runtime: devices/DDP, precision, LR schedule, one epoch, resume state, logs.
+
+Read top to bottom: ``Runtime`` says where and how tensors run; ``lr_at`` is the schedule;
+``train_epoch`` is the whole inner loop (no host syncs per step: metrics accumulate on the device
+and are read every ``sync_every`` steps, which is also when a non-finite loss is noticed);
+``resume_state``/``restore_state`` turn optimizer and RNG state into tensors for a safetensors file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from micronet.errors import MicronetError
+from micronet.training.data import BatchStream, Normalization
+
+
+class TrainingDiverged(MicronetError):
+    """The loss became NaN or infinite; the stage stopped and its last good checkpoint was kept."""
+
+    exit_code = 3
+
+
+# ----------------------------------------------------------------------------------------------- runtime
+@dataclass
+class Runtime:
+    """Where the stage runs: device, process group, precision and compilation choices."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    amp: bool = False  # bf16 autocast (CUDA only)
+    channels_last: bool = False
+    compile: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """Only rank 0 writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when running under torchrun with more than one process."""
+        return self.world_size > 1
+
+    def autocast(self):
+        """The forward-pass precision context."""
+        if self.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op when single-process)."""
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        """Sum ``t`` over ranks in place (no-op when single-process)."""
+        if self.distributed:
+            dist.all_reduce(t)
+        return t
+
+
+def setup_runtime(device: str = "auto", *, amp: bool | None = None, channels_last: bool | None = None,
+                  compile: bool = False) -> Runtime:
+    """Pick the device and join the torchrun process group if ``WORLD_SIZE`` > 1 (nccl on GPU, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MicronetError("--device cuda asked for, but PyTorch sees no CUDA device")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(dev)
+        # TF32 matmuls/convs: free speed on Ampere+ for the fp32 parts (quantizer maths is fp32 in-op).
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    cuda = dev.type == "cuda"
+    return Runtime(dev, rank, world_size, amp=cuda if amp is None else amp and cuda,
+                   channels_last=cuda if channels_last is None else channels_last, compile=compile)
+
+
+def prepare_input(images: Tensor, normalize: Normalization, rt: Runtime) -> Tensor:
+    """uint8 batch on the device -> normalized float32, channels_last if asked."""
+    x = normalize(images)
+    return x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
+
+
+# ----------------------------------------------------------------------------------------------- schedule
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, start: float) -> float:
+    """Linear warm-up from ``start`` to ``peak`` over ``warmup_steps``, then cosine to 0 at ``total_steps``.
+
+    Evaluated per iteration, as the 2019 winner's ``warm_up_cos`` schedule (spec §3.0).
+    """
+    if step < warmup_steps:
+        return start + (peak - start) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * peak
+
+
+# ----------------------------------------------------------------------------------------------- one epoch
+LossFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (input, labels) -> (loss, logits)
+
+
+@dataclass
+class EpochResult:
+    """What one epoch measured (host floats, read once at the end of the epoch)."""
+
+    loss: float
+    top1: float
+    images: int
+    seconds: float
+    last_lr: float
+
+
+@dataclass
+class StepContext:
+    """Everything ``train_epoch`` needs besides the batches."""
+
+    optimizer: torch.optim.Optimizer
+    loss_fn: LossFn
+    params: list[nn.Parameter]
+    lr: Callable[[int], float]
+    grad_clip: float | None = None
+    before_step: Callable[[int, int], None] | None = None  # (global step, batch index in epoch)
+    after_step: Callable[[int], None] | None = None  # (global step) - e.g. a test's injected failure
+    sync_every: int = 50
+    describe: str = "train"
+    progress: bool = True
+
+
+def train_epoch(stream: BatchStream, epoch: int, step: int, ctx: StepContext, normalize: Normalization,
+                rt: Runtime) -> tuple[EpochResult, int]:
+    """Run one epoch from global ``step``; returns the epoch's result and the next global step."""
+    from tqdm.auto import tqdm
+
+    sums = torch.zeros(3, device=rt.device, dtype=torch.float64)  # loss·n, correct, n
+    bar = tqdm(total=len(stream), desc=f"{ctx.describe} epoch {epoch + 1}", disable=not (ctx.progress and rt.is_main),
+               leave=False, dynamic_ncols=True)
+    start, lr = time.perf_counter(), 0.0
+    for k, batch in enumerate(stream.epoch(epoch)):
+        images, labels = (t.to(rt.device, non_blocking=True) for t in batch)
+        if ctx.before_step is not None:
+            ctx.before_step(step, k)
+        lr = ctx.lr(step)
+        for group in ctx.optimizer.param_groups:
+            group["lr"] = lr
+        x = prepare_input(images, normalize, rt)
+        loss, logits = ctx.loss_fn(x, labels)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if ctx.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(ctx.params, ctx.grad_clip, foreach=True)
+        ctx.optimizer.step()
+        with torch.no_grad():
+            n = labels.shape[0]
+            correct = (logits.argmax(1) == labels).sum()
+            sums[0] += loss.detach().double() * n
+            sums[1] += correct
+            sums[2] += n
+        step += 1
+        bar.update(1)
+        if ctx.after_step is not None:
+            ctx.after_step(step)
+        if (k + 1) % ctx.sync_every == 0:  # the only host syncs: progress display and the finite check
+            _check_finite(sums, epoch, step, ctx.describe)
+            bar.set_postfix(loss=f"{float(sums[0] / sums[2]):.4f}", lr=f"{lr:.2e}")
+    bar.close()
+    totals = rt.all_reduce(sums.clone())
+    _check_finite(totals, epoch, step, ctx.describe)
+    images_seen = int(totals[2])
+    return EpochResult(float(totals[0] / max(images_seen, 1)), float(totals[1] / max(images_seen, 1)),
+                       images_seen, time.perf_counter() - start, lr), step
+
+
+def _check_finite(sums: Tensor, epoch: int, step: int, stage: str) -> None:
+    if not bool(torch.isfinite(sums[0])):
+        raise TrainingDiverged(
+            f"stage {stage}: the loss became non-finite (nan/inf) in epoch {epoch + 1} by step {step}; "
+            "stopped, the last good checkpoint is kept (try a lower --lr or grad_clip)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def accuracy_sums(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], normalize: Normalization,
+                  rt: Runtime, dtype: torch.dtype | None = None) -> Tensor:
+    """``[loss·n, top-1 correct, top-5 correct, n]`` summed over ``batches`` and over ranks (float64)."""
+    sums = torch.zeros(4, device=rt.device, dtype=torch.float64)
+    for images, labels in batches:
+        images, labels = images.to(rt.device, non_blocking=True), labels.to(rt.device, non_blocking=True)
+        x = prepare_input(images, normalize, rt)
+        if dtype is not None:
+            x = x.to(dtype)
+        with rt.autocast():
+            logits = model(x).float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top == labels[:, None]
+        loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+        sums[0] += loss.double()
+        sums[1] += hit[:, 0].sum()
+        sums[2] += hit.any(1).sum()
+        sums[3] += labels.shape[0]
+    return rt.all_reduce(sums)
+
+
+def summarize(sums: Tensor, prefix: str) -> dict[str, float]:
+    """Turn ``accuracy_sums`` into ``{prefix_top1, prefix_top5, prefix_loss, prefix_images}`` (percent)."""
+    n = max(float(sums[3]), 1.0)
+    return {f"{prefix}_top1": 100.0 * float(sums[1]) / n, f"{prefix}_top5": 100.0 * float(sums[2]) / n,
+            f"{prefix}_loss": float(sums[0]) / n, f"{prefix}_images": int(sums[3])}
+
+
+# ----------------------------------------------------------------------------------------------- resume state
+def resume_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Optimizer and RNG state as (tensors, JSON) for a safetensors file: no pickle involved."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in sd["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta = {"param_groups": sd["param_groups"], "scalars": scalars}
+    return tensors, meta
+
+
+def restore_state(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any],
+                  device: torch.device) -> None:
+    """Inverse of ``resume_state``: load optimizer state and RNG streams."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value.to(device)
+    for index, entry in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(entry)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if "rng.cpu" in tensors:
+        torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+
+
+# ----------------------------------------------------------------------------------------------- logging
+@dataclass
+class MetricsLog:
+    """Per-stage JSONL log (one object per epoch/event) and optional TensorBoard scalars; rank 0 only."""
+
+    path: Path | None
+    tensorboard_dir: Path | None = None
+    _writer: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise MicronetError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self._writer = SummaryWriter(str(self.tensorboard_dir))
+
+    def write(self, record: dict[str, Any], step: int | None = None) -> None:
+        """Append ``record`` as one JSON line (and its numbers to TensorBoard at ``step``)."""
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self._writer is not None and step is not None:
+            for key, value in record.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    self._writer.add_scalar(key, value, step)
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close TensorBoard."""
+        if self._writer is not None:
+            self._writer.close()

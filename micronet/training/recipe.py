@@ -1,0 +1,429 @@
+"""Training recipes: one YAML file holds every stage's settings; validated before anything trains.
+
+Layout of a recipe (see ``micronet/recipes/*.yaml``; every key is optional except ``model``)::
+
+    name: micronet2019-densenet
+    model: densenet100_k12          # zoo name or FAMILY:key=value spec (micronet.models.create)
+    teacher_model: densenet172_k30  # what the `teacher` stage trains
+    dataset: cifar100               # cifar100 | cifar10 | folder | auto
+    seed: 0
+    data: {normalization: micronet2019, holdout: 5000, holdout_seed: 0}
+    augment: {policy: micronet2019, ops_per_image: 1, crop_padding: 4, pad_fill: mean, flip: true, cutout: 16}
+    train: {...}                    # defaults for every stage (any StageConfig key)
+    stages:                         # which stages exist, in pipeline order, with their own settings
+      teacher: {epochs: 300, lr: 0.1, warmup_epochs: 5, warmup_start_lr: 0.001, loss: ce}
+      prune: {sparsity: 0.75, mask_update_every: 50, mask_update_until: 5000}
+      ...
+
+Overrides (the CLI's ``--epochs``, ``--lr``, ``--set stages.prune.sparsity=0.5`` ...) are applied to the
+raw YAML tree *before* validation, so they are checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from micronet.errors import MicronetError
+from micronet.training.augment import TORCHVISION_POLICIES, AugmentConfig, load_policy
+from micronet.training.data import DATASETS, NORMALIZATIONS
+from micronet.training.kd import DIRECTIONS, KDConfig
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+STAGES = ("teacher", "student", "prune", "quant-act", "quant-weight", "bn-recal", "prune-fc", "quant-fc")
+TRAINING_STAGES = tuple(s for s in STAGES if s != "bn-recal")
+FROM_SCRATCH = ("teacher", "student")
+ACT_CALIBRATIONS = ("max", "percentile", "mse")  # micronet.compress.quant.CALIBRATION_METHODS
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Settings of one stage. Which keys a stage accepts is listed in ``STAGE_KEYS``."""
+
+    # optimisation (all training stages)
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.1
+    warmup_epochs: float = 0.0
+    warmup_start_lr: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    grad_clip: float | None = None  # global L2 norm; None = off
+    loss: str = "ce"  # "ce" | "kd"
+    kd: KDConfig = field(default_factory=KDConfig)
+    label_smoothing: float = 0.0
+    teacher_bn: str = "eval"  # "train" reproduces the winner's teacher (batch statistics, spec §1.6)
+    gate_penalty: float = 0.0  # SkipNet: weight of the executed-gates penalty (spec §2.6)
+    select: str = "last"  # "last" epoch or "best" on the held-out split
+    # prune, prune-fc
+    sparsity: float = 0.0
+    scope: str = "global"
+    mask_gradient: str = "dense"
+    mask_update_every: int = 0  # re-select masks every N steps ...
+    mask_update_until: int = 0  # ... while the stage's step counter is below this, then freeze them
+    # quant-act
+    act_bits: int = 4
+    act_calibration: str = "max"
+    calibration_batches: int = 1
+    # quant-weight, quant-fc
+    weight_bits: int = 4
+    per_channel: bool = True
+    weight_refit: str = "epoch"  # least-squares scale refit: "epoch" (winner), "step" or "never"
+    # bn-recal
+    batches: int = 200
+
+
+_OPTIM_KEYS = {
+    "epochs", "batch_size", "lr", "warmup_epochs", "warmup_start_lr", "momentum", "nesterov", "weight_decay",
+    "grad_clip", "loss", "kd", "label_smoothing", "teacher_bn", "gate_penalty", "select",
+}
+_PRUNE_KEYS = {"sparsity", "scope", "mask_gradient", "mask_update_every", "mask_update_until"}
+STAGE_KEYS: dict[str, set[str]] = {
+    "teacher": _OPTIM_KEYS,
+    "student": _OPTIM_KEYS,
+    "prune": _OPTIM_KEYS | _PRUNE_KEYS,
+    "quant-act": _OPTIM_KEYS | {"act_bits", "act_calibration", "calibration_batches"},
+    "quant-weight": _OPTIM_KEYS | {"weight_bits", "per_channel", "weight_refit"},
+    "bn-recal": {"batch_size", "batches"},
+    "prune-fc": _OPTIM_KEYS | _PRUNE_KEYS,
+    "quant-fc": _OPTIM_KEYS | {"weight_bits", "per_channel", "weight_refit"},
+}
+_ALL_STAGE_KEYS = {f.name for f in dataclasses.fields(StageConfig)}
+_TOP_KEYS = {"name", "description", "model", "teacher_model", "dataset", "seed", "data", "augment", "train", "stages"}
+_DATA_KEYS = {"normalization", "holdout", "holdout_seed"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe: models, data, augmentation and the ordered stages with their settings."""
+
+    name: str
+    model: str
+    teacher_model: str | None
+    dataset: str
+    seed: int
+    normalization: str
+    holdout: float
+    holdout_seed: int
+    augment: AugmentConfig | None
+    stages: dict[str, StageConfig]
+    source: str = ""
+
+    @property
+    def chain(self) -> list[str]:
+        """Stages this recipe defines, in pipeline order."""
+        return [s for s in STAGES if s in self.stages]
+
+    def stage(self, name: str) -> StageConfig:
+        """Settings of stage ``name``; a clear error if the recipe lacks it."""
+        if name not in STAGES:
+            raise MicronetError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+        if name not in self.stages:
+            raise MicronetError(f"recipe {self.name} has no {name!r} stage (it defines {', '.join(self.chain)})")
+        return self.stages[name]
+
+    def previous(self, name: str) -> str | None:
+        """The stage whose checkpoint ``name`` starts from (None for the from-scratch stages)."""
+        if name in FROM_SCRATCH:
+            return None
+        earlier = [s for s in self.chain if STAGES.index(s) < STAGES.index(name) and s != "teacher"]
+        return earlier[-1] if earlier else None
+
+    def model_for(self, name: str) -> str:
+        """The architecture stage ``name`` trains."""
+        if name == "teacher":
+            if not self.teacher_model:
+                raise MicronetError(f"recipe {self.name} has a teacher stage but no teacher_model")
+            return self.teacher_model
+        return self.model
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def available_recipes() -> list[str]:
+    """Names of the recipes shipped with micronet."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file path from a path or a shipped recipe name (``micronet2019-densenet``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = RECIPE_DIR / f"{Path(str(name_or_path)).stem}.yaml"
+    if path.suffix in ("", ".yaml", ".yml") and shipped.is_file() and path.name in (shipped.name, shipped.stem):
+        return shipped
+    raise MicronetError(f"recipe {str(name_or_path)!r} is neither a file nor a shipped recipe "
+                        f"({', '.join(available_recipes())})")
+
+
+def load_recipe(source: str | Path, overrides: Mapping[str, Any] | None = None,
+                sets: Iterable[str] = ()) -> Recipe:
+    """Read, override (``overrides`` from CLI flags, then ``KEY.PATH=VALUE`` strings) and validate a recipe."""
+    path = resolve_recipe(source)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MicronetError(f"cannot read recipe {path}: {first}") from None
+    if not isinstance(raw, dict):
+        raise MicronetError(f"recipe {path} must be a YAML mapping")
+    raw = apply_overrides(raw, overrides or {})
+    for item in sets:
+        raw = apply_set(raw, item)
+    return parse_recipe(raw, source=str(path))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply the CLI's convenience flags to a raw recipe tree (None values are ignored).
+
+    ``epochs``, ``lr`` and ``batch_size`` set that key in every stage that accepts it (``stages_only``
+    restricts them to the listed stages; ``epochs`` also rescales a warm-up to the same fraction of the
+    stage); ``model``, ``teacher_model``, ``dataset``, ``seed`` are top-level.
+    """
+    raw = _deep_copy(raw)
+    stages_only = overrides.get("stages_only")
+    for key in ("model", "teacher_model", "dataset", "seed"):
+        if overrides.get(key) is not None:
+            raw[key] = overrides[key]
+    per_stage = {k: overrides[k] for k in ("epochs", "lr", "batch_size") if overrides.get(k) is not None}
+    if per_stage:
+        stages = raw.get("stages")
+        if not isinstance(stages, dict):
+            raise MicronetError("recipe has no stages mapping to apply --epochs/--lr/--batch-size to")
+        for name, settings in stages.items():
+            if stages_only is not None and name not in stages_only:
+                continue
+            settings = stages[name] = dict(settings or {})
+            for key, value in per_stage.items():
+                if key not in STAGE_KEYS.get(name, set()) or (key == "epochs" and name == "bn-recal"):
+                    continue
+                if key == "epochs":  # keep the warm-up the same fraction of the (shorter) stage
+                    defaults = raw.get("train") or {}
+                    warmup = settings.get("warmup_epochs", defaults.get("warmup_epochs", 0))
+                    old = settings.get("epochs", defaults.get("epochs", 1))
+                    if isinstance(warmup, int | float) and isinstance(old, int) and warmup and old > 0:
+                        settings["warmup_epochs"] = warmup * value / old
+                settings[key] = value
+    return raw
+
+
+def apply_set(raw: dict[str, Any], item: str) -> dict[str, Any]:
+    """Apply one ``dotted.key=value`` override (the value is parsed as YAML: numbers, bools, lists)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise MicronetError(f"--set expects KEY=VALUE (e.g. stages.prune.sparsity=0.5), got {item!r}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise MicronetError(f"--set {item!r}: the value is not valid YAML") from None
+    raw = _deep_copy(raw)
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise MicronetError(f"--set {item!r}: {part!r} is not a mapping in the recipe")
+        node = child
+    node[parts[-1]] = value
+    return raw
+
+
+def _deep_copy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _deep_copy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_deep_copy(v) for v in tree]
+    return tree
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _check_keys(where: str, given: Mapping[str, Any], valid: set[str]) -> None:
+    unknown = sorted(set(given) - valid)
+    if unknown:
+        raise MicronetError(f"{where}: unknown key {unknown[0]!r} (valid: {', '.join(sorted(valid))})")
+
+
+def _typed(where: str, value: Any, kind: type, name: str) -> Any:
+    """``value`` checked against ``kind`` (ints are fine for floats; bools are never numbers)."""
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+        raise MicronetError(f"{where}: {name} must be {kind.__name__}, not {value!r}")
+    return value
+
+
+_DEFAULT_STAGE = StageConfig()
+
+
+def _stage_config(where: str, stage: str, settings: Mapping[str, Any]) -> StageConfig:
+    _check_keys(where, settings, STAGE_KEYS[stage])
+    values: dict[str, Any] = {}
+    for key, value in settings.items():
+        if key == "kd":
+            values[key] = _kd_config(f"{where}.kd", value)
+        elif key == "grad_clip":
+            values[key] = None if value is None else _typed(where, value, float, key)
+        else:
+            values[key] = _typed(where, value, type(getattr(_DEFAULT_STAGE, key)), key)
+    cfg = StageConfig(**values)
+    _check_stage(where, stage, cfg)
+    return cfg
+
+
+def _kd_config(where: str, value: Any) -> KDConfig:
+    if not isinstance(value, dict):
+        raise MicronetError(f"{where} must be a mapping (direction, temperature, ce_weight, kd_weight)")
+    valid = {f.name for f in dataclasses.fields(KDConfig)}
+    _check_keys(where, value, valid)
+    kd = KDConfig(**value)
+    if kd.direction not in DIRECTIONS:
+        raise MicronetError(f"{where}: direction must be one of {', '.join(DIRECTIONS)}, not {kd.direction!r}")
+    for name in ("temperature", "ce_weight", "kd_weight"):
+        v = getattr(kd, name)
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0 or (name == "temperature" and v == 0):
+            raise MicronetError(f"{where}: {name} must be a {'positive' if name == 'temperature' else 'non-negative'}"
+                                f" number, not {v!r}")
+    return kd
+
+
+def _check_stage(where: str, stage: str, c: StageConfig) -> None:
+    def bad(msg: str) -> None:
+        raise MicronetError(f"{where}: {msg}")
+
+    if c.batch_size < 1:
+        bad(f"batch_size must be positive, got {c.batch_size}")
+    if stage == "bn-recal":
+        if c.batches < 1:
+            bad(f"batches must be positive, got {c.batches}")
+        return
+    if c.epochs < 1:
+        bad(f"epochs must be at least 1, got {c.epochs}")
+    if c.lr <= 0 or c.warmup_start_lr < 0:
+        bad(f"lr must be positive and warmup_start_lr non-negative, got {c.lr} and {c.warmup_start_lr}")
+    if not 0 <= c.warmup_epochs < c.epochs:
+        bad(f"warmup_epochs ({c.warmup_epochs:g}) must be in [0, epochs) with epochs = {c.epochs}")
+    if not 0 <= c.momentum < 1 or (c.nesterov and c.momentum == 0):
+        bad(f"momentum must be in [0, 1) and positive with nesterov, got {c.momentum}")
+    if c.weight_decay < 0 or (c.grad_clip is not None and c.grad_clip <= 0):
+        bad("weight_decay must be non-negative and grad_clip positive (or null)")
+    if c.loss not in ("ce", "kd"):
+        bad(f"loss must be 'ce' or 'kd', got {c.loss!r}")
+    if stage == "teacher" and c.loss == "kd":
+        bad("the teacher stage cannot distil from itself; use loss: ce")
+    if c.teacher_bn not in ("eval", "train"):
+        bad(f"teacher_bn must be 'eval' or 'train', got {c.teacher_bn!r}")
+    if c.select not in ("last", "best"):
+        bad(f"select must be 'last' or 'best', got {c.select!r}")
+    if not 0 <= c.label_smoothing < 1 or c.gate_penalty < 0:
+        bad("label_smoothing must be in [0, 1) and gate_penalty non-negative")
+    if stage in ("prune", "prune-fc"):
+        if not 0 < c.sparsity < 1:
+            bad(f"sparsity must be in (0, 1) for a pruning stage, got {c.sparsity}")
+        if c.scope not in ("global", "layer") or c.mask_gradient not in ("dense", "masked"):
+            bad("scope must be global|layer and mask_gradient dense|masked")
+        if c.mask_update_every < 0 or c.mask_update_until < 0 or (c.mask_update_until and not c.mask_update_every):
+            bad("mask_update_until needs a positive mask_update_every (both non-negative)")
+    if stage == "quant-act":
+        if not 2 <= c.act_bits <= 16:
+            bad(f"act_bits must be in 2..16, got {c.act_bits}")
+        if c.act_calibration not in ACT_CALIBRATIONS:
+            bad(f"act_calibration must be one of {', '.join(ACT_CALIBRATIONS)}, got {c.act_calibration!r}")
+        if c.calibration_batches < 1:
+            bad(f"calibration_batches must be positive, got {c.calibration_batches}")
+    if stage in ("quant-weight", "quant-fc"):
+        if not 2 <= c.weight_bits <= 16:
+            bad(f"weight_bits must be in 2..16, got {c.weight_bits}")
+        if c.weight_refit not in ("epoch", "step", "never"):
+            bad(f"weight_refit must be epoch|step|never, got {c.weight_refit!r}")
+
+
+def _augment_config(value: Any) -> AugmentConfig | None:
+    if value is None or value is False:
+        return None
+    if not isinstance(value, dict):
+        raise MicronetError("recipe augment: must be a mapping (or null for no augmentation)")
+    valid = {f.name for f in dataclasses.fields(AugmentConfig)}
+    _check_keys("recipe augment", value, valid)
+    cfg = AugmentConfig(**value)
+    if cfg.policy and cfg.policy not in TORCHVISION_POLICIES:
+        load_policy(cfg.policy)  # fails now, not in the first training step
+    if not isinstance(cfg.ops_per_image, int) or cfg.ops_per_image < 1:
+        raise MicronetError(f"recipe augment: ops_per_image must be a positive integer, got {cfg.ops_per_image!r}")
+    if not all(isinstance(v, int) and v >= 0 for v in (cfg.cutout, cfg.crop_padding)):
+        raise MicronetError("recipe augment: cutout and crop_padding must be non-negative integers")
+    for name in ("pad_fill", "fill"):
+        v = getattr(cfg, name)
+        if v is not None and v not in ("mean", "black"):
+            raise MicronetError(f"recipe augment: {name} must be 'mean' or 'black', got {v!r}")
+    return cfg
+
+
+def parse_recipe(raw: Mapping[str, Any], source: str = "<recipe>") -> Recipe:
+    """Validate a raw recipe tree into a Recipe (every error is one line naming the bad key)."""
+    where = f"recipe {Path(source).name}"
+    _check_keys(where, raw, _TOP_KEYS)
+    if not raw.get("model"):
+        raise MicronetError(f"{where}: 'model' is required (a zoo name or FAMILY:key=value spec)")
+    data = raw.get("data") or {}
+    if not isinstance(data, dict):
+        raise MicronetError(f"{where}: data must be a mapping")
+    _check_keys(f"{where} data", data, _DATA_KEYS)
+    normalization = data.get("normalization", "cifar100")
+    if normalization not in NORMALIZATIONS:
+        raise MicronetError(f"{where}: data.normalization must be one of {', '.join(NORMALIZATIONS)}")
+    holdout = _typed(where, data.get("holdout", 0), float, "data.holdout")
+    if holdout < 0:
+        raise MicronetError(f"{where}: data.holdout must be non-negative")
+    dataset = raw.get("dataset", "auto")
+    if dataset not in ("auto", *DATASETS):
+        raise MicronetError(f"{where}: dataset must be auto or one of {', '.join(DATASETS)}, not {dataset!r}")
+    defaults = raw.get("train") or {}
+    if not isinstance(defaults, dict):
+        raise MicronetError(f"{where}: train must be a mapping of stage defaults")
+    _check_keys(f"{where} train", defaults, _ALL_STAGE_KEYS)
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, dict) or not stages_raw:
+        raise MicronetError(f"{where}: 'stages' must map stage names ({', '.join(STAGES)}) to settings")
+    stages: dict[str, StageConfig] = {}
+    for name in stages_raw:
+        if name not in STAGES:
+            raise MicronetError(f"{where}: unknown stage {name!r} (stages: {', '.join(STAGES)})")
+    for name in STAGES:
+        if name not in stages_raw:
+            continue
+        own = stages_raw[name] or {}
+        if not isinstance(own, dict):
+            raise MicronetError(f"{where} stages.{name}: must be a mapping")
+        merged = {k: v for k, v in defaults.items() if k in STAGE_KEYS[name]}
+        if "kd" in defaults and "kd" in own:
+            merged["kd"] = {**defaults["kd"], **own["kd"]}
+            own = {k: v for k, v in own.items() if k != "kd"}
+        merged.update(own)
+        stages[name] = _stage_config(f"{where} stages.{name}", name, merged)
+    for name, cfg in stages.items():
+        if name != "bn-recal" and cfg.select == "best" and not holdout:
+            raise MicronetError(f"{where} stages.{name}: select: best needs a held-out split (data.holdout > 0)")
+    if "teacher" in stages and not raw.get("teacher_model"):
+        raise MicronetError(f"{where}: a teacher stage needs teacher_model")
+    seed = _typed(where, raw.get("seed", 0), int, "seed")
+    return Recipe(
+        name=str(raw.get("name") or Path(source).stem),
+        model=str(raw["model"]),
+        teacher_model=raw.get("teacher_model"),
+        dataset=dataset,
+        seed=seed,
+        normalization=normalization,
+        holdout=float(holdout),
+        holdout_seed=_typed(where, data.get("holdout_seed", 0), int, "data.holdout_seed"),
+        augment=_augment_config(raw.get("augment")),
+        stages=stages,
+        source=source,
+    )

@@ -1,0 +1,485 @@
+"""The eight stages of the compression pipeline (spec training.md §3) and the drivers that run them.
+
+=============  ==============================  ==========================================================
+stage          starts from                     what it does
+=============  ==============================  ==========================================================
+teacher        scratch (``teacher_model``)     CE training
+student        scratch (``model``)             CE training
+prune          student                         conv masks by magnitude (refreshed, then frozen), KD
+quant-act      prune                           activation quantizers calibrated on training batches, KD
+quant-weight   quant-act                       conv weight quantizers (least-squares scales), KD
+bn-recal       quant-weight                    BatchNorm statistics re-estimated; nothing else changes
+prune-fc       bn-recal                        FC mask; backbone frozen and in eval mode, KD
+quant-fc       prune-fc                        FC weight quantizer; backbone frozen and in eval mode, KD
+=============  ==============================  ==========================================================
+
+A stage reads the previous stage's checkpoint (``--from``) and, for KD, the teacher's; it writes
+``OUT/<stage>.safetensors`` after every epoch (atomically, with optimizer and RNG state for
+``--resume``) and once more when done (``complete``), plus ``OUT/<stage>.jsonl``. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from micronet import compress, models
+from micronet import io as mio
+from micronet.compress import state as cstate
+from micronet.errors import MicronetError
+from micronet.training.augment import build_augmentation
+from micronet.training.data import BatchStream, ImageSet, derive_seed, get_normalization, load_dataset, split_holdout
+from micronet.training.kd import cross_entropy, kd_loss
+from micronet.training.loop import (
+    MetricsLog,
+    Runtime,
+    StepContext,
+    accuracy_sums,
+    lr_at,
+    prepare_input,
+    restore_state,
+    resume_state,
+    setup_runtime,
+    summarize,
+    train_epoch,
+)
+from micronet.training.recipe import FROM_SCRATCH, STAGES, Recipe, StageConfig
+
+FC_STAGES = ("prune-fc", "quant-fc")
+PRUNING_STAGES = {"prune": ("conv",), "prune-fc": ("fc",)}
+WEIGHT_QUANT_STAGES = {"quant-weight": ("conv",), "quant-fc": ("fc",)}
+
+
+@dataclass
+class RunOptions:
+    """Everything about a run that is not a recipe setting: paths, device, logging, test hooks."""
+
+    data_root: Path
+    out: Path
+    init_from: Path | None = None  # --from: the previous stage's checkpoint
+    teacher: Path | None = None  # --teacher: the distillation teacher's checkpoint
+    resume: bool = False
+    device: str = "auto"
+    amp: bool | None = None  # None: bf16 autocast on CUDA
+    channels_last: bool | None = None  # None: on CUDA
+    compile: bool = False
+    num_workers: int = 0  # CPU DataLoader workers (data on a GPU is augmented there, without workers)
+    download: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+    eval_batch_size: int = 500
+    after_step: Callable[[int], None] | None = None  # called after every optimizer step (tests, profilers)
+
+
+@dataclass
+class StageResult:
+    """Where a stage's checkpoint is and what it measured."""
+
+    stage: str
+    path: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False
+
+
+@dataclass
+class Splits:
+    """Training images, the held-out validation split (model selection) and the test set (reported only)."""
+
+    train: ImageSet
+    val: ImageSet | None
+    test: ImageSet
+    dataset: str
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def load_splits(recipe: Recipe, options: RunOptions) -> Splits:
+    """Load train/test under the data root and hold out the recipe's validation split."""
+    from micronet.training.data import detect_layout
+
+    if not options.download:
+        detect_layout(options.data_root, recipe.dataset)  # fail early, with what was expected
+    full = load_dataset(options.data_root, "train", recipe.dataset, options.download)
+    test = load_dataset(options.data_root, "test", recipe.dataset, options.download)
+    if full.num_classes != test.num_classes:
+        raise MicronetError(f"{options.data_root}: train has {full.num_classes} classes but test {test.num_classes}")
+    train, val = split_holdout(full, recipe.holdout, recipe.holdout_seed) if recipe.holdout else (full, None)
+    return Splits(train, val, test, detect_layout(options.data_root, recipe.dataset))
+
+
+def _canonical_model(spec: str, num_classes: int) -> str:
+    with torch.device("meta"):  # shapes only: checking a name costs nothing even for big models
+        return models.create(spec, num_classes=num_classes).micronet_spec["name"]
+
+
+def checkpoint_info(path: Path) -> dict[str, Any]:
+    """Model spec, history and training state of a micronet checkpoint, from its header only."""
+    meta = mio.read_metadata(path) if Path(path).is_file() else None
+    if meta is None:
+        raise MicronetError(f"{path} does not exist or is not a safetensors checkpoint")
+    if "micronet_format" not in meta:
+        raise MicronetError(f"{path} is a safetensors file but not a micronet checkpoint")
+    try:
+        return {
+            "model": json.loads(meta["model"]),
+            "history": json.loads(meta.get("history", "[]")),
+            "extra": json.loads(meta.get("extra", "{}")),
+        }
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise MicronetError(f"{path} has malformed micronet metadata ({exc})") from None
+
+
+def _check_input_checkpoint(path: Path, *, role: str, stage: str, expect_stage: str | None, model: str | None,
+                            num_classes: int) -> None:
+    info = checkpoint_info(path)
+    history = info["history"]
+    last = history[-1] if history else {}
+    if expect_stage is not None and last.get("stage") != expect_stage:
+        raise MicronetError(f"{role} {path} was written by stage {last.get('stage', 'none')!r}; stage {stage!r} "
+                            f"starts from a {expect_stage!r} checkpoint")
+    if last and not last.get("complete", True):
+        raise MicronetError(f"{role} {path} is an unfinished {last.get('stage')!r} checkpoint; finish it first "
+                            "(train-stage ... --resume)")
+    spec = info["model"]
+    if spec.get("num_classes") != num_classes:
+        raise MicronetError(f"{role} {path} predicts {spec.get('num_classes')} classes but the dataset has "
+                            f"{num_classes}")
+    if model is not None and spec.get("name") != _canonical_model(model, num_classes):
+        raise MicronetError(f"{role} {path} holds {spec.get('name')!r}, but the recipe trains {model!r} "
+                            "(pass --model to match, or the right --from)")
+
+
+def stage_status(path: Path) -> str:
+    """``missing``, ``partial`` (resumable) or ``complete`` for a stage checkpoint path."""
+    if not Path(path).exists():
+        return "missing"
+    training = checkpoint_info(path)["extra"].get("training", {})
+    return "complete" if training.get("complete") else "partial"
+
+
+# ----------------------------------------------------------------------------------------------- stage semantics
+def _build_compression(stage: str, model: nn.Module, cfg: StageConfig,
+                       calibration: Callable[[], list[Tensor]]) -> None:
+    """Attach what ``stage`` adds to the model (run once when the stage starts, not on resume)."""
+    if stage in PRUNING_STAGES:
+        compress.freeze_masks_(model)  # earlier masks stay; only this stage's masks may be refreshed
+        compress.prune_(model, compress.SparsityConfig(cfg.sparsity, scope=cfg.scope, kinds=PRUNING_STAGES[stage],
+                                                       gradient=cfg.mask_gradient))
+        if not cfg.mask_update_until:
+            compress.freeze_masks_(model)
+    elif stage == "quant-act":
+        compress.freeze_masks_(model)
+        qc = compress.QuantConfig(weight_bits=None, act_bits=cfg.act_bits, act_calibration=cfg.act_calibration)
+        compress.quantize_(model, qc, calibration())
+    elif stage in WEIGHT_QUANT_STAGES:
+        compress.freeze_masks_(model)
+        bits = {"conv": (cfg.weight_bits, None), "fc": (None, cfg.weight_bits)}[WEIGHT_QUANT_STAGES[stage][0]]
+        qc = compress.QuantConfig(weight_bits=bits[0], fc_weight_bits=bits[1], act_bits=None,
+                                  per_channel=cfg.per_channel, weight_refit=cfg.weight_refit)
+        compress.quantize_(model, qc)
+
+
+def _trainable_parameters(stage: str, model: nn.Module) -> list[nn.Parameter]:
+    """Parameters the stage optimises; FC stages freeze the backbone (``requires_grad_(False)``)."""
+    if stage in FC_STAGES:
+        model.requires_grad_(False)
+        for _, fc in cstate.select_layers(model, ("fc",)):
+            fc.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _step_hook(stage: str, model: nn.Module, cfg: StageConfig) -> Callable[[int, int], None] | None:
+    """Per-step compression maintenance: mask refresh/freeze, or weight-scale refits."""
+    if stage in PRUNING_STAGES and cfg.mask_update_until:
+        def refresh_masks(step: int, batch: int) -> None:
+            if step >= cfg.mask_update_until:
+                compress.freeze_masks_(model)
+            elif step > 0 and step % cfg.mask_update_every == 0:
+                compress.update_masks_(model)
+
+        return refresh_masks
+    if stage in WEIGHT_QUANT_STAGES and cfg.weight_refit != "never":
+        layers = [m for _, m in cstate.select_layers(model, WEIGHT_QUANT_STAGES[stage])]
+
+        def refit_scales(step: int, batch: int) -> None:
+            if cfg.weight_refit == "step" or batch == 0:  # "epoch": the winner's refit at each epoch start
+                for layer in layers:
+                    compress.refit_weight_scales_(layer)
+
+        return refit_scales
+    return None
+
+
+def _set_mode(stage: str, model: nn.Module) -> None:
+    # FC stages keep the backbone exactly as recalibrated: BN uses running statistics throughout.
+    model.train(stage not in FC_STAGES)
+
+
+def _loss_function(cfg: StageConfig, forward: nn.Module, model: nn.Module, teacher: nn.Module | None,
+                   rt: Runtime) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    def loss_fn(x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        with rt.autocast():
+            logits = forward(x)
+        if cfg.loss == "kd":
+            assert teacher is not None
+            with torch.no_grad(), rt.autocast():
+                teacher_logits = teacher(x)
+            loss = kd_loss(logits, teacher_logits, labels, cfg.kd)
+        else:
+            loss = cross_entropy(logits, labels, cfg.label_smoothing)
+        if cfg.gate_penalty:
+            loss = loss + cfg.gate_penalty * model.gate_penalty()
+        return loss, logits
+
+    return loss_fn
+
+
+def _load_teacher(path: Path, cfg: StageConfig, rt: Runtime) -> nn.Module:
+    teacher = mio.load(path).model.to(rt.device)
+    if rt.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    teacher.requires_grad_(False)
+    teacher.train(cfg.teacher_bn == "train")  # "train": the winner's batch-statistics teacher (spec §1.6)
+    return teacher
+
+
+# ----------------------------------------------------------------------------------------------- one stage
+def run_stage(stage: str, recipe: Recipe, options: RunOptions, rt: Runtime | None = None) -> StageResult:
+    """Run one stage of ``recipe``: validate inputs, build or resume the model, train, evaluate, save."""
+    cfg = recipe.stage(stage)
+    rt = rt or setup_runtime(options.device, amp=options.amp, channels_last=options.channels_last,
+                             compile=options.compile)
+    path = Path(options.out) / f"{stage}.safetensors"
+
+    # Everything that can be wrong with the inputs is checked before any training.
+    splits = load_splits(recipe, options)
+    num_classes = splits.train.num_classes
+    model_spec = recipe.model_for(stage)
+    _canonical_model(model_spec, num_classes)  # unknown model names fail here
+    resuming = options.resume and path.exists()
+    if resuming:
+        written_by = checkpoint_info(path)["extra"].get("training", {}).get("stage")
+        if written_by != stage:
+            raise MicronetError(f"--resume: {path} was written by stage {written_by!r}, not {stage!r}")
+        if stage_status(path) == "complete":
+            return StageResult(stage, path, checkpoint_info(path)["extra"].get("metrics", {}), skipped=True)
+    elif stage not in FROM_SCRATCH:
+        previous = recipe.previous(stage)
+        if options.init_from is None:
+            raise MicronetError(f"stage {stage!r} starts from a {previous or 'previous-stage'!r} checkpoint: "
+                                "pass --from FILE (or run `train-stage all`)")
+        _check_input_checkpoint(Path(options.init_from), role="--from", stage=stage, expect_stage=previous,
+                                model=model_spec, num_classes=num_classes)
+    if stage != "bn-recal" and cfg.loss == "kd":
+        if options.teacher is None:
+            raise MicronetError(f"stage {stage!r} distils from a teacher: pass --teacher FILE (or run "
+                                "`train-stage all` with a teacher stage), or set loss: ce")
+        _check_input_checkpoint(Path(options.teacher), role="--teacher", stage=stage, expect_stage=None,
+                                model=None, num_classes=num_classes)
+    if rt.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    rt.barrier()
+    run = _StageRun(stage, cfg, recipe, options, rt, splits, path, resuming)
+    try:
+        return run.recalibrate() if stage == "bn-recal" else run.train()
+    finally:
+        run.log.close()
+
+
+class _StageRun:
+    """State shared by the parts of one stage run: model, data streams, logging, checkpoint writing."""
+
+    def __init__(self, stage: str, cfg: StageConfig, recipe: Recipe, options: RunOptions, rt: Runtime,
+                 splits: Splits, path: Path, resuming: bool) -> None:
+        self.stage, self.cfg, self.recipe, self.options, self.rt = stage, cfg, recipe, options, rt
+        self.splits, self.path = splits, path
+        index = STAGES.index(stage)
+        self.stage_seed = derive_seed(recipe.seed, index)
+        torch.manual_seed(self.stage_seed)  # identical initial weights on every rank
+        self.training_state: dict[str, Any] = {}
+        self.resume_tensors: dict[str, Tensor] = {}
+        model_spec = recipe.model_for(stage)
+        if resuming:
+            ck = mio.load(path)
+            self.model, self.history = ck.model, ck.history[:-1]
+            self.training_state, self.resume_tensors = ck.extra.get("training", {}), ck.extra_tensors
+        elif stage in FROM_SCRATCH:
+            self.model, self.history = models.create(model_spec, num_classes=splits.train.num_classes), []
+        else:
+            ck = mio.load(options.init_from)
+            self.model, self.history = ck.model, ck.history
+        self.model.to(rt.device)
+        if rt.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+        self.normalize = get_normalization(recipe.normalization)
+        # On a GPU the whole dataset lives there and is augmented there; on CPU it stays in host memory.
+        self.data_device = rt.device if rt.device.type == "cuda" else torch.device("cpu")
+        train = splits.train.to(self.data_device)
+        augment = build_augmentation(recipe.augment)
+        self.train_stream = BatchStream(train, cfg.batch_size, shuffle=True, augment=augment, seed=self.stage_seed,
+                                        rank=rt.rank, world_size=rt.world_size, num_workers=options.num_workers)
+        # One unsharded stream for calibration/recalibration, so every rank computes identical statistics.
+        self.shared_stream = BatchStream(train, cfg.batch_size, shuffle=True, augment=augment,
+                                         seed=derive_seed(recipe.seed, index, 7))
+        out = path.parent
+        self.log = MetricsLog(out / f"{stage}.jsonl" if rt.is_main else None,
+                              out / "tensorboard" / stage if options.tensorboard and rt.is_main else None)
+        self.entry = {
+            "stage": stage, "recipe": recipe.name, "model": model_spec, "settings": dataclasses.asdict(cfg),
+            "seed": recipe.seed, "dataset": splits.dataset, "normalization": recipe.normalization,
+            "from": Path(options.init_from).name if options.init_from and stage not in FROM_SCRATCH else None,
+            "teacher": Path(options.teacher).name if options.teacher and cfg.loss == "kd" else None,
+            "world_size": rt.world_size,
+        }
+
+    # -- data helpers
+    def evaluate_split(self, data: ImageSet | None, prefix: str) -> dict[str, float]:
+        """Top-1/top-5/loss of the model on ``data`` (sharded over ranks), restoring its train/eval mode."""
+        if data is None:
+            return {}
+        stream = BatchStream(data.to(self.data_device), self.options.eval_batch_size, shuffle=False,
+                             rank=self.rt.rank, world_size=self.rt.world_size, even_shards=False)
+        was_training = self.model.training
+        self.model.eval()
+        sums = accuracy_sums(self.model, stream.epoch(0), self.normalize, self.rt)
+        self.model.train(was_training)
+        return summarize(sums, prefix)
+
+    def shared_batches(self, count: int) -> Iterator[Tensor]:
+        """``count`` normalized augmented training batches, the same on every rank."""
+        produced, epoch = 0, -1  # negative epochs never coincide with a training epoch's draws
+        while produced < count:
+            for images, _ in self.shared_stream.epoch(epoch):
+                if produced == count:
+                    return
+                yield prepare_input(images.to(self.rt.device), self.normalize, self.rt)
+                produced += 1
+            epoch -= 1
+
+    # -- checkpoints
+    def save(self, complete: bool, metrics: dict[str, Any], epochs_done: int, step: int,
+             optimizer: torch.optim.Optimizer | None = None, best: dict[str, Any] | None = None) -> None:
+        """Write the stage checkpoint atomically (rank 0); in-progress ones carry the resume state."""
+        if self.rt.is_main:
+            record = {**self.entry, "complete": complete, "epochs_done": epochs_done, "metrics": metrics}
+            training: dict[str, Any] = {"stage": self.stage, "complete": complete, "epochs_done": epochs_done,
+                                        "step": step, "best": best}
+            tensors = None
+            if optimizer is not None:
+                tensors, training["optimizer"] = resume_state(optimizer)
+            extra = {"normalization": self.recipe.normalization, "dataset": self.splits.dataset,
+                     "training": training, "metrics": metrics}
+            mio.save(self.path, self.model, history=self.history + [record], metrics=metrics, extra=extra,
+                     extra_tensors=tensors)
+        self.rt.barrier()
+
+    # -- the two kinds of stage
+    def recalibrate(self) -> StageResult:
+        """bn-recal: re-estimate BatchNorm statistics over training batches; nothing else changes."""
+        cfg = self.cfg
+        used = compress.recalibrate_bn_(self.model, self.shared_batches(cfg.batches), batches=cfg.batches,
+                                        device=self.rt.device)
+        metrics = {"bn_batches": used, **self.evaluate_split(self.splits.val, "val"),
+                   **self.evaluate_split(self.splits.test, "test")}
+        self.log.write({"event": "done", **metrics})
+        self.save(True, metrics, 0, 0)
+        return StageResult(self.stage, self.path, metrics)
+
+    def train(self) -> StageResult:
+        """A training stage: build its compression, then the epoch loop with a checkpoint per epoch."""
+        stage, cfg, rt, model = self.stage, self.cfg, self.rt, self.model
+        resuming = bool(self.training_state)
+        if not resuming:
+            _build_compression(stage, model, cfg, lambda: list(self.shared_batches(cfg.calibration_batches)))
+        params = _trainable_parameters(stage, model)
+        if not params:
+            raise MicronetError(f"stage {stage!r}: nothing to train (every parameter is frozen)")
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                    weight_decay=cfg.weight_decay, foreach=True)
+        start_epoch, step, best = 0, 0, None
+        if resuming:
+            restore_state(optimizer, self.resume_tensors, self.training_state["optimizer"], rt.device)
+            start_epoch, step = self.training_state["epochs_done"], self.training_state["step"]
+            best = self.training_state.get("best")
+        else:
+            torch.manual_seed(derive_seed(self.stage_seed, rt.rank, 1))  # per-rank stream (ShakeDrop, ...)
+
+        forward: nn.Module = model
+        if rt.distributed:
+            ids = [rt.device.index] if rt.device.type == "cuda" else None
+            forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if rt.compile:
+            forward = torch.compile(forward)
+        teacher = _load_teacher(Path(self.options.teacher), cfg, rt) if cfg.loss == "kd" else None
+        steps_per_epoch = len(self.train_stream)
+        total_steps = cfg.epochs * steps_per_epoch
+        warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+        ctx = StepContext(
+            optimizer=optimizer,
+            loss_fn=_loss_function(cfg, forward, model, teacher, rt),
+            params=params,
+            lr=lambda s: lr_at(s, total_steps, warmup_steps, cfg.lr, cfg.warmup_start_lr),
+            grad_clip=cfg.grad_clip,
+            before_step=_step_hook(stage, model, cfg),
+            after_step=self.options.after_step,
+            describe=stage,
+            progress=self.options.progress,
+        )
+        best_path = self.path.with_name(f"{stage}.best.safetensors")
+        metrics: dict[str, Any] = {}
+        for epoch in range(start_epoch, cfg.epochs):
+            _set_mode(stage, model)
+            result, step = train_epoch(self.train_stream, epoch, step, ctx, self.normalize, rt)
+            val = self.evaluate_split(self.splits.val, "val")
+            metrics = {"epoch": epoch + 1, "step": step, "lr": result.last_lr, "train_loss": result.loss,
+                       "train_top1": 100.0 * result.top1, "seconds": result.seconds,
+                       "images_per_s": result.images / max(result.seconds, 1e-9), **val}
+            self.log.write(metrics, step)
+            if cfg.select == "best" and val and (best is None or val["val_top1"] > best["val_top1"]):
+                best = {"epoch": epoch + 1, "val_top1": val["val_top1"]}
+                if rt.is_main:
+                    mio.save(best_path, model, metrics=metrics)
+            if epoch + 1 < cfg.epochs:  # the last epoch goes straight to the final checkpoint
+                self.save(False, metrics, epoch + 1, step, optimizer, best)
+
+        if cfg.select == "best" and best is not None:
+            rt.barrier()
+            selected = mio.load(best_path).model.state_dict()
+            mio.load_into(model, {k: v.to(rt.device) for k, v in selected.items()}, source=str(best_path))
+        final = {**metrics, **self.evaluate_split(self.splits.val, "val"),
+                 **self.evaluate_split(self.splits.test, "test"),
+                 "epochs": cfg.epochs, "selected_epoch": best["epoch"] if best else cfg.epochs}
+        self.log.write({"event": "done", **final}, step)
+        self.save(True, final, cfg.epochs, step)
+        if rt.is_main:
+            best_path.unlink(missing_ok=True)
+        return StageResult(stage, self.path, final)
+
+
+# ----------------------------------------------------------------------------------------------- the chain
+def run_all(recipe: Recipe, options: RunOptions) -> list[StageResult]:
+    """Run every stage of the recipe in order into ``options.out``, skipping finished ones, resuming partial ones."""
+    rt = setup_runtime(options.device, amp=options.amp, channels_last=options.channels_last, compile=options.compile)
+    out = Path(options.out)
+    results = []
+    for stage in recipe.chain:
+        path = out / f"{stage}.safetensors"
+        if stage == "teacher" and options.teacher is not None:
+            continue  # the user brought a teacher
+        status = stage_status(path)
+        if status == "complete":
+            results.append(StageResult(stage, path, checkpoint_info(path)["extra"].get("metrics", {}), skipped=True))
+            continue
+        previous = recipe.previous(stage)
+        init_from = out / f"{previous}.safetensors" if previous else options.init_from
+        teacher = options.teacher or (out / "teacher.safetensors" if "teacher" in recipe.stages else None)
+        stage_options = dataclasses.replace(options, init_from=init_from, teacher=teacher, resume=status == "partial")
+        results.append(run_stage(stage, recipe, stage_options, rt))
+    return results
