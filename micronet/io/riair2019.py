@@ -62,7 +62,7 @@ def looks_like_riair2019(state: dict) -> bool:
     """True if a loaded object has the riair2019 key layout (used by ``--format auto``)."""
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    keys = {k[len("module."):] if isinstance(k, str) and k.startswith("module.") else k for k in state}
+    keys = {k[len("module.") :] if isinstance(k, str) and k.startswith("module.") else k for k in state}
     return all(k in keys for k in _SIGNATURE)
 
 
@@ -73,10 +73,14 @@ def _check_layout(state: dict[str, Tensor], source: str) -> None:
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {', '.join(missing[:3])}" + (f" (+{len(missing) - 3})" if len(missing) > 3 else ""))
+            parts.append(
+                f"missing {', '.join(missing[:3])}" + (f" (+{len(missing) - 3})" if len(missing) > 3 else "")
+            )
         if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:3])}"
-                         + (f" (+{len(unexpected) - 3})" if len(unexpected) > 3 else ""))
+            parts.append(
+                f"unexpected {', '.join(unexpected[:3])}"
+                + (f" (+{len(unexpected) - 3})" if len(unexpected) > 3 else "")
+            )
         raise MicronetError(f"{source} is not a riair2019 checkpoint: " + "; ".join(parts))
     for key, shape in expected.items():
         t = state[key]
@@ -87,7 +91,9 @@ def _check_layout(state: dict[str, Tensor], source: str) -> None:
             raise MicronetError(f"{source}: {key} holds non-finite values")
         if key.endswith("conv1.weight") or key.endswith("conv2.weight") or key == "fc.weight":
             if not torch.equal(t.float(), torch.round(t.float())):
-                raise MicronetError(f"{source}: {key} must hold integer weight codes, found fractional values")
+                raise MicronetError(
+                    f"{source}: {key} must hold integer weight codes, found fractional values"
+                )
 
 
 def code_bits(codes: Tensor) -> int:
@@ -154,8 +160,14 @@ class RiairTransition(nn.Module):
 class RiairDenseNet(nn.Module):
     """The winner's merged DenseNet-BC-100 in integer deploy form (module names follow the file's keys)."""
 
-    def __init__(self, state: dict[str, Tensor], *, conv_bits: int | None = None, fc_bits: int | None = None,
-                 legacy_input: bool = False) -> None:
+    def __init__(
+        self,
+        state: dict[str, Tensor],
+        *,
+        conv_bits: int | None = None,
+        fc_bits: int | None = None,
+        legacy_input: bool = False,
+    ) -> None:
         super().__init__()
         self.input_scaling = LegacyInput() if legacy_input else nn.Identity()
         w = state["conv1.weight"]
@@ -181,8 +193,14 @@ class RiairDenseNet(nn.Module):
         return self.scale3(self.fc(torch.flatten(x, 1)))
 
 
-def build_riair2019(state: dict[str, Tensor], *, source: str = "state_dict", conv_bits: int | None = None,
-                    fc_bits: int | None = None, legacy_input: bool = False) -> RiairDenseNet:
+def build_riair2019(
+    state: dict[str, Tensor],
+    *,
+    source: str = "state_dict",
+    conv_bits: int | None = None,
+    fc_bits: int | None = None,
+    legacy_input: bool = False,
+) -> RiairDenseNet:
     """Validate a riair2019 state_dict and build its integer-form network (eval mode).
 
     Weight bits are inferred per tensor from the code range (4 for [-8, 7], 6 for [-32, 31]) unless
@@ -190,10 +208,15 @@ def build_riair2019(state: dict[str, Tensor], *, source: str = "state_dict", con
     only to reproduce the published accuracy from images in [0, 1].
     """
     if all(isinstance(k, str) and k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     _check_layout(state, source)
     model = RiairDenseNet(state, conv_bits=conv_bits, fc_bits=fc_bits, legacy_input=legacy_input)
-    model.micronet_spec = {"name": "riair2019", "family": "riair2019", "num_classes": NUM_CLASSES, "kwargs": {}}
+    model.micronet_spec = {
+        "name": "riair2019",
+        "family": "riair2019",
+        "num_classes": NUM_CLASSES,
+        "kwargs": {},
+    }
     return model.eval()
 
 
@@ -214,8 +237,9 @@ def load_riair2019(path: str | Path, **kwargs) -> RiairDenseNet:
     return build_riair2019(state, source=str(path), **kwargs)
 
 
-def random_riair2019_state(seed: int = 0, conv_density: float = 0.25, fc_density: float = 0.5
-                           ) -> OrderedDict[str, Tensor]:
+def random_riair2019_state(
+    seed: int = 0, conv_density: float = 0.25, fc_density: float = 0.5
+) -> OrderedDict[str, Tensor]:
     """A random state_dict in the exact riair2019 layout (for tests and demos; not a trained model)."""
     gen = torch.Generator().manual_seed(seed)
     state: OrderedDict[str, Tensor] = OrderedDict()
@@ -231,11 +255,21 @@ def random_riair2019_state(seed: int = 0, conv_density: float = 0.25, fc_density
         elif key.endswith(".weight"):
             state[key] = (0.05 + torch.rand(shape, generator=gen)) * 0.2
         else:
-            zero_bias = key.endswith("scale3.bias") and key.startswith("dense") or key in (
-                "scale1.bias", "trans1.scale2.bias", "trans2.scale2.bias")
+            zero_bias = (
+                key.endswith("scale3.bias")
+                and key.startswith("dense")
+                or key in ("scale1.bias", "trans1.scale2.bias", "trans2.scale2.bias")
+            )
             state[key] = torch.zeros(shape) if zero_bias else torch.randn(shape, generator=gen) * 0.1
     return state
 
 
-__all__ = ["RiairDenseNet", "build_riair2019", "code_bits", "expected_shapes", "load_riair2019",
-           "looks_like_riair2019", "random_riair2019_state"]
+__all__ = [
+    "RiairDenseNet",
+    "build_riair2019",
+    "code_bits",
+    "expected_shapes",
+    "load_riair2019",
+    "looks_like_riair2019",
+    "random_riair2019_state",
+]

@@ -10,7 +10,24 @@ from micronet.scoring.policy import PRESETS, TRACKS, Policy, Track, get_track, l
 from micronet.scoring.report import LayerRow, ScoreReport
 
 __all__ = [
-    "FORMATS", "PRESETS", "RULES", "TRACKS", "Cost", "LayerRow", "Policy", "ScoreReport", "Track", "accumulate",
-    "adder_tree_bitadds", "create_model", "deploy_form", "detect_format", "get_track", "list_policies",
-    "load_for_scoring", "register", "resolve_policy", "score",
+    "FORMATS",
+    "PRESETS",
+    "RULES",
+    "TRACKS",
+    "Cost",
+    "LayerRow",
+    "Policy",
+    "ScoreReport",
+    "Track",
+    "accumulate",
+    "adder_tree_bitadds",
+    "create_model",
+    "deploy_form",
+    "detect_format",
+    "get_track",
+    "list_policies",
+    "load_for_scoring",
+    "register",
+    "resolve_policy",
+    "score",
 ]

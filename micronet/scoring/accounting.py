@@ -39,14 +39,17 @@ def account(traces: list[Trace], policy: Policy, param_traces: list[Trace] | tup
     def row_for(module: str, kind: str, cost: Cost | None) -> tuple[str, str]:
         key = (module, kind)
         if key not in rows:
-            mod = traces[0].modules.get(module) or next((t.modules.get(module) for t in traces if module in t.modules),
-                                                        None)
+            mod = traces[0].modules.get(module) or next(
+                (t.modules.get(module) for t in traces if module in t.modules), None
+            )
             rows[key] = LayerRow(module, kind, type(mod).__name__ if mod is not None else "")
             raw[key] = [Fraction(0)] * 4
         row = rows[key]
         if cost is not None:
             if not row.shape and cost.shape is not None:
-                row.shape = tuple(cost.shape[1:]) if kind not in ("conv", "linear", "matmul") else tuple(cost.shape)
+                row.shape = (
+                    tuple(cost.shape[1:]) if kind not in ("conv", "linear", "matmul") else tuple(cost.shape)
+                )
             if row.weight_bits is None:
                 row.weight_bits = cost.weight_bits
             if row.input_bits is None:
@@ -73,7 +76,7 @@ def account(traces: list[Trace], policy: Policy, param_traces: list[Trace] | tup
                 continue  # folded at deploy time
             target = rec.args[0] if rec.args else None
             if rec.op.endswith("_") and getattr(target, "static", False) and target.info.stored:
-                # In-place update of a buffer (run statistics such as gate counters): bookkeeping, not model work.
+                # In-place update of a buffer (run statistics, gate counters): bookkeeping, not model work.
                 free["bookkeeping " + rec.op] = free.get("bookkeeping " + rec.op, 0) + 1
                 continue
             rule = RULES.get(rec.op)
@@ -85,9 +88,15 @@ def account(traces: list[Trace], policy: Policy, param_traces: list[Trace] | tup
                     free[rec.op] = free.get(rec.op, 0) + 1
                     kind = "data"
                 else:
-                    entry = unknown.setdefault((rec.op, rec.module), {
-                        "op": rec.op, "module": rec.module, "count": 0,
-                        "shape": list(rec.outputs[0].shape) if rec.outputs else []})
+                    entry = unknown.setdefault(
+                        (rec.op, rec.module),
+                        {
+                            "op": rec.op,
+                            "module": rec.module,
+                            "count": 0,
+                            "shape": list(rec.outputs[0].shape) if rec.outputs else [],
+                        },
+                    )
                     entry["count"] += 1
                     kind = "unknown"
                 uses = [ctx.param(r, module=rec.module) for r in rec.inputs if r.static and r.info.stored]
@@ -118,6 +127,9 @@ def account(traces: list[Trace], policy: Policy, param_traces: list[Trace] | tup
         row.adds_raw = adds / examples
         row.mult_bitops = mult_bitops / examples
         row.add_bitops = add_bitops / examples
-    kept = [r for r in rows.values() if r.param_bits or r.mult_bitops or r.add_bitops or r.kind == "unknown"
-            or r.mults_raw or r.adds_raw]
+    kept = [
+        r
+        for r in rows.values()
+        if r.param_bits or r.mult_bitops or r.add_bitops or r.kind == "unknown" or r.mults_raw or r.adds_raw
+    ]
     return Accounts(kept, list(unknown.values()), dict(sorted(free.items())), quantized, examples)

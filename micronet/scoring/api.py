@@ -107,8 +107,9 @@ def _reset_gate_stats(model: nn.Module) -> None:
 
 def is_dynamic(model: nn.Module) -> bool:
     """True for input-dependent networks (SkipNet-style gates), whose ops must be averaged over examples."""
-    return bool(getattr(model, "is_dynamic", False)) or any(callable(getattr(model, a, None))
-                                                           for a in ("gate_rates", "execution_rates"))
+    return bool(getattr(model, "is_dynamic", False)) or any(
+        callable(getattr(model, a, None)) for a in ("gate_rates", "execution_rates")
+    )
 
 
 def score(
@@ -136,21 +137,31 @@ def score(
     if n < 1:
         raise MicronetError("--samples must be at least 1")
     device = _model_device(target)
-    examples = (_split_examples(data, n) if data is not None
-                else _synthetic_inputs(n, in_channels, input_size, device))
+    examples = (
+        _split_examples(data, n)
+        if data is not None
+        else _synthetic_inputs(n, in_channels, input_size, device)
+    )
     traces: list[Trace] = []
     with _eval_mode(target):
         _reset_gate_stats(target)
         for x in examples:
-            traces.append(trace_model(target, x.to(device), input_bits=pol.model_input_bits,
-                                      float_bits=pol.float_bits))
+            traces.append(
+                trace_model(target, x.to(device), input_bits=pol.model_input_bits, float_bits=pol.float_bits)
+            )
         rates = _gate_rates(target) if dynamic else {}
         param_traces = []
         if dynamic and traces:
             # Training mode runs every gated block (blended), so every stored weight is seen once.
             target.train()
-            param_traces.append(trace_model(target, next(_synthetic_inputs(1, in_channels, input_size, device)),
-                                            input_bits=pol.model_input_bits, float_bits=pol.float_bits))
+            param_traces.append(
+                trace_model(
+                    target,
+                    next(_synthetic_inputs(1, in_channels, input_size, device)),
+                    input_bits=pol.model_input_bits,
+                    float_bits=pol.float_bits,
+                )
+            )
     if not traces:
         raise MicronetError("no input examples to score (empty data)")
     acc = account(traces, pol, param_traces)
@@ -162,9 +173,18 @@ def score(
     notes = []
     if converted:
         notes.append("scored the integer deploy form (to_integer_form) of the model")
-    report = ScoreReport(pol, trk, acc.rows, acc.unknown_ops, acc.free_ops, samples=acc.examples,
-                         gate_rates=rates, notes=notes, model=model_name or type(model).__name__,
-                         quantized=acc.quantized)
+    report = ScoreReport(
+        pol,
+        trk,
+        acc.rows,
+        acc.unknown_ops,
+        acc.free_ops,
+        samples=acc.examples,
+        gate_rates=rates,
+        notes=notes,
+        model=model_name or type(model).__name__,
+        quantized=acc.quantized,
+    )
     return report
 
 
@@ -183,8 +203,9 @@ def _read_torch_file(path: Path) -> Any:
         raise MicronetError(f"cannot read {path}: permission denied") from None
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise MicronetError(f"cannot read {path} as a PyTorch state_dict (corrupt or not a weights file): "
-                            f"{first}") from None
+        raise MicronetError(
+            f"cannot read {path} as a PyTorch state_dict (corrupt or not a weights file): {first}"
+        ) from None
 
 
 def _as_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
@@ -194,7 +215,7 @@ def _as_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
         raise MicronetError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
     keys = list(obj)
     if all(k.startswith("module.") for k in keys):  # saved from DataParallel
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return dict(obj)
 
 
@@ -208,8 +229,11 @@ def load_state_dict_into(model: nn.Module, state: dict[str, Tensor], source: str
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-             if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -251,8 +275,9 @@ def detect_format(path: str | Path) -> str:
     return "riair2019" if isinstance(obj, dict) and looks_like_riair2019(obj) else "state_dict"
 
 
-def load_for_scoring(path: str | Path, format: str = "auto", model: str | None = None, **riair_kwargs: Any
-                     ) -> nn.Module:
+def load_for_scoring(
+    path: str | Path, format: str = "auto", model: str | None = None, **riair_kwargs: Any
+) -> nn.Module:
     """Load a model to score from a micronet checkpoint, a plain state_dict (``model`` names the
     architecture) or a riair2019 merged checkpoint. Errors are one-line MicronetErrors."""
     path = Path(path)
@@ -267,13 +292,17 @@ def load_for_scoring(path: str | Path, format: str = "auto", model: str | None =
         try:
             from micronet.io import load
         except ImportError:
-            raise MicronetError("micronet checkpoints need micronet.io.load, which this build lacks") from None
+            raise MicronetError(
+                "micronet checkpoints need micronet.io.load, which this build lacks"
+            ) from None
         try:
             loaded = load(path)
         except MicronetError:
             raise
         except Exception as exc:
-            raise MicronetError(f"cannot read micronet checkpoint {path}: {str(exc).splitlines()[0]}") from None
+            raise MicronetError(
+                f"cannot read micronet checkpoint {path}: {str(exc).splitlines()[0]}"
+            ) from None
         return getattr(loaded, "model", loaded)
     obj = _read_torch_file(path)
     if fmt == "riair2019":
@@ -287,15 +316,18 @@ def load_for_scoring(path: str | Path, format: str = "auto", model: str | None =
     return load_state_dict_into(create_model(model), state, str(path))
 
 
-def resolve_target(checkpoint: str | None = None, model: str | None = None, format: str = "auto",
-                   recipe: str | None = None) -> tuple[nn.Module, str, list[str]]:
+def resolve_target(
+    checkpoint: str | None = None, model: str | None = None, format: str = "auto", recipe: str | None = None
+) -> tuple[nn.Module, str, list[str]]:
     """What ``micronet score`` scores: a file, a zoo model (optionally projected through a recipe), or by
     default ``densenet100_k12`` under the 2019 recipe's compression. Returns (model, name, notes)."""
     from micronet.scoring.projection import DEFAULT_RECIPE, apply_projection, projection_from_recipe
 
     if checkpoint is not None:
         if recipe is not None:
-            raise MicronetError("--recipe projects an untrained zoo model; it cannot be combined with a checkpoint")
+            raise MicronetError(
+                "--recipe projects an untrained zoo model; it cannot be combined with a checkpoint"
+            )
         loaded = load_for_scoring(checkpoint, format=format, model=model)
         spec = getattr(loaded, "micronet_spec", None) or {}
         return loaded, f"{Path(checkpoint).name} ({spec.get('name', type(loaded).__name__)})", []

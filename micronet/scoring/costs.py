@@ -44,7 +44,7 @@ INT_ACCUMULATORS = ("int_fixed_bound", "int_tree_final", "int_tree_final_cap16",
 
 @lru_cache(maxsize=4096)
 def adder_tree_bitadds(nnz: int, first_width: int) -> int:
-    """Bit-adds of a pairwise adder tree over ``nnz`` products whose level j adds are ``first_width + j`` wide."""
+    """Bit-adds of a pairwise adder tree over ``nnz`` products; level j adds are ``first_width + j`` wide."""
     total, m, width = 0, nnz, first_width
     while m > 1:
         total += (m // 2) * width
@@ -69,14 +69,17 @@ def fixed_bound_width(act_bits: int, weight_bits: int, dense_k: int, act_signed:
     return max((a_max * w_max * dense_k).bit_length(), 1)
 
 
-def tree_final_width(max_nnz: int, act_bits: int, weight_bits: int, act_signed: bool, cap: int | None = None) -> int:
+def tree_final_width(
+    max_nnz: int, act_bits: int, weight_bits: int, act_signed: bool, cap: int | None = None
+) -> int:
     """Final adder-tree width of the densest kernel: product width + ceil(log2 max_nnz), optionally capped."""
     width = product_width(act_bits, weight_bits, act_signed) + max(max_nnz - 1, 0).bit_length()
     return min(width, cap) if cap is not None else width
 
 
-def accumulate(mode: str, nnz: list[int], dense_k: int, act_bits: int, weight_bits: int, act_signed: bool
-               ) -> tuple[int, int]:
+def accumulate(
+    mode: str, nnz: list[int], dense_k: int, act_bits: int, weight_bits: int, act_signed: bool
+) -> tuple[int, int]:
     """(adds, bit-adds) of one output position summed over output channels with ``nnz[c]`` nonzeros."""
     adds = sum(n - 1 for n in nnz if n > 1)
     if mode == "fp32":
@@ -206,8 +209,14 @@ class CostContext:
             mode = self.policy.accumulator_for(self.kinds.get(root.index) != "conv")
             cost.add(out.numel, accumulator_float_bits(mode))
             channels = out.shape[1] if len(out.shape) > 1 else out.shape[0]
-            cost.params = [ParamUse(("folded bias", root.module), f"{root.module}:folded bias",
-                                    channels, self.policy.float_bits)]
+            cost.params = [
+                ParamUse(
+                    ("folded bias", root.module),
+                    f"{root.module}:folded bias",
+                    channels,
+                    self.policy.float_bits,
+                )
+            ]
         self.fold_root[out.uid] = root
         return cost
 
@@ -222,8 +231,15 @@ class CostContext:
         if stored is None:
             return ParamUse(self.key_of(ref), f"{module}:<tensor>", ref.numel, ref.bits, ref.value, sparse)
         owner = stored.owner if stored.owner is not None else self.trace.modules.get(module)
-        return ParamUse(stored.name, stored.name, stored.value.numel(), stored.bits, stored.value, sparse,
-                        _block_of(owner))
+        return ParamUse(
+            stored.name,
+            stored.name,
+            stored.value.numel(),
+            stored.bits,
+            stored.value,
+            sparse,
+            _block_of(owner),
+        )
 
 
 def _block_of(module: Any) -> tuple[int, int] | None:
@@ -255,7 +271,11 @@ def storage_bits(use: ParamUse, mask: str) -> tuple[int, int, int]:
         nonzero_values = use.nnz if use.nnz is not None else int(value.count_nonzero())
         sparse = nonzero_values * use.bits + n
         mask_bits = n
-    if mask == "always" or (mask == "if_sparse" and nonzero_values < n) or (mask == "cheapest" and sparse < dense):
+    if (
+        mask == "always"
+        or (mask == "if_sparse" and nonzero_values < n)
+        or (mask == "cheapest" and sparse < dense)
+    ):
         return sparse, nonzero_values, mask_bits
     return dense, n, 0
 
@@ -291,11 +311,28 @@ Rule = Callable[[OpRecord, CostContext], "Cost | None"]
 RULES: dict[str, Rule] = {}
 
 FREE_OPS = frozenset(DATA_MOVEMENT) | {
-    "aten::_local_scalar_dense", "aten::empty_like", "aten::zeros_like", "aten::ones_like", "aten::full_like",
-    "aten::new_zeros", "aten::new_empty", "aten::new_ones", "aten::new_full", "aten::empty_strided",
-    "aten::fill_", "aten::zero_", "aten::detach_", "aten::lift_fresh_copy", "aten::_assert_async",
-    "aten::copy", "aten::sym_size", "aten::is_nonzero", "aten::item", "aten::_has_compatible_shallow_copy_type",
-    "aten::resize_", "aten::set_",
+    "aten::_local_scalar_dense",
+    "aten::empty_like",
+    "aten::zeros_like",
+    "aten::ones_like",
+    "aten::full_like",
+    "aten::new_zeros",
+    "aten::new_empty",
+    "aten::new_ones",
+    "aten::new_full",
+    "aten::empty_strided",
+    "aten::fill_",
+    "aten::zero_",
+    "aten::detach_",
+    "aten::lift_fresh_copy",
+    "aten::_assert_async",
+    "aten::copy",
+    "aten::sym_size",
+    "aten::is_nonzero",
+    "aten::item",
+    "aten::_has_compatible_shallow_copy_type",
+    "aten::resize_",
+    "aten::set_",
 }
 
 
@@ -314,8 +351,18 @@ def _numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
-def _gemm(ctx: CostContext, rec: OpRecord, kind: str, x: TensorRef, w: TensorRef, bias: Any,
-          nnz: list[int], dense_k: int, positions: int, linear: bool) -> Cost:
+def _gemm(
+    ctx: CostContext,
+    rec: OpRecord,
+    kind: str,
+    x: TensorRef,
+    w: TensorRef,
+    bias: Any,
+    nnz: list[int],
+    dense_k: int,
+    positions: int,
+    linear: bool,
+) -> Cost:
     """Shared dot-product costing of conv and linear (nnz[c] nonzeros per output channel)."""
     policy = ctx.policy
     a_bits, w_bits = ctx.gemm_bits(x), ctx.gemm_bits(w)
@@ -398,7 +445,9 @@ def addmm_cost(rec: OpRecord, ctx: CostContext) -> Cost:
     return _mm_cost(rec, ctx, rec.args[1], rec.args[2], rec.args[0])
 
 
-@register("aten::native_batch_norm", "aten::_native_batch_norm_legit_no_training", "aten::_native_batch_norm_legit")
+@register(
+    "aten::native_batch_norm", "aten::_native_batch_norm_legit_no_training", "aten::_native_batch_norm_legit"
+)
 def batch_norm_cost(rec: OpRecord, ctx: CostContext) -> Cost:
     """BatchNorm: folded into a single-consumer float conv/linear as a bias, else a per-channel affine."""
     x, weight, bias = rec.args[0], rec.args[1], rec.args[2]
@@ -413,8 +462,11 @@ def batch_norm_cost(rec: OpRecord, ctx: CostContext) -> Cost:
     width = max(x.bits, policy.float_bits)
     cost.mul(x.numel, width)
     cost.add(x.numel, _first(policy.affine_add_bits, policy.add_bits, width))
-    cost.params = [ParamUse(("bn_affine", ctx.key_of(anchor)), f"{rec.module}:scale,shift", 2 * channels,
-                            policy.float_bits)]
+    cost.params = [
+        ParamUse(
+            ("bn_affine", ctx.key_of(anchor)), f"{rec.module}:scale,shift", 2 * channels, policy.float_bits
+        )
+    ]
     return cost
 
 
@@ -451,12 +503,16 @@ def _binary(rec: OpRecord, ctx: CostContext, multiplicative: bool) -> Cost | Non
         return cost.add(n, _first(policy.add_bits, width))
     static = b if dynamic and dynamic[0] is a else a
     # Foldable: x*s, x/s, x+s, x-s, s+x, s*x with a scalar or per-channel s (not s/x, and s-x negates x).
-    foldable = len(dynamic) == 1 and _is_channelwise(static, out.shape) and not (
-        rec.op.startswith("aten::div") and dynamic[0] is b)
+    foldable = (
+        len(dynamic) == 1
+        and _is_channelwise(static, out.shape)
+        and not (rec.op.startswith("aten::div") and dynamic[0] is b)
+    )
     if foldable:
         negates = rec.op.startswith("aten::sub") and dynamic[0] is b
-        folded = ctx.fold(rec, dynamic[0], "affine_folded", scales=multiplicative or negates,
-                          shifts=not multiplicative)
+        folded = ctx.fold(
+            rec, dynamic[0], "affine_folded", scales=multiplicative or negates, shifts=not multiplicative
+        )
         if folded is not None:
             return folded
     cost = Cost("affine", shape=out.shape, input_bits=dynamic[0].bits if dynamic else width)
@@ -483,26 +539,52 @@ def mul_cost(rec: OpRecord, ctx: CostContext) -> Cost | None:
 
 # Per-element (mults, adds) of pointwise functions; see the module docstring for the reasoning.
 POINTWISE: dict[str, tuple[str, int, int]] = {
-    "aten::relu": ("relu", 1, 0), "aten::relu_": ("relu", 1, 0),
-    "aten::hardtanh": ("relu6", 2, 0), "aten::hardtanh_": ("relu6", 2, 0),
-    "aten::sigmoid": ("sigmoid", 2, 1), "aten::sigmoid_": ("sigmoid", 2, 1),
-    "aten::silu": ("swish", 3, 1), "aten::silu_": ("swish", 3, 1),
-    "aten::hardswish": ("hardswish", 4, 1), "aten::hardswish_": ("hardswish", 4, 1),
-    "aten::hardsigmoid": ("hardsigmoid", 3, 1), "aten::hardsigmoid_": ("hardsigmoid", 3, 1),
-    "aten::tanh": ("tanh", 3, 2), "aten::tanh_": ("tanh", 3, 2),
-    "aten::gelu": ("gelu", 4, 1), "aten::gelu_": ("gelu", 4, 1),
-    "aten::elu": ("elu", 3, 1), "aten::elu_": ("elu", 3, 1),
-    "aten::leaky_relu": ("leaky_relu", 2, 0), "aten::leaky_relu_": ("leaky_relu", 2, 0),
+    "aten::relu": ("relu", 1, 0),
+    "aten::relu_": ("relu", 1, 0),
+    "aten::hardtanh": ("relu6", 2, 0),
+    "aten::hardtanh_": ("relu6", 2, 0),
+    "aten::sigmoid": ("sigmoid", 2, 1),
+    "aten::sigmoid_": ("sigmoid", 2, 1),
+    "aten::silu": ("swish", 3, 1),
+    "aten::silu_": ("swish", 3, 1),
+    "aten::hardswish": ("hardswish", 4, 1),
+    "aten::hardswish_": ("hardswish", 4, 1),
+    "aten::hardsigmoid": ("hardsigmoid", 3, 1),
+    "aten::hardsigmoid_": ("hardsigmoid", 3, 1),
+    "aten::tanh": ("tanh", 3, 2),
+    "aten::tanh_": ("tanh", 3, 2),
+    "aten::gelu": ("gelu", 4, 1),
+    "aten::gelu_": ("gelu", 4, 1),
+    "aten::elu": ("elu", 3, 1),
+    "aten::elu_": ("elu", 3, 1),
+    "aten::leaky_relu": ("leaky_relu", 2, 0),
+    "aten::leaky_relu_": ("leaky_relu", 2, 0),
     "aten::softplus": ("softplus", 2, 1),
-    "aten::exp": ("exp", 1, 0), "aten::log": ("log", 1, 0), "aten::sqrt": ("sqrt", 1, 0),
-    "aten::rsqrt": ("rsqrt", 1, 0), "aten::reciprocal": ("reciprocal", 1, 0), "aten::erf": ("erf", 1, 0),
-    "aten::neg": ("neg", 1, 0), "aten::abs": ("abs", 1, 0), "aten::sign": ("sign", 1, 0),
-    "aten::round": ("round", 1, 0), "aten::floor": ("round", 1, 0), "aten::ceil": ("round", 1, 0),
-    "aten::trunc": ("round", 1, 0), "aten::clamp_min": ("clamp", 1, 0), "aten::clamp_max": ("clamp", 1, 0),
-    "aten::clamp_min_": ("clamp", 1, 0), "aten::clamp_max_": ("clamp", 1, 0),
-    "aten::gt": ("compare", 1, 0), "aten::lt": ("compare", 1, 0), "aten::ge": ("compare", 1, 0),
-    "aten::le": ("compare", 1, 0), "aten::eq": ("compare", 1, 0), "aten::ne": ("compare", 1, 0),
-    "aten::where": ("select", 1, 0), "aten::logical_not": ("compare", 1, 0),
+    "aten::exp": ("exp", 1, 0),
+    "aten::log": ("log", 1, 0),
+    "aten::sqrt": ("sqrt", 1, 0),
+    "aten::rsqrt": ("rsqrt", 1, 0),
+    "aten::reciprocal": ("reciprocal", 1, 0),
+    "aten::erf": ("erf", 1, 0),
+    "aten::neg": ("neg", 1, 0),
+    "aten::abs": ("abs", 1, 0),
+    "aten::sign": ("sign", 1, 0),
+    "aten::round": ("round", 1, 0),
+    "aten::floor": ("round", 1, 0),
+    "aten::ceil": ("round", 1, 0),
+    "aten::trunc": ("round", 1, 0),
+    "aten::clamp_min": ("clamp", 1, 0),
+    "aten::clamp_max": ("clamp", 1, 0),
+    "aten::clamp_min_": ("clamp", 1, 0),
+    "aten::clamp_max_": ("clamp", 1, 0),
+    "aten::gt": ("compare", 1, 0),
+    "aten::lt": ("compare", 1, 0),
+    "aten::ge": ("compare", 1, 0),
+    "aten::le": ("compare", 1, 0),
+    "aten::eq": ("compare", 1, 0),
+    "aten::ne": ("compare", 1, 0),
+    "aten::where": ("select", 1, 0),
+    "aten::logical_not": ("compare", 1, 0),
     "aten::upsample_nearest2d": ("upsample", 1, 0),
 }
 
@@ -561,9 +643,7 @@ def avg_pool_cost(rec: OpRecord, ctx: CostContext) -> Cost:
 
 
 def _adaptive_windows(size_in: int, size_out: int) -> list[int]:
-    return [
-        -(-((i + 1) * size_in) // size_out) - (i * size_in) // size_out for i in range(size_out)
-    ]
+    return [-(-((i + 1) * size_in) // size_out) - (i * size_in) // size_out for i in range(size_out)]
 
 
 @register("aten::_adaptive_avg_pool2d", "aten::adaptive_avg_pool2d")
@@ -595,7 +675,9 @@ def max_pool_cost(rec: OpRecord, ctx: CostContext) -> Cost:
     """Max pool: (kh*kw - 1) comparisons per output, in the mult bucket at the input width."""
     x, kernel = rec.args[0], _pair(rec.args[1])
     out = rec.outputs[0]
-    return Cost("maxpool", shape=out.shape, input_bits=x.bits).mul((kernel[0] * kernel[1] - 1) * out.numel, x.bits)
+    return Cost("maxpool", shape=out.shape, input_bits=x.bits).mul(
+        (kernel[0] * kernel[1] - 1) * out.numel, x.bits
+    )
 
 
 @register("aten::amax", "aten::max", "aten::argmax", "aten::amin", "aten::min")
@@ -641,6 +723,9 @@ def lstm_cost(rec: OpRecord, ctx: CostContext) -> Cost | None:
     cost.add(steps * (3 * hidden + 2 * hidden * 2 + hidden), _first(ctx.policy.add_bits, width))
     cost.weight_numel = w_ih.numel + w_hh.numel
     cost.weight_nnz = nnz
-    cost.params = [ctx.param(r, sparse=r is w_ih or r is w_hh, module=rec.module)
-                   for r in rec.inputs if r.static and r.info.stored]
+    cost.params = [
+        ctx.param(r, sparse=r is w_ih or r is w_hh, module=rec.module)
+        for r in rec.inputs
+        if r.static and r.info.stored
+    ]
     return cost

@@ -14,7 +14,14 @@ from typing import Any
 
 from micronet.errors import MicronetError
 
-ACCUMULATORS = ("fp32", "fp16_true", "int_fixed_bound", "int_tree_final", "int_tree_final_cap16", "adder_tree")
+ACCUMULATORS = (
+    "fp32",
+    "fp16_true",
+    "int_fixed_bound",
+    "int_tree_final",
+    "int_tree_final_cap16",
+    "adder_tree",
+)
 MASK_MODES = ("if_sparse", "always", "cheapest")
 BN_MODES = ("fold", "unfold")
 
@@ -46,8 +53,9 @@ class Policy:
     mask: str = "if_sparse"
     # Ops per element for an activation quantizer (round + clamp) on a dynamic tensor, at its input width.
     quantizer_ops: int = 1
-    # BatchNorm whose input is a conv/linear output with no other consumer: folded into it as a bias
-    # (C params, +1 add per output when the conv had no bias), or unfolded (1 mult + 1 add per element, 2C).
+    # BatchNorm (and any scalar/per-channel affine) whose input is a float conv/linear output with no other
+    # consumer: folded into it (scale free, shift = bias: C params, +1 add per output when the conv had
+    # no bias), or unfolded (BN: 1 mult + 1 add per element and 2C params; affines priced as they run).
     bn: str = "fold"
     # The 16-bit freebie (spec a.3/a.4): only for models with no quantization at all.
     freebie: bool = False
@@ -72,7 +80,8 @@ def _riair(t: int, accumulator: str, affine_add: int, pool_add: int, what: str) 
     return Policy(
         name=f"riair2019-t{t}",
         description=(
-            f"2019 CIFAR-100 winner's score type {t} (documented intent, spec c.9): {what}; FP16 elementwise, "
+            f"2019 CIFAR-100 winner's score type {t} (documented intent, spec c.9): {what}; FP16 elementwise,"
+            " "
             "mask always, quantizer free, FP32 first-conv and FC accumulation"
         ),
         input_bits=32,
@@ -107,7 +116,9 @@ PRESETS: dict[str, Policy] = {
         _riair(3, "int_fixed_bound", 32, 32, "fixed-length integer accumulator, FP32 bias and pool adds"),
         _riair(4, "adder_tree", 32, 32, "adder tree, FP32 bias and pool adds (the leaderboard's 0.0044)"),
         _riair(5, "adder_tree", 16, 32, "adder tree, FP16 bias adds, FP32 pool adds"),
-        _riair(6, "int_fixed_bound", 16, 32, "fixed-length integer accumulator, FP16 bias adds, FP32 pool adds"),
+        _riair(
+            6, "int_fixed_bound", 16, 32, "fixed-length integer accumulator, FP16 bias adds, FP32 pool adds"
+        ),
     ]
 }
 
@@ -189,7 +200,9 @@ def _coerce(name: str, value: Any) -> Any:
 
 def _parse_override(item: str) -> tuple[str, str]:
     if "=" not in item:
-        raise MicronetError(f"policy override {item!r} must look like field=value (e.g. accumulator=adder_tree)")
+        raise MicronetError(
+            f"policy override {item!r} must look like field=value (e.g. accumulator=adder_tree)"
+        )
     key, value = item.split("=", 1)
     return key.strip(), value.strip()
 
@@ -229,7 +242,9 @@ def _load_yaml(path: Path) -> Policy:
     return with_overrides(base, data)
 
 
-def resolve_policy(policy: str | Policy | None = "official", overrides: dict[str, Any] | None = None) -> Policy:
+def resolve_policy(
+    policy: str | Policy | None = "official", overrides: dict[str, Any] | None = None
+) -> Policy:
     """A preset name, a YAML file path or a Policy, plus validated field overrides -> Policy."""
     if policy is None:
         policy = "official"
@@ -243,7 +258,9 @@ def resolve_policy(policy: str | Policy | None = "official", overrides: dict[str
             raise MicronetError(f"policy file not found: {path}")
         base = _load_yaml(path)
     else:
-        raise MicronetError(f"unknown policy {policy!r}; choose one of: {', '.join(PRESETS)} (or a .yaml file)")
+        raise MicronetError(
+            f"unknown policy {policy!r}; choose one of: {', '.join(PRESETS)} (or a .yaml file)"
+        )
     return with_overrides(base, dict(overrides or {}))
 
 

@@ -33,13 +33,15 @@ class Projection:
 
     def describe(self) -> str:
         """One line: what was applied."""
-        return (f"projection of {self.source}: conv sparsity {self.conv_sparsity:.0%} ({self.conv_scope}), "
-                f"weights {self.weight_bits}-bit, activations {self.act_bits}-bit, FC sparsity "
-                f"{self.fc_sparsity:.0%}, FC weights {self.fc_weight_bits}-bit, applied to untrained weights")
+        return (
+            f"projection of {self.source}: conv sparsity {self.conv_sparsity:.0%} ({self.conv_scope}), "
+            f"weights {self.weight_bits}-bit, activations {self.act_bits}-bit, FC sparsity "
+            f"{self.fc_sparsity:.0%}, FC weights {self.fc_weight_bits}-bit, applied to untrained weights"
+        )
 
 
 def projection_from_recipe(recipe: str | None = None) -> Projection:
-    """Read a recipe (file or shipped name) into a Projection; None = the shipped 2019 recipe (or built-in)."""
+    """Read a recipe (file or shipped name) into a Projection; None = the shipped 2019 recipe."""
     try:
         from micronet.training.recipe import load_recipe
     except ImportError:
@@ -69,7 +71,9 @@ def projection_from_recipe(recipe: str | None = None) -> Projection:
     )
 
 
-def apply_projection(model: nn.Module, projection: Projection, *, input_size: int = 32, seed: int = 0) -> nn.Module:
+def apply_projection(
+    model: nn.Module, projection: Projection, *, input_size: int = 32, seed: int = 0
+) -> nn.Module:
     """Prune and quantize ``model`` in place as the recipe would; activation steps calibrated on noise."""
     from micronet.compress import QuantConfig, SparsityConfig, prune_, quantize_
 
@@ -78,10 +82,17 @@ def apply_projection(model: nn.Module, projection: Projection, *, input_size: in
     if projection.weight_bits is not None or projection.act_bits is not None:
         gen = torch.Generator().manual_seed(seed)
         batch = torch.randn(8, 3, input_size, input_size, generator=gen)
-        quantize_(model, QuantConfig(weight_bits=projection.weight_bits, act_bits=projection.act_bits),
-                  calibration_data=batch)
+        quantize_(
+            model,
+            QuantConfig(weight_bits=projection.weight_bits, act_bits=projection.act_bits),
+            calibration_data=batch,
+        )
     if projection.fc_sparsity > 0:
-        prune_(model, SparsityConfig(sparsity=projection.fc_sparsity, scope=projection.fc_scope, kinds=("fc",)))
+        prune_(
+            model, SparsityConfig(sparsity=projection.fc_sparsity, scope=projection.fc_scope, kinds=("fc",))
+        )
     if projection.fc_weight_bits is not None:
-        quantize_(model, QuantConfig(weight_bits=None, act_bits=None, fc_weight_bits=projection.fc_weight_bits))
+        quantize_(
+            model, QuantConfig(weight_bits=None, act_bits=None, fc_weight_bits=projection.fc_weight_bits)
+        )
     return model.eval()

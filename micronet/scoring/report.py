@@ -17,8 +17,22 @@ from typing import Any
 from micronet.errors import MicronetError
 from micronet.scoring.policy import Policy, Track
 
-LAYER_FIELDS = ("name", "kind", "module_type", "shape", "density", "weight_bits", "input_bits", "params",
-                "mask_bits", "mults", "adds", "ops", "mults_raw", "adds_raw")
+LAYER_FIELDS = (
+    "name",
+    "kind",
+    "module_type",
+    "shape",
+    "density",
+    "weight_bits",
+    "input_bits",
+    "params",
+    "mask_bits",
+    "mults",
+    "adds",
+    "ops",
+    "mults_raw",
+    "adds_raw",
+)
 
 
 def _num(x: Fraction | int) -> float | int:
@@ -75,10 +89,19 @@ class LayerRow:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able row."""
         return {
-            "name": self.name, "kind": self.kind, "module_type": self.module_type, "shape": list(self.shape),
-            "density": self.density, "weight_bits": self.weight_bits, "input_bits": self.input_bits,
-            "params": _num(self.params), "mask_bits": _num(self.mask_bits), "mults": _num(self.mults),
-            "adds": _num(self.adds), "ops": _num(self.ops), "mults_raw": _num(self.mults_raw),
+            "name": self.name,
+            "kind": self.kind,
+            "module_type": self.module_type,
+            "shape": list(self.shape),
+            "density": self.density,
+            "weight_bits": self.weight_bits,
+            "input_bits": self.input_bits,
+            "params": _num(self.params),
+            "mask_bits": _num(self.mask_bits),
+            "mults": _num(self.mults),
+            "adds": _num(self.adds),
+            "ops": _num(self.ops),
+            "mults_raw": _num(self.mults_raw),
             "adds_raw": _num(self.adds_raw),
         }
 
@@ -176,12 +199,15 @@ class ScoreReport:
             "adds": _num(self.adds),
             "mults_raw": _num(self.mults_raw),
             "adds_raw": _num(self.adds_raw),
-            "units": "params: 32-bit parameters; ops/mults/adds: 32-bit operations per example; *_raw: counts",
+            "units": "params: 32-bit parameters; ops/mults/adds: 32-bit ops per example; *_raw: counts",
             "policy": self.policy.name,
             **policy_fields,
             "track": self.track.name,
-            "baseline": {"params": self.track.baseline_params, "ops": self.track.baseline_ops,
-                         "model": self.track.baseline_model},
+            "baseline": {
+                "params": self.track.baseline_params,
+                "ops": self.track.baseline_ops,
+                "model": self.track.baseline_model,
+            },
             "quantized": self.quantized,
             "samples": self.samples,
             "gate_rates": self.gate_rates,
@@ -205,28 +231,58 @@ class ScoreReport:
 
         rows = self.layers if max_rows is None else self.layers[:max_rows]
         body = [
-            [r.name or "(root)", r.kind, "x".join(map(str, r.shape)),
-             "" if r.density is None else f"{r.density:.3f}", r.weight_bits or "", r.input_bits or "",
-             fmt(r.params), fmt(r.mults), fmt(r.adds), fmt(r.ops)]
+            [
+                r.name or "(root)",
+                r.kind,
+                "x".join(map(str, r.shape)),
+                "" if r.density is None else f"{r.density:.3f}",
+                r.weight_bits or "",
+                r.input_bits or "",
+                fmt(r.params),
+                fmt(r.mults),
+                fmt(r.adds),
+                fmt(r.ops),
+            ]
             for r in rows
         ]
         headers = ["layer", "kind", "shape", "density", "w bits", "in bits", "params", "mults", "adds", "ops"]
         parts = [tabulate(body, headers=headers, tablefmt="simple", disable_numparse=True)]
         if max_rows is not None and len(self.layers) > max_rows:
             parts.append(f"... {len(self.layers) - max_rows} more rows (use --json or --csv for all)")
-        kinds = [[k, f"{v['params']:,.1f}", f"{v['mults']:,.1f}", f"{v['adds']:,.1f}", f"{v['ops']:,.1f}", v["layers"]]
-                 for k, v in self.by_kind().items()]
+        kinds = [
+            [
+                k,
+                f"{v['params']:,.1f}",
+                f"{v['mults']:,.1f}",
+                f"{v['adds']:,.1f}",
+                f"{v['ops']:,.1f}",
+                v["layers"],
+            ]
+            for k, v in self.by_kind().items()
+        ]
         parts.append("\nby kind (32-bit units, per example)")
-        parts.append(tabulate(kinds, headers=["kind", "params", "mults", "adds", "ops", "rows"],
-                              tablefmt="simple", disable_numparse=True))
+        parts.append(
+            tabulate(
+                kinds,
+                headers=["kind", "params", "mults", "adds", "ops", "rows"],
+                tablefmt="simple",
+                disable_numparse=True,
+            )
+        )
         parts.append("")
         parts.append(f"policy {self.policy.name}: {self.policy.description}")
-        parts.append(f"track {self.track.name}: baseline {self.track.baseline_model} "
-                     f"{self.track.baseline_params:,} params, {self.track.baseline_ops:,} ops")
-        parts.append(f"params  {float(self.params):,.2f}  (32-bit units)   param score {self.param_score:.6f}")
-        parts.append(f"ops     {float(self.ops):,.2f}  = mults {float(self.mults):,.2f} + adds {float(self.adds):,.2f}"
-                     f"  (32-bit units per example; raw {int(self.mults_raw):,} mults, {int(self.adds_raw):,} adds)"
-                     f"   op score {self.op_score:.6f}")
+        parts.append(
+            f"track {self.track.name}: baseline {self.track.baseline_model} "
+            f"{self.track.baseline_params:,} params, {self.track.baseline_ops:,} ops"
+        )
+        parts.append(
+            f"params  {float(self.params):,.2f}  (32-bit units)   param score {self.param_score:.6f}"
+        )
+        parts.append(
+            f"ops     {float(self.ops):,.2f}  = mults {float(self.mults):,.2f} + adds {float(self.adds):,.2f}"
+            f"  (32-bit units per example; raw {int(self.mults_raw):,} mults, {int(self.adds_raw):,} adds)"
+            f"   op score {self.op_score:.6f}"
+        )
         parts.append(f"score   {self.score:.6f}")
         if self.samples > 1:
             parts.append(f"ops are the mean over {self.samples} examples")
@@ -269,7 +325,9 @@ class ScoreReport:
         ax.bar(xs, p, label="param score", color="tab:blue")
         ax.bar(xs, o, bottom=p, label="op score", color="tab:orange")
         ax.set_ylabel("score contribution")
-        ax.set_title(f"{self.model or 'model'}: score {self.score:.5f} ({self.policy.name}, {self.track.name})")
+        ax.set_title(
+            f"{self.model or 'model'}: score {self.score:.5f} ({self.policy.name}, {self.track.name})"
+        )
         if len(rows) <= 60:
             ax.set_xticks(list(xs), names, rotation=90, fontsize=6)
         else:

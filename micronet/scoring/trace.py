@@ -33,31 +33,96 @@ from micronet.compress.ops import range_bits
 # Ops that only move or re-view data: the result holds the same values (same width, same codes).
 DATA_MOVEMENT = frozenset(
     {
-        "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::t", "aten::transpose", "aten::permute",
-        "aten::expand", "aten::squeeze", "aten::unsqueeze", "aten::slice", "aten::select", "aten::clone",
-        "aten::contiguous", "aten::_to_copy", "aten::alias", "aten::detach", "aten::lift_fresh",
-        "aten::cat", "aten::stack", "aten::constant_pad_nd", "aten::repeat", "aten::split",
-        "aten::split_with_sizes", "aten::chunk", "aten::unbind", "aten::narrow", "aten::index_select",
-        "aten::flatten", "aten::copy_", "aten::pixel_shuffle", "aten::pixel_unshuffle",
-        "aten::channel_shuffle", "aten::dropout", "aten::feature_dropout", "aten::index", "aten::gather",
-        "aten::_unsafe_index", "aten::as_strided", "aten::unfold", "aten::flip", "aten::roll",
-        "aten::index_copy", "aten::index_put", "aten::scatter", "aten::nonzero",
+        "aten::view",
+        "aten::_unsafe_view",
+        "aten::reshape",
+        "aten::t",
+        "aten::transpose",
+        "aten::permute",
+        "aten::expand",
+        "aten::squeeze",
+        "aten::unsqueeze",
+        "aten::slice",
+        "aten::select",
+        "aten::clone",
+        "aten::contiguous",
+        "aten::_to_copy",
+        "aten::alias",
+        "aten::detach",
+        "aten::lift_fresh",
+        "aten::cat",
+        "aten::stack",
+        "aten::constant_pad_nd",
+        "aten::repeat",
+        "aten::split",
+        "aten::split_with_sizes",
+        "aten::chunk",
+        "aten::unbind",
+        "aten::narrow",
+        "aten::index_select",
+        "aten::flatten",
+        "aten::copy_",
+        "aten::pixel_shuffle",
+        "aten::pixel_unshuffle",
+        "aten::channel_shuffle",
+        "aten::dropout",
+        "aten::feature_dropout",
+        "aten::index",
+        "aten::gather",
+        "aten::_unsafe_index",
+        "aten::as_strided",
+        "aten::unfold",
+        "aten::flip",
+        "aten::roll",
+        "aten::index_copy",
+        "aten::index_put",
+        "aten::scatter",
+        "aten::nonzero",
     }
 )
 # Single-input views: the result is the same stored tensor (parameters are counted once per origin).
 SAME_ORIGIN = frozenset(
     {
-        "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::t", "aten::transpose", "aten::permute",
-        "aten::expand", "aten::squeeze", "aten::unsqueeze", "aten::slice", "aten::select", "aten::clone",
-        "aten::contiguous", "aten::_to_copy", "aten::alias", "aten::detach", "aten::lift_fresh",
-        "aten::flatten", "aten::as_strided",
+        "aten::view",
+        "aten::_unsafe_view",
+        "aten::reshape",
+        "aten::t",
+        "aten::transpose",
+        "aten::permute",
+        "aten::expand",
+        "aten::squeeze",
+        "aten::unsqueeze",
+        "aten::slice",
+        "aten::select",
+        "aten::clone",
+        "aten::contiguous",
+        "aten::_to_copy",
+        "aten::alias",
+        "aten::detach",
+        "aten::lift_fresh",
+        "aten::flatten",
+        "aten::as_strided",
     }
 )
 # Ops whose result stays within the input's value set (so it keeps the input's width and code-ness).
 VALUE_PRESERVING = frozenset(
-    {"aten::relu", "aten::relu_", "aten::hardtanh", "aten::hardtanh_", "aten::max_pool2d_with_indices",
-     "aten::max_pool2d", "aten::max_pool1d", "aten::adaptive_max_pool2d", "aten::amax", "aten::max",
-     "aten::clamp", "aten::clamp_", "aten::clamp_min", "aten::clamp_max", "aten::neg"}
+    {
+        "aten::relu",
+        "aten::relu_",
+        "aten::hardtanh",
+        "aten::hardtanh_",
+        "aten::max_pool2d_with_indices",
+        "aten::max_pool2d",
+        "aten::max_pool1d",
+        "aten::adaptive_max_pool2d",
+        "aten::amax",
+        "aten::max",
+        "aten::clamp",
+        "aten::clamp_",
+        "aten::clamp_min",
+        "aten::clamp_max",
+        "aten::neg",
+    }
 )
 QUANTIZERS = frozenset({"micronet::fake_quant", "micronet::round_clamp"})
 
@@ -153,8 +218,15 @@ def _scalar_bits(x: Any, float_bits: int) -> int:
 class _Recorder(TorchDispatchMode):
     """Dispatch mode that records ops and propagates TensorInfo (the tracing core)."""
 
-    def __init__(self, tracer: ModuleTracker, trace: Trace, infos: WeakIdKeyDictionary, float_bits: int,
-                 root_name: str, uids: itertools.count) -> None:
+    def __init__(
+        self,
+        tracer: ModuleTracker,
+        trace: Trace,
+        infos: WeakIdKeyDictionary,
+        float_bits: int,
+        root_name: str,
+        uids: itertools.count,
+    ) -> None:
         super().__init__()
         self.tracker, self.trace, self.infos = tracer, trace, infos
         self.float_bits, self.root_name, self.uids = float_bits, root_name, uids
@@ -170,7 +242,7 @@ class _Recorder(TorchDispatchMode):
             if d > depth:
                 depth, deepest = d, name
         if deepest.startswith(self._prefix):
-            return deepest[len(self._prefix):]
+            return deepest[len(self._prefix) :]
         return ""
 
     def _info(self, t: Tensor) -> TensorInfo:
@@ -207,7 +279,9 @@ class _Recorder(TorchDispatchMode):
         rec_args = tree_map(lambda a: ref_of.get(id(a), a) if isinstance(a, Tensor) else a, args)
         rec_kwargs = tree_map(lambda a: ref_of.get(id(a), a) if isinstance(a, Tensor) else a, kwargs)
         self.trace.records.append(
-            OpRecord(len(self.trace.records), op, self._module_path(), rec_args, rec_kwargs, in_refs, out_refs)
+            OpRecord(
+                len(self.trace.records), op, self._module_path(), rec_args, rec_kwargs, in_refs, out_refs
+            )
         )
         return out
 
@@ -220,14 +294,27 @@ class _Recorder(TorchDispatchMode):
             uid = next(self.uids)
             if op in QUANTIZERS:
                 qmin, qmax = (args[2], args[3]) if op == "micronet::fake_quant" else (args[1], args[2])
-                info = TensorInfo(uid, range_bits(int(qmin), int(qmax)), static, stored, codes=True,
-                                  signed=int(qmin) < 0, origin=uid)
+                info = TensorInfo(
+                    uid,
+                    range_bits(int(qmin), int(qmax)),
+                    static,
+                    stored,
+                    codes=True,
+                    signed=int(qmin) < 0,
+                    origin=uid,
+                )
             elif not ins:
                 # Factory op (zeros, empty, full, arange): a runtime constant, never a stored parameter.
                 bits = 1 if t.dtype == torch.bool else self.float_bits
                 zero = t.numel() > 0 and t.dim() >= 2 and not bool(t.any())
-                info = TensorInfo(uid, bits, True, False, origin=uid,
-                                  zero_channels=frozenset(range(t.shape[1])) if zero else frozenset())
+                info = TensorInfo(
+                    uid,
+                    bits,
+                    True,
+                    False,
+                    origin=uid,
+                    zero_channels=frozenset(range(t.shape[1])) if zero else frozenset(),
+                )
             elif op in DATA_MOVEMENT or op in VALUE_PRESERVING:
                 bits = max(r.bits for r in ins)
                 codes = all(r.info.codes for r in ins)
@@ -283,8 +370,9 @@ class _Recorder(TorchDispatchMode):
         return frozenset(zeros)
 
 
-def _register_model_tensors(model: nn.Module, infos: WeakIdKeyDictionary, trace: Trace, float_bits: int,
-                            uids: itertools.count) -> None:
+def _register_model_tensors(
+    model: nn.Module, infos: WeakIdKeyDictionary, trace: Trace, float_bits: int, uids: itertools.count
+) -> None:
     """Seed the weak map with every parameter and buffer: its width and owner, counted once if shared."""
     for path, module in model.named_modules():
         trace.modules[path] = module

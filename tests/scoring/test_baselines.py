@@ -1,0 +1,48 @@
+"""Dense reference models against the hand counts of spec scoring.md d.1 and peer-counters.md §3."""
+
+from fractions import Fraction
+
+import pytest
+
+from micronet.models import create
+from micronet.scoring import score
+from tests.scoring.nets import StandardWRN, no_exact_zeros_
+
+
+@pytest.fixture(scope="module")
+def wrn():
+    return no_exact_zeros_(StandardWRN(28, 10)).eval()
+
+
+def test_wrn28_10_official_scores_two(wrn):
+    report = score(wrn)
+    assert report.score == pytest.approx(2.0, abs=0.005)
+    gemm = report.by_kind()
+    # conv + FC multiply-accumulates (spec d.1): 5,243,386,368.
+    assert gemm["conv"]["mults_raw"] + gemm["linear"]["mults_raw"] == 5_243_386_368
+    # n-1 adds per dot product, +1 per output for the FC bias (reference-counter style GEMMs: 10,484,175,872).
+    assert gemm["conv"]["adds_raw"] + gemm["linear"]["adds_raw"] == 10_484_175_872 - 5_243_386_368
+    # conv + FC 36,518,932; the 12 bn2 fold into conv1 as biases (4,480), the other 13 BNs (4,496
+    # channels) stay per-channel affines at 2 values each.
+    assert report.params == 36_518_932 + 4_480 + 2 * 4_496
+
+
+def test_wrn28_10_unfolded_matches_hand_count(wrn):
+    # BN as scale + add, ReLU 1 mult, residual adds, global pool: 10,492,294,144 (spec d.1, peer §3).
+    report = score(wrn, bn="unfold")
+    assert report.ops == 10_492_294_144
+    assert report.params == 36_536_884  # conv + FC + BN affine (2 per channel)
+
+
+def test_densenet_bc_100_dense_counts():
+    model = no_exact_zeros_(create("densenet100_k12")).eval()
+    unfolded = score(model, bn="unfold")
+    kinds = unfolded.by_kind()
+    assert kinds["conv"]["mults_raw"] + kinds["linear"]["mults_raw"] == 287_960_472
+    assert unfolded.ops == 587_457_840
+    assert unfolded.params == 800_032
+    # Official folds the 48 bottleneck bn2 layers into their 1x1 convs: 1,032,192 elements lose a mult.
+    folded = score(model)
+    assert folded.ops == 587_457_840 - 1_032_192
+    assert folded.params == 800_032 - 48 * 48
+    assert folded.mults == Fraction(folded.mults_raw)  # fp32: one op per multiply
