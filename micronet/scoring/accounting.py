@@ -29,7 +29,7 @@ def account(traces: list[Trace], policy: Policy, param_traces: list[Trace] | tup
     so that blocks no traced example executed still pay for their stored weights.
     """
     rows: dict[tuple[str, str], LayerRow] = {}
-    raw: dict[tuple[str, str], list[Fraction]] = {}  # per row: mults, adds, mult bitops, add bitops (summed)
+    raw: dict[tuple[str, str], list[int]] = {}  # per row: mults, adds, mult bitops, add bitops (summed)
     seen_params: set = set()
     unknown: dict[tuple[str, str], dict] = {}
     free: dict[str, int] = {}
@@ -43,7 +43,7 @@ def account(traces: list[Trace], policy: Policy, param_traces: list[Trace] | tup
                 (t.modules.get(module) for t in traces if module in t.modules), None
             )
             rows[key] = LayerRow(module, kind, type(mod).__name__ if mod is not None else "")
-            raw[key] = [Fraction(0)] * 4
+            raw[key] = [0, 0, 0, 0]
         row = rows[key]
         if cost is not None:
             if not row.shape and cost.shape is not None:
@@ -107,7 +107,7 @@ def account(traces: list[Trace], policy: Policy, param_traces: list[Trace] | tup
             key = row_for(rec.module, cost.kind, cost)
             totals = raw[key]
             if not ops_count:
-                totals = [Fraction(0)] * 4  # parameters only
+                totals = [0, 0, 0, 0]  # parameters only
             totals[0] += cost.mults
             totals[1] += cost.adds
             totals[2] += cost.mult_bitops
@@ -123,10 +123,10 @@ def account(traces: list[Trace], policy: Policy, param_traces: list[Trace] | tup
 
     for key, row in rows.items():
         mults, adds, mult_bitops, add_bitops = raw[key]
-        row.mults_raw = mults / examples
-        row.adds_raw = adds / examples
-        row.mult_bitops = mult_bitops / examples
-        row.add_bitops = add_bitops / examples
+        row.mults_raw = Fraction(mults, examples)
+        row.adds_raw = Fraction(adds, examples)
+        row.mult_bitops = Fraction(mult_bitops, examples)
+        row.add_bitops = Fraction(add_bitops, examples)
     kept = [
         r
         for r in rows.values()

@@ -54,8 +54,8 @@ class LayerRow:
     input_bits: int | None = None
     weight_numel: int = 0
     weight_nnz: int = 0
-    param_bits: Fraction = Fraction(0)
-    mask_bits: Fraction = Fraction(0)
+    param_bits: int = 0
+    mask_bits: int = 0
     mults_raw: Fraction = Fraction(0)
     adds_raw: Fraction = Fraction(0)
     mult_bitops: Fraction = Fraction(0)
@@ -69,7 +69,7 @@ class LayerRow:
     @property
     def params(self) -> Fraction:
         """Storage in 32-bit-parameter units."""
-        return self.param_bits / 32
+        return Fraction(self.param_bits, 32)
 
     @property
     def mults(self) -> Fraction:

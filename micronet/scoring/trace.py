@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.module_tracker import ModuleTracker
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -207,6 +206,26 @@ class Trace:
     output: Any = None
 
 
+def _tensors_in(args: tuple) -> list[Tensor]:
+    """Tensors among aten arguments (top level and inside tensor lists)."""
+    found = []
+    for a in args:
+        if isinstance(a, Tensor):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            found.extend(b for b in a if isinstance(b, Tensor))
+    return found
+
+
+def _swap(a: Any, ref_of: dict[int, TensorRef]) -> Any:
+    """An argument with its tensors replaced by their TensorRefs."""
+    if isinstance(a, Tensor):
+        return ref_of.get(id(a), a)
+    if isinstance(a, (list, tuple)) and any(isinstance(b, Tensor) for b in a):
+        return type(a)(ref_of.get(id(b), b) if isinstance(b, Tensor) else b for b in a)
+    return a
+
+
 def _scalar_bits(x: Any, float_bits: int) -> int:
     if isinstance(x, bool):
         return 1
@@ -265,23 +284,26 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         op = func._schema.name
-        flat_in, _ = tree_flatten((args, kwargs))
-        in_tensors = [a for a in flat_in if isinstance(a, Tensor)]
+        # Aten arguments nest at most one level (tensor lists): flatten by hand, pytree is too slow here.
+        in_tensors = _tensors_in(args) + (_tensors_in(tuple(kwargs.values())) if kwargs else [])
         in_refs = [self._ref(t) for t in in_tensors]
-        flat_out, _ = tree_flatten(out)
-        out_tensors = [o for o in flat_out if isinstance(o, Tensor)]
+        if isinstance(out, Tensor):
+            out_tensors = [out]
+        elif isinstance(out, (tuple, list)):
+            out_tensors = [o for o in out if isinstance(o, Tensor)]
+        else:
+            out_tensors = []
         out_infos = self._derive(op, args, in_refs, out_tensors)
         out_refs = []
         for t, info in zip(out_tensors, out_infos):
             self.infos[t] = info
             out_refs.append(TensorRef(info.uid, tuple(t.shape), t.dtype, info, t if info.static else None))
         ref_of = {id(t): r for t, r in zip(in_tensors, in_refs)}
-        rec_args = tree_map(lambda a: ref_of.get(id(a), a) if isinstance(a, Tensor) else a, args)
-        rec_kwargs = tree_map(lambda a: ref_of.get(id(a), a) if isinstance(a, Tensor) else a, kwargs)
+        rec_args = tuple(_swap(a, ref_of) for a in args)
+        rec_kwargs = {k: _swap(v, ref_of) for k, v in kwargs.items()}
+        index = len(self.trace.records)
         self.trace.records.append(
-            OpRecord(
-                len(self.trace.records), op, self._module_path(), rec_args, rec_kwargs, in_refs, out_refs
-            )
+            OpRecord(index, op, self._module_path(), rec_args, rec_kwargs, in_refs, out_refs)
         )
         return out
 

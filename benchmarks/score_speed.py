@@ -1,0 +1,75 @@
+"""Time `micronet.scoring.score` against a plain forward pass and thop on the same models, same run.
+
+    .venv/bin/python benchmarks/score_speed.py [--repeats 3] [--threads 1]
+
+Prints a table: median wall time of a no-grad forward (batch 1, 32x32), of `score()` (official policy,
+float model, which includes its one traced forward), of `thop.profile`, and the ratios. Target:
+score <= ~1.5 forward passes and no slower than thop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from tabulate import tabulate
+
+from micronet.models import create
+from micronet.scoring import score
+
+MODELS = ("densenet100_k12", "pyramidnet272_a200")
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up: lazy imports, allocator
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    """Run the benchmark and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        import thop
+    except ImportError:
+        thop = None
+    rows = []
+    for name in MODELS:
+        model = create(name).eval()
+        x = torch.randn(1, 3, 32, 32)
+
+        def forward(model=model, x=x):
+            with torch.no_grad():
+                model(x)
+
+        t_fwd = _median_time(forward, args.repeats)
+        t_score = _median_time(lambda model=model: score(model), args.repeats)
+        t_thop = float("nan")
+        if thop is not None:
+            # thop leaves buffers on the model it profiles: give each call a fresh copy, made untimed.
+            copies = [copy.deepcopy(model) for _ in range(args.repeats + 1)]
+
+            def run_thop(copies=copies, x=x):
+                thop.profile(copies.pop(), inputs=(x,), verbose=False)
+
+            t_thop = _median_time(run_thop, args.repeats)
+        rows.append([name, f"{t_fwd * 1e3:.0f}", f"{t_score * 1e3:.0f}", f"{t_thop * 1e3:.0f}",
+                     f"{t_score / t_fwd:.2f}", f"{t_score / t_thop:.2f}"])
+    headers = ["model", "forward ms", "score ms", "thop ms", "score/forward", "score/thop"]
+    print(tabulate(rows, headers=headers, tablefmt="github"))
+    print(f"threads={args.threads}, repeats={args.repeats}, median wall time, CPU, batch 1, 32x32")
+
+
+if __name__ == "__main__":
+    main()
