@@ -246,7 +246,8 @@ class ScoreReport:
             for r in rows
         ]
         headers = ["layer", "kind", "shape", "density", "w bits", "in bits", "params", "mults", "adds", "ops"]
-        parts = [tabulate(body, headers=headers, tablefmt="simple", disable_numparse=True)]
+        banner = [n for n in self.notes if n.startswith("PROJECTION")]
+        parts = [*banner, tabulate(body, headers=headers, tablefmt="simple", disable_numparse=True)]
         if max_rows is not None and len(self.layers) > max_rows:
             parts.append(f"... {len(self.layers) - max_rows} more rows (use --json or --csv for all)")
         kinds = [
