@@ -4,7 +4,8 @@ Layouts found under ``--data-root`` (auto-detected, or forced with ``dataset=``)
 
 * ``cifar100``: torchvision's ``cifar-100-python/{train,test,meta}`` pickles (fine labels).
 * ``cifar10``: ``cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}``.
-* ``folder``: ``training_set/<class>/*.png`` and ``test_set/<class>/*.png`` (classes sorted by name).
+* ``folder``: ``training_set/<class>/*.png`` and ``test_set/<class>/*.png`` (classes sorted by name;
+  PNG/JPEG/BMP, all of one size).
 
 Images stay uint8 ``N×3×H×W`` tensors end to end. Augmentation runs on uint8 batches
 (:mod:`micronet.training.augment`); :class:`Normalization` turns a batch into float on the device,
@@ -168,7 +169,9 @@ def _load_cifar(root: Path, dataset: str, split: str) -> ImageSet:
 
 
 def _load_folder(root: Path, split: str) -> ImageSet:
-    from torchvision.io import ImageReadMode, decode_image
+    # PIL rather than torchvision.io: torchvision 0.29 deprecates its image decoders.
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
 
     base = root / ("training_set" if split == "train" else "test_set")
     classes = tuple(sorted(p.name for p in base.iterdir() if p.is_dir()))
@@ -180,9 +183,11 @@ def _load_folder(root: Path, split: str) -> ImageSet:
             if file.suffix.lower() not in _IMAGE_SUFFIXES:
                 continue
             try:
-                images.append(decode_image(str(file), mode=ImageReadMode.RGB))
-            except (RuntimeError, OSError) as exc:
+                with Image.open(file) as im:
+                    pixels = np.asarray(im.convert("RGB"))
+            except (UnidentifiedImageError, OSError) as exc:
                 raise MicronetError(f"cannot decode image {file}: {exc}") from None
+            images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
             labels.append(label)
     if not images:
         raise MicronetError(f"{base} holds no images; expected {base.name}/<class>/*.png")

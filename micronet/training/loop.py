@@ -65,6 +65,16 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Copy rank 0's buffers (BN statistics, masks, scales) to every rank.
+
+        DDP broadcasts buffers at the start of each forward, so after the last step every rank has its
+        own BN update; this makes the replicas identical again before evaluating or saving.
+        """
+        if self.distributed:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
+
     def all_reduce(self, t: Tensor) -> Tensor:
         """Sum ``t`` over ranks in place (no-op when single-process)."""
         if self.distributed:

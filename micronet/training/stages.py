@@ -75,7 +75,7 @@ class RunOptions:
     tensorboard: bool = False
     progress: bool = True
     eval_batch_size: int = 500
-    after_step: Callable[[int], None] | None = None  # called after every optimizer step (tests, profilers)
+    after_step: Callable[[int, nn.Module], None] | None = None  # (global step, model) after every optimizer step
 
 
 @dataclass
@@ -86,6 +86,7 @@ class StageResult:
     path: Path
     metrics: dict[str, Any] = field(default_factory=dict)
     skipped: bool = False
+    model: nn.Module | None = field(default=None, repr=False)  # the trained model (None when skipped)
 
 
 @dataclass
@@ -198,9 +199,9 @@ def _step_hook(stage: str, model: nn.Module, cfg: StageConfig) -> Callable[[int,
     """Per-step compression maintenance: mask refresh/freeze, or weight-scale refits."""
     if stage in PRUNING_STAGES and cfg.mask_update_until:
         def refresh_masks(step: int, batch: int) -> None:
-            if step >= cfg.mask_update_until:
-                compress.freeze_masks_(model)
-            elif step > 0 and step % cfg.mask_update_every == 0:
+            if step == cfg.mask_update_until or (batch == 0 and step > cfg.mask_update_until):
+                compress.freeze_masks_(model)  # (re-checked at each epoch start: a resumed run may start later)
+            elif step < cfg.mask_update_until and step > 0 and step % cfg.mask_update_every == 0:
                 compress.update_masks_(model)
 
         return refresh_masks
@@ -390,7 +391,7 @@ class _StageRun:
                    **self.evaluate_split(self.splits.test, "test")}
         self.log.write({"event": "done", **metrics})
         self.save(True, metrics, 0, 0)
-        return StageResult(self.stage, self.path, metrics)
+        return StageResult(self.stage, self.path, metrics, model=self.model)
 
     def train(self) -> StageResult:
         """A training stage: build its compression, then the epoch loop with a checkpoint per epoch."""
@@ -428,7 +429,7 @@ class _StageRun:
             lr=lambda s: lr_at(s, total_steps, warmup_steps, cfg.lr, cfg.warmup_start_lr),
             grad_clip=cfg.grad_clip,
             before_step=_step_hook(stage, model, cfg),
-            after_step=self.options.after_step,
+            after_step=(lambda s: self.options.after_step(s, model)) if self.options.after_step else None,
             describe=stage,
             progress=self.options.progress,
         )
@@ -437,6 +438,7 @@ class _StageRun:
         for epoch in range(start_epoch, cfg.epochs):
             _set_mode(stage, model)
             result, step = train_epoch(self.train_stream, epoch, step, ctx, self.normalize, rt)
+            rt.sync_buffers(model)
             val = self.evaluate_split(self.splits.val, "val")
             metrics = {"epoch": epoch + 1, "step": step, "lr": result.last_lr, "train_loss": result.loss,
                        "train_top1": 100.0 * result.top1, "seconds": result.seconds,
@@ -460,7 +462,7 @@ class _StageRun:
         self.save(True, final, cfg.epochs, step)
         if rt.is_main:
             best_path.unlink(missing_ok=True)
-        return StageResult(stage, self.path, final)
+        return StageResult(stage, self.path, final, model=model)
 
 
 # ----------------------------------------------------------------------------------------------- the chain

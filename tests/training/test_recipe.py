@@ -1,0 +1,88 @@
+"""Recipes: the shipped ones load with the published values; bad keys and values fail before training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from micronet.errors import MicronetError
+from micronet.training.recipe import STAGES, available_recipes, load_recipe
+
+
+def test_shipped_densenet_recipe_holds_the_winners_schedule():
+    r = load_recipe("micronet2019-densenet")
+    assert r.chain == list(STAGES) and r.model == "densenet100_k12" and r.teacher_model == "densenet172_k30"
+    epochs = [r.stages[s].epochs for s in STAGES if s != "bn-recal"]
+    assert epochs == [300, 300, 300, 300, 300, 50, 50]
+    assert r.stages["student"].lr == 0.1 and r.stages["student"].warmup_epochs == 5
+    assert r.stages["student"].warmup_start_lr == 0.001 and r.stages["student"].loss == "ce"
+    assert r.stages["prune"].lr == 0.001 and r.stages["prune"].sparsity == 0.75
+    assert r.stages["prune-fc"].lr == 1e-4 and r.stages["prune-fc"].sparsity == 0.5
+    assert r.stages["quant-act"].act_bits == 4 and r.stages["quant-fc"].weight_bits == 4
+    kd = r.stages["quant-weight"].kd
+    assert (kd.direction, kd.temperature, r.stages["quant-weight"].loss) == ("reverse", 1.0, "kd")
+    assert all(r.stages[s].batch_size == 64 and r.stages[s].momentum == 0.9 for s in STAGES)
+    assert r.augment.policy == "micronet2019" and r.augment.cutout == 16
+
+
+def test_shipped_pyramidnet_recipe_holds_fast_aa_values():
+    r = load_recipe("pyramidnet272-fastaa")
+    s = r.stages["student"]
+    assert (s.batch_size, s.lr, s.warmup_epochs, s.nesterov, s.weight_decay, s.grad_clip) == (
+        64, 0.05, 5, True, 5e-5, 5.0)
+    assert r.augment.cutout == 16 and r.normalization == "fastaa"
+    assert set(available_recipes()) >= {"micronet2019-densenet", "pyramidnet272-fastaa"}
+
+
+def test_repository_recipes_folder_points_at_the_packaged_files():
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    for name in available_recipes():
+        assert (root / f"{name}.yaml").resolve() == Path(load_recipe(name).source).resolve()
+
+
+def test_cli_overrides_apply_before_validation():
+    r = load_recipe("micronet2019-densenet", {"epochs": 3, "lr": 0.02, "model": "densenet_bc:depth=40,growth=12"},
+                    ["stages.quant-fc.weight_bits=6", "augment.ops_per_image=2"])
+    assert r.stages["teacher"].epochs == 3 and r.stages["teacher"].warmup_epochs == pytest.approx(0.05)
+    assert r.stages["prune"].lr == 0.02 and r.stages["quant-fc"].weight_bits == 6
+    assert r.model == "densenet_bc:depth=40,growth=12" and r.augment.ops_per_image == 2
+    only = load_recipe("micronet2019-densenet", {"epochs": 2, "stages_only": ["prune"]})
+    assert only.stages["prune"].epochs == 2 and only.stages["student"].epochs == 300
+
+
+def _write(tmp_path, tree) -> str:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+BASE = {"model": "densenet_bc:depth=10,growth=4", "stages": {"student": {"epochs": 2}}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"stages": {"student": {"epochs": 2, "sparsity": 0.5}}}, "unknown key 'sparsity'"),
+    ({"stagez": {}}, "unknown key 'stagez'"),
+    ({"stages": {"distill": {}}}, "unknown stage 'distill'"),
+    ({"stages": {"student": {"epochs": 2, "warmup_epochs": 2}}}, "warmup_epochs"),
+    ({"stages": {"prune": {"sparsity": 1.5}}}, "sparsity must be in"),
+    ({"stages": {"teacher": {"loss": "kd"}}, "teacher_model": "x"}, "cannot distil from itself"),
+    ({"stages": {"quant-fc": {"weight_bits": 1}}}, "weight_bits"),
+    ({"stages": {"student": {"epochs": "ten"}}}, "epochs must be int"),
+    ({"stages": {"student": {"select": "best"}}}, "held-out split"),
+    ({"stages": {"student": {"kd": {"direction": "sideways"}}}}, "direction"),
+    ({"augment": {"policy": "no-such-policy"}}, "neither a file nor a shipped policy"),
+    ({"data": {"normalization": "imagenet"}}, "normalization"),
+])
+def test_bad_recipes_fail_with_one_line(tmp_path, change, message):
+    with pytest.raises(MicronetError, match=message) as info:
+        load_recipe(_write(tmp_path, {**BASE, **change}))
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_recipe_name_and_bad_set(tmp_path):
+    with pytest.raises(MicronetError, match="micronet2019-densenet"):
+        load_recipe("no-such-recipe")
+    with pytest.raises(MicronetError, match="KEY=VALUE"):
+        load_recipe(_write(tmp_path, BASE), sets=["stages.student.epochs"])
