@@ -227,3 +227,17 @@ def test_report_has_sizes_and_latency(tmp_path):
     assert set(rep.latency.onnxruntime) == set(rep.latency.pytorch) == {1, 64}
     text = rep.format()
     assert "scorer storage" in text and "latency" in text and "PASSED" in text
+
+
+def test_verification_on_images_from_a_cifar100_folder(int_densenet, tmp_path):
+    import pickle
+
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, size=(40, 3072), dtype=np.uint8)
+    with open(folder / "test", "wb") as f:
+        pickle.dump({"data": pixels, "fine_labels": [0] * 40}, f)
+    rep = export_onnx(int_densenet, tmp_path / "m.onnx", data=tmp_path, samples=32, **FAST)
+    assert rep.parity.passed and rep.parity.source == "data" and rep.parity.samples == 32
+    with pytest.raises(MicronetError, match="no CIFAR-100 test set"):
+        export_onnx(int_densenet, tmp_path / "n.onnx", data=tmp_path / "cifar-100-python" / "x", samples=8)

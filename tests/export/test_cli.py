@@ -1,0 +1,80 @@
+"""`micronet export` on every checkpoint kind the scorer accepts, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto
+
+from micronet import models
+from micronet.cli import main
+from tests.export.conftest import compressed
+
+QUICK = ["--samples", "24", "--no-timing", "--json"]
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_micronet_checkpoint(tmp_path):
+    from micronet.io import save
+
+    torch.manual_seed(0)
+    ckpt = save(tmp_path / "m.safetensors", compressed(models.create("densenet_bc:depth=10,growth=4")))
+    out = tmp_path / "m.onnx"
+    res = _run("export", str(ckpt), "-o", str(out), *QUICK)
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["parity"]["passed"] and report["weights"]["tensors"]["dense INT4"] == 9
+    assert report["checkpoint_bytes"] == ckpt.stat().st_size and report["file_bytes"] == out.stat().st_size
+    assert report["storage_bytes"] > 0
+
+
+def test_plain_state_dict_with_model(tmp_path):
+    spec = "wrn:depth=10,width=1"
+    path = tmp_path / "w.pt"
+    torch.save(models.create(spec).state_dict(), path)
+    out = tmp_path / "w.onnx"
+    res = _run("export", str(path), "-o", str(out), "--model", spec, *QUICK)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["parity"]["passed"]
+    missing = _run("export", str(path), "-o", str(tmp_path / "x.onnx"), *QUICK)
+    assert missing.exit_code == 2 and "--model" in missing.output
+
+
+def test_synthetic_riair2019_checkpoint(tmp_path):
+    from micronet.io.riair2019 import random_riair2019_state
+
+    path = tmp_path / "densenet-100.pth.tar"
+    torch.save(random_riair2019_state(seed=0), path)
+    out = tmp_path / "riair.onnx"
+    res = _run("export", str(path), "-o", str(out), "--sparse-weights", "--samples", "17", "--no-timing", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["parity"]["passed"] and report["parity"]["weights_checked"] == 100
+    # 99 4-bit convs and the 6-bit FC; at these densities the bitmask beats dense for all of them
+    assert report["weights"]["tensors"] == {"bitmask INT4": 99, "bitmask INT8": 1}
+    assert report["file_bytes"] < 1.5 * report["storage_bytes"]
+    graph = onnx.load(str(out)).graph
+    fc_nz = next(t for t in graph.initializer if t.name == "fc.weight.nz")
+    assert fc_nz.data_type == TensorProto.INT8
+
+
+def test_errors_are_one_line(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save(models.create("densenet_bc:depth=10,growth=4").state_dict(), path)
+    missing_dir = _run("export", str(path), "-o", str(tmp_path / "no" / "m.onnx"), "--model",
+                       "densenet_bc:depth=10,growth=4")
+    assert missing_dir.exit_code == 2
+    assert missing_dir.output.strip().count("\n") == 0 and "does not exist" in missing_dir.output
+    existing = tmp_path / "m.onnx"
+    existing.write_bytes(b"keep me")
+    res = _run("export", str(path), "-o", str(existing), "--model", "densenet_bc:depth=10,growth=4")
+    assert res.exit_code == 2 and "--force" in res.output and res.output.strip().count("\n") == 0
+    assert existing.read_bytes() == b"keep me"
+    nofile = _run("export", str(tmp_path / "absent.pt"), "-o", str(tmp_path / "a.onnx"))
+    assert nofile.exit_code == 2 and "not found" in nofile.output
