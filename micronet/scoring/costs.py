@@ -256,28 +256,35 @@ def _block_of(module: Any) -> tuple[int, int] | None:
     return tuple(block) if block is not None else None
 
 
-def storage_bits(use: ParamUse, mask: str) -> tuple[int, int, int]:
-    """(total bits, stored values, mask bits) of one stored tensor under the policy's mask mode."""
-    n = use.numel
-    dense = n * use.bits
-    if not use.sparse or use.value is None or n == 0:
-        return dense, n, 0
+def _sparse_layout(use: ParamUse) -> tuple[int, int, int]:
+    """(stored values, mask bits, total bits) of ``use`` stored as nonzeros + bitmask (element or block)."""
     value = use.value
     if use.block is not None and value.dim() >= 2:
-        nonzero_values, n_blocks = _block_counts(value, use.block)
-        sparse = nonzero_values * use.bits + n_blocks
-        mask_bits = n_blocks
+        nonzero_values, mask_bits = _block_counts(value, use.block)
     else:
         nonzero_values = use.nnz if use.nnz is not None else int(value.count_nonzero())
-        sparse = nonzero_values * use.bits + n
-        mask_bits = n
-    if (
-        mask == "always"
-        or (mask == "if_sparse" and nonzero_values < n)
-        or (mask == "cheapest" and sparse < dense)
-    ):
-        return sparse, nonzero_values, mask_bits
-    return dense, n, 0
+        mask_bits = use.numel
+    return nonzero_values, mask_bits, nonzero_values * use.bits + mask_bits
+
+
+def stored_sparse(use: ParamUse, mask: str) -> bool:
+    """Whether the policy stores this tensor as nonzeros + bitmask (only then may its zeros be skipped)."""
+    if not use.sparse or use.value is None or use.numel == 0:
+        return False
+    if mask == "always":
+        return True
+    nonzero_values, _, sparse_bits = _sparse_layout(use)
+    if mask == "if_sparse":
+        return nonzero_values < use.numel
+    return sparse_bits < use.numel * use.bits  # cheapest
+
+
+def storage_bits(use: ParamUse, mask: str) -> tuple[int, int, int]:
+    """(total bits, stored values, mask bits) of one stored tensor under the policy's mask mode."""
+    if stored_sparse(use, mask):
+        nonzero_values, mask_bits, bits = _sparse_layout(use)
+        return bits, nonzero_values, mask_bits
+    return use.numel * use.bits, use.numel, 0
 
 
 def _block_counts(value: Tensor, block: tuple[int, int]) -> tuple[int, int]:
@@ -371,19 +378,21 @@ def _gemm(
         mode = "fp32"  # integer accumulation needs integer operands on both sides
     a_signed = x.info.signed if x.info.codes else True
     cost = Cost(kind, shape=w.shape, input_bits=a_bits, weight_bits=w_bits)
-    cost.mul(sum(nnz) * positions, max(a_bits, w_bits))
-    adds, bitops = accumulate(mode, nnz, dense_k, a_bits, w_bits, a_signed)
-    cost.adds += adds * positions
-    cost.add_bitops += bitops * positions
-    if isinstance(bias, TensorRef):
-        cost.add(sum(1 for n in nnz if n > 0) * positions, accumulator_float_bits(mode))
     params = []
     for ref in (w, bias):
         if isinstance(ref, TensorRef) and ref.static and ref.info.stored:
             use = ctx.param(ref, sparse=ref is w, module=rec.module)
             if ref is w and use.numel == sum(nnz) + sum(dense_k - n for n in nnz):
                 use.nnz = sum(nnz)  # the weight is the whole stored tensor: reuse the count
+                if not stored_sparse(use, policy.mask):
+                    nnz = [dense_k] * len(nnz)  # stored dense: its zeros are stored and multiplied
             params.append(use)
+    cost.mul(sum(nnz) * positions, max(a_bits, w_bits))
+    adds, bitops = accumulate(mode, nnz, dense_k, a_bits, w_bits, a_signed)
+    cost.adds += adds * positions
+    cost.add_bitops += bitops * positions
+    if isinstance(bias, TensorRef):
+        cost.add(sum(1 for n in nnz if n > 0) * positions, accumulator_float_bits(mode))
     cost.params = params
     out = rec.outputs[0]
     ctx.fold_root[out.uid] = rec

@@ -15,7 +15,7 @@ def test_wrn28_10_layout():
     assert all(c.bias is None for c in convs)
     assert model.fc.in_features == 640
     first = model.layer2[0]
-    assert first.conv1.stride == (1, 1) and first.conv2.stride == (2, 2) and first.shortcut.stride == (2, 2)
+    assert first.conv1.stride == (2, 2) and first.conv2.stride == (1, 1) and first.shortcut.stride == (2, 2)
     assert isinstance(model.layer2[1].shortcut, nn.Identity)
 
 

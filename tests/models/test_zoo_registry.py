@@ -103,7 +103,7 @@ def test_zoo_name_keeps_its_name_and_records_overrides():
         plain = create("wrn28_10", width=10)  # equal to the preset: still the plain zoo name
         wide = create("wrn28_10", width=2)
     assert plain.micronet_spec["name"] == "wrn28_10"
-    assert plain.micronet_spec["kwargs"] == {"depth": 28, "width": 10, "conv_bias": False}
+    assert plain.micronet_spec["kwargs"] == {"depth": 28, "width": 10, "conv_bias": False, "stride_first": True}
     assert wide.micronet_spec["name"] == "wrn28_10:width=2"
     with torch.device("meta"):
         assert count_params(create(wide.micronet_spec["name"])) == count_params(wide)

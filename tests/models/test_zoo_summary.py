@@ -39,5 +39,11 @@ def test_describe_models_matches_the_spec():
     assert round(rows["densenet100_k12"]["macs"] / 1e6, 1) == 288.0  # spec §2.1
     assert round(rows["densenet172_k30"]["macs"] / 1e9, 2) == 4.41
     assert round(rows["pyramidnet272_a200"]["macs"] / 1e9, 2) == 4.49
-    assert round(rows["wrn28_10"]["macs"] / 1e9, 2) == 5.95
+    assert rows["wrn28_10"]["macs"] == 5_243_386_368  # the challenge baseline: 2 x MACs = 10.49B (scoring.md d.1)
     assert rows["wrn28_10"]["family"] == "wrn"
+
+
+def test_wrn_stride_placement_variants():
+    with torch.device("meta"):
+        fast_aa = create("wrn28_10:stride_first=false")
+    assert round(dense_macs(fast_aa) / 1e9, 2) == 5.95  # the Fast AutoAugment copy (training.md §2.7)

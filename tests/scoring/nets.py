@@ -25,27 +25,6 @@ class PreActBlock(nn.Module):
         return y + (x if self.shortcut is None else self.shortcut(x))
 
 
-class StandardWRN(nn.Module):
-    """WRN-depth-width with the stride on each stage's first conv (spec scoring.md d.1's baseline)."""
-
-    def __init__(self, depth: int = 28, width: int = 10, num_classes: int = 100) -> None:
-        super().__init__()
-        n = (depth - 4) // 6
-        self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        blocks, c = [], 16
-        for stage, w in enumerate((16 * width, 32 * width, 64 * width)):
-            for i in range(n):
-                blocks.append(PreActBlock(c, w, 2 if stage > 0 and i == 0 else 1))
-                c = w
-        self.blocks = nn.Sequential(*blocks)
-        self.bn = nn.BatchNorm2d(c)
-        self.fc = nn.Linear(c, num_classes)
-
-    def forward(self, x):
-        x = torch.relu(self.bn(self.blocks(self.stem(x))))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
-
-
 def no_exact_zeros_(model: nn.Module) -> nn.Module:
     """Random init occasionally yields exact zeros, which a sparsity-aware scorer rightly counts."""
     with torch.no_grad():

@@ -3,20 +3,24 @@
 from fractions import Fraction
 
 import pytest
+import torch
 
 from micronet.models import create
 from micronet.scoring import score
-from tests.scoring.nets import StandardWRN, no_exact_zeros_
+from tests.scoring.nets import no_exact_zeros_
 
 
 @pytest.fixture(scope="module")
 def wrn():
-    return no_exact_zeros_(StandardWRN(28, 10)).eval()
+    # Random init can leave an exactly-zero weight; under `official` that tensor would (correctly) be
+    # stored sparse with a full bitmask. Remove such accidents so the hand counts apply.
+    return no_exact_zeros_(create("wrn28_10")).eval()
 
 
 def test_wrn28_10_official_scores_two(wrn):
     report = score(wrn)
     assert report.score == pytest.approx(2.0, abs=0.005)
+    assert report.param_score == pytest.approx(1.0, abs=0.001) and report.op_score == pytest.approx(1.0, abs=0.001)
     gemm = report.by_kind()
     # conv + FC multiply-accumulates (spec d.1): 5,243,386,368.
     assert gemm["conv"]["mults_raw"] + gemm["linear"]["mults_raw"] == 5_243_386_368
@@ -46,3 +50,15 @@ def test_densenet_bc_100_dense_counts():
     assert folded.ops == 587_457_840 - 1_032_192
     assert folded.params == 800_032 - 48 * 48
     assert folded.mults == Fraction(folded.mults_raw)  # fp32: one op per multiply
+
+
+def test_an_accidental_zero_is_stored_sparse_only_when_it_pays_under_cheapest():
+    torch.manual_seed(0)
+    model = create("wrn:depth=10,width=1").eval()
+    conv = model.layer2[0].conv1
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 0] = 0.0
+    dense = score(no_exact_zeros_(create("wrn:depth=10,width=1").eval()), mask="cheapest")
+    literal, cheapest = score(model), score(model, mask="cheapest")
+    assert literal.params > cheapest.params  # if_sparse: the tensor with one zero pays a full bitmask
+    assert cheapest.ops == dense.ops  # stored dense, so its zero is multiplied like any other weight
