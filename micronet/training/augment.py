@@ -36,6 +36,7 @@ pixels; nearest-neighbour sampling (a few pixels on shear edges round differentl
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -48,6 +49,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from micronet.errors import MicronetError
+from micronet.training.data import host_to_device
 
 POLICY_DIR = Path(__file__).parent / "policies"
 MEAN_COLOUR = (125, 123, 114)  # CIFAR mean ×255, rounded: the colour that normalises to ~0 (both originals)
@@ -169,6 +171,12 @@ def identity(x: Tensor, m: float, fill: Fill, g: torch.Generator) -> Tensor:
     return x
 
 
+@functools.lru_cache(maxsize=64)
+def _colour(fill: Fill, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A fill colour as a ``1×3×1×1`` tensor, made once per device (no copy per batch)."""
+    return torch.tensor(fill, dtype=dtype).view(1, 3, 1, 1).to(device)
+
+
 def cutout(x: Tensor, size: int, g: torch.Generator, fill: Fill = MEAN_COLOUR) -> Tensor:
     """Fixed-size Cutout: one ``size``×``size`` patch per image, centre uniform over the image, clipped.
 
@@ -179,16 +187,15 @@ def cutout(x: Tensor, size: int, g: torch.Generator, fill: Fill = MEAN_COLOUR) -
     if size <= 0:
         return x
     b, _, h, w = x.shape
-    cy = torch.randint(h, (b,), generator=g).to(x.device)
-    cx = torch.randint(w, (b,), generator=g).to(x.device)
+    cy = host_to_device(torch.randint(h, (b,), generator=g), x.device)
+    cx = host_to_device(torch.randint(w, (b,), generator=g), x.device)
     top, left = cy - size // 2, cx - size // 2
     rows = torch.arange(h, device=x.device)
     cols = torch.arange(w, device=x.device)
     in_rows = (rows[None] >= top[:, None]) & (rows[None] < top[:, None] + size)
     in_cols = (cols[None] >= left[:, None]) & (cols[None] < left[:, None] + size)
     patch = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
-    colour = torch.tensor(fill, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return torch.where(patch, colour, x)
+    return torch.where(patch, _colour(fill, x.dtype, x.device), x)
 
 
 def pad_crop(x: Tensor, padding: int, g: torch.Generator, fill: Fill = (0, 0, 0)) -> Tensor:
@@ -196,11 +203,10 @@ def pad_crop(x: Tensor, padding: int, g: torch.Generator, fill: Fill = (0, 0, 0)
     if padding <= 0:
         return x
     b, c, h, w = x.shape
-    colour = torch.tensor(fill, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    padded = colour.expand(b, c, h + 2 * padding, w + 2 * padding).clone()
+    padded = _colour(fill, x.dtype, x.device).expand(b, c, h + 2 * padding, w + 2 * padding).clone()
     padded[:, :, padding : padding + h, padding : padding + w] = x
-    oy = torch.randint(2 * padding + 1, (b,), generator=g).to(x.device)
-    ox = torch.randint(2 * padding + 1, (b,), generator=g).to(x.device)
+    oy = host_to_device(torch.randint(2 * padding + 1, (b,), generator=g), x.device)
+    ox = host_to_device(torch.randint(2 * padding + 1, (b,), generator=g), x.device)
     # One flat gather over H·W per image (faster than 4-D advanced indexing on both CPU and GPU).
     rows = oy[:, None] + torch.arange(h, device=x.device)
     cols = ox[:, None] + torch.arange(w, device=x.device)
@@ -210,7 +216,7 @@ def pad_crop(x: Tensor, padding: int, g: torch.Generator, fill: Fill = (0, 0, 0)
 
 def random_flip(x: Tensor, g: torch.Generator) -> Tensor:
     """Mirror each image left-right with probability 0.5."""
-    flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
+    flip = host_to_device(torch.rand(x.shape[0], generator=g) < 0.5, x.device)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
@@ -388,7 +394,7 @@ class PolicyAugment:
                         m = -m
                     groups.setdefault((op.name, m), []).append(i)
                 for (name, m), members in groups.items():
-                    idx = torch.tensor(members, device=x.device)
+                    idx = host_to_device(torch.tensor(members), x.device)
                     out[idx] = OPS[name](out[idx], m, self.fill, g)
         return out
 

@@ -18,6 +18,7 @@ to batch ``k`` therefore sees exactly the same batches.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io as _io
 import pickle
@@ -47,14 +48,29 @@ class Normalization:
 
     def __call__(self, images: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """Normalise a uint8 batch ``B×3×H×W`` on its own device; returns ``dtype``."""
-        x = images.to(torch.float32)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1) * 255.0 * self.extra_divisor
-        return ((x - mean) / std).to(dtype)
+        mean, std = _channel_stats(self.mean, self.std, self.extra_divisor, images.device)
+        return ((images.to(torch.float32) - mean) / std).to(dtype)
 
     def mean_colour(self) -> tuple[int, int, int]:
         """The uint8 colour that normalises to zero (the TF-AutoAugment/Cutout fill)."""
         return tuple(int(round(m * 255)) for m in self.mean)  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], divisor: float,
+                   device: torch.device) -> tuple[Tensor, Tensor]:
+    # Built once per device: a fresh host tensor per batch would mean a synchronising copy per step.
+    m = torch.tensor(mean).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std).view(1, 3, 1, 1) * 255.0 * divisor
+    return m.to(device), s.to(device)
+
+
+def host_to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Copy a small host tensor to ``device`` without stalling the GPU queue (pinned, non-blocking)."""
+    if device.type == "cpu":
+        return t
+    # A copy from pageable memory waits for the stream to drain; a pinned one is queued like a kernel.
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 _WINNER_MEAN = (0.49139968, 0.48215841, 0.44653091)
@@ -373,16 +389,16 @@ class BatchStream:
         return -(-self.samples_per_rank // self.batch_size)
 
     def _indices(self, epoch: int) -> Tensor:
+        """This rank's sample order for ``epoch``, on the data's device (moved once per epoch)."""
         if self._cached is None or self._cached[0] != epoch:
             idx = shard_indices(len(self.data), epoch, seed=self.seed, shuffle=self.shuffle, rank=self.rank,
                                 world_size=self.world_size, even=self.even_shards)
-            self._cached = (epoch, idx)
+            self._cached = (epoch, host_to_device(idx, self.data.images.device))
         return self._cached[1]
 
     def make_batch(self, epoch: int, k: int) -> tuple[Tensor, Tensor]:
         """Batch ``k`` of ``epoch``: uint8 images (augmented) and labels, on the data's device."""
         idx = self._indices(epoch)[k * self.batch_size : (k + 1) * self.batch_size]
-        idx = idx.to(self.data.images.device)
         images, labels = self.data.images[idx], self.data.labels[idx]
         if self.augment is not None:
             g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, k, 1))

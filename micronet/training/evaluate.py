@@ -54,9 +54,9 @@ def evaluate_checkpoint(path: str | Path, data_root: str | Path, *, dataset: str
     from micronet.scoring import api as scoring_api
 
     path = Path(path)
-    fmt = scoring_api.detect_format(path) if format == "auto" else format
     if not path.is_file():
         raise MicronetError(f"checkpoint {path} does not exist")
+    fmt = scoring_api.detect_format(path) if format == "auto" else format
     net = scoring_api.load_for_scoring(path, format=fmt, model=model)
     norm = get_normalization(normalization or _checkpoint_normalization(path, fmt))
     test = load_dataset(data_root, "test", dataset)
