@@ -202,6 +202,8 @@ class GraphBuilder:
         self._scalars: dict[tuple, str] = {}
         self._weight_values: dict[str, str] = {}
         self._batch_dim: str | None = None
+        # values made by a spatial zero Pad: name -> (unpadded input, pads per spatial dim (begin, end))
+        self.zero_pads: dict[str, tuple[Value, list[tuple[int, int]]]] = {}
 
     # ---- naming, nodes, constants -------------------------------------------------------------
     def fresh(self) -> str:
@@ -490,13 +492,14 @@ def build_graph(
     if output.rank != 2 or not output.batched:
         raise UnsupportedModelError(f"the model must return [batch, classes] logits, not shape {output.shape}")
     b.add("Identity", [output.name], out=OUTPUT_NAME)
+    nodes, initializers = _live(b.nodes, b.initializers)
 
     graph = oh.make_graph(
-        b.nodes,
+        nodes,
         "micronet",
         [oh.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", *input_shape])],
         [oh.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", output.shape[1]])],
-        b.initializers,
+        initializers,
     )
     opsets = [oh.make_opsetid("", opset)]
     functions = []
@@ -521,6 +524,16 @@ def build_graph(
         onnx_model, b.weights, exact=not b.inexact, inexact_reasons=b.inexact,
         num_classes=int(output.shape[1]), form=form,
     )
+
+
+def _live(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> tuple[list, list]:
+    """Drop nodes and initializers that do not reach the output (e.g. a Pad absorbed by a MaxPool)."""
+    needed, kept = {OUTPUT_NAME}, []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    return kept[::-1], [t for t in inits if t.name in needed]
 
 
 def _convert(b: GraphBuilder, gm: fx.GraphModule, n: fx.Node, env: dict, ra: _Record, rb: _Record,
@@ -768,7 +781,33 @@ def _avg_pool_fn(b: GraphBuilder, ctx: Ctx) -> Value:
 def _max_pool(b: GraphBuilder, ctx: Ctx, kernel, stride, padding, dilation, ceil_mode) -> Value:
     x = ctx.args[0]
     attrs = _pool_attrs(kernel, stride, padding, ceil_mode)
+    if x.name in b.zero_pads:
+        y = _max_pool_of_zero_pad(b, ctx, x, attrs, dilation)
+        if y is not None:
+            return _out(ctx, y, x.bound)
     return _out(ctx, b.add("MaxPool", [x.name], dilations=list(_pair(dilation)), **attrs), x.bound)
+
+
+def _max_pool_of_zero_pad(b: GraphBuilder, ctx: Ctx, padded: Value, attrs: dict, dilation) -> str | None:
+    """MaxPool(Pad0(x)) without a Pad node in front of the MaxPool.
+
+    onnxruntime (1.31, every optimisation level above "disabled") fuses a zero Pad into the following
+    MaxPool's ``pads``, but MaxPool pads with -inf, so windows whose valid values are all negative
+    change. Instead: MaxPool(x) with the zero pad as its own pads, then Max with a constant that is 0
+    on windows touching the zero pad and -inf elsewhere (computed here with torch's own max_pool2d).
+    """
+    x, spatial = b.zero_pads[padded.name]
+    k, own = attrs["kernel_shape"], attrs["pads"]
+    begins = [spatial[0][0] + own[0], spatial[1][0] + own[1]]
+    ends = [spatial[0][1] + own[2], spatial[1][1] + own[3]]
+    if any(p >= kk for p, kk in zip(begins + ends, k + k)):
+        return None  # ONNX requires pads < kernel; keep the explicit Pad (verification will judge it)
+    marker = torch.full((1, 1, *x.shape[2:]), float("-inf"))
+    marker = F.pad(marker, (spatial[1][0], spatial[1][1], spatial[0][0], spatial[0][1]), value=0.0)
+    marker = F.max_pool2d(marker, k, attrs["strides"], (own[0], own[1]), _pair(dilation), bool(attrs["ceil_mode"]))
+    pooled = b.add("MaxPool", [x.name], dilations=list(_pair(dilation)),
+                   **{**attrs, "pads": begins + ends})
+    return b.add("Max", [pooled, b.initializer(marker.numpy())])
 
 
 @converts_module(nn.MaxPool2d)
@@ -870,6 +909,8 @@ def _pad(b: GraphBuilder, ctx: Ctx) -> Value:
     for i in range(len(pad) // 2):  # torch lists (begin, end) pairs from the last dim backwards
         begins[x.rank - 1 - i], ends[x.rank - 1 - i] = pad[2 * i], pad[2 * i + 1]
     y = b.add("Pad", [x.name, b.ints(begins + ends), b.scalar(float(value))], mode="constant")
+    if float(value) == 0.0 and x.rank == 4 and not any(begins[:2] + ends[:2]):
+        b.zero_pads[y] = (x, [(begins[2], ends[2]), (begins[3], ends[3])])
     bound = x.bound if x.bound is not None and float(value).is_integer() else None
     return _out(ctx, y, None if bound is None else max(bound, abs(int(value))))
 

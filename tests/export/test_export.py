@@ -241,3 +241,30 @@ def test_verification_on_images_from_a_cifar100_folder(int_densenet, tmp_path):
     assert rep.parity.passed and rep.parity.source == "data" and rep.parity.samples == 32
     with pytest.raises(MicronetError, match="no CIFAR-100 test set"):
         export_onnx(int_densenet, tmp_path / "n.onnx", data=tmp_path / "cifar-100-python" / "x", samples=8)
+
+
+class _PadMaxPool(nn.Module):
+    """Zero padding before a max pool on values that can be negative, plus the functional quantizer ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+        self.register_buffer("step", torch.tensor(0.1))
+
+    def forward(self, x):
+        from micronet.compress.ops import fake_quant
+
+        x = torch.ops.micronet.round_clamp(self.conv(x) * 4, -8, 7)
+        x = fake_quant(x, self.step, -8, 7) - 1.0
+        x = torch.nn.functional.max_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1)), 3, 2)
+        return self.fc(torch.flatten(x.mean([2, 3], keepdim=True), 1))
+
+
+def test_zero_pad_before_max_pool_survives_onnxruntime_fusion(tmp_path):
+    # onnxruntime fuses Pad into MaxPool's -inf padding; the exporter must not leave it that chance
+    path = tmp_path / "m.onnx"
+    rep = export_onnx(_PadMaxPool().eval(), path, samples=128, **FAST)
+    assert rep.parity.passed and rep.parity.within_tol == 128
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "Pad" not in ops and "Max" in ops and ops.count("Round") == 2
