@@ -294,8 +294,7 @@ def verify_onnx(
     data: Any = None,
     form: str | None = None,
 ) -> _verify.ParityReport:
-    """Verify an existing ONNX file against ``model`` (weights, logits, dynamic batch); never raises on a
-    mismatch: check ``report.passed``."""
+    """Verify an existing ONNX file against ``model``; mismatches are reported (``.passed``), not raised."""
     path = Path(path)
     if not path.is_file():
         raise MicronetError(f"file not found: {path}")

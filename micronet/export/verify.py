@@ -102,8 +102,8 @@ def make_session(model: str | Path | bytes, device: str = "cpu"):
     if "CUDAExecutionProvider" not in sess.get_providers():
         raise MicronetError(
             "onnxruntime could not use CUDA (session providers: "
-            f"{sess.get_providers()}); install micronet[onnx-gpu] (onnxruntime-gpu, CUDA 12/13 + cuDNN 9) "
-            "instead of onnxruntime, on a machine with an NVIDIA GPU"
+            f"{sess.get_providers()}); it needs micronet[onnx-gpu] (onnxruntime-gpu; the PyPI 1.31 build wants "
+            "CUDA 13 + cuDNN 9) installed instead of onnxruntime, and an NVIDIA GPU"
         )
     return sess
 
