@@ -7,6 +7,7 @@ tests run single stages next to it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -165,8 +166,6 @@ def test_eval_cli_matches_the_recorded_test_accuracy(pipeline, cifar10_root):
     r = CliRunner().invoke(main, ["eval", str(out / "quant-fc.safetensors"), "--data-root", str(cifar10_root),
                                   "--json"])
     assert r.exit_code == 0, r.output
-    import json
-
     reported = json.loads(r.output)
     assert reported["top1"] == pytest.approx(results["quant-fc"].metrics["test_top1"])
     assert reported["normalization"] == "cifar10" and reported["images"] == 200
@@ -280,3 +279,27 @@ def test_bad_inputs_fail_before_training_with_one_line(pipeline, cifar10_root, t
         assert r.exit_code == 2, (args, r.output)
         assert message in r.output and r.output.count("\n") == 1, r.output
     assert not (tmp_path / "never").exists() or not any((tmp_path / "never").iterdir())
+
+
+def test_cli_runs_a_stage_with_overrides(cifar10_root, tmp_path):
+    recipe = str(write_recipe(tmp_path / "tiny.yaml"))
+    with _OneThread():
+        r = _cli("student", "--recipe", recipe, "--data-root", str(cifar10_root), "--out", str(tmp_path / "o"),
+                 "--epochs", "1", "--batch-size", "64", "--lr", "0.05", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "student.safetensors" in r.output and "test_top1" in r.output
+    entry = mio.load(tmp_path / "o" / "student.safetensors").history[-1]
+    assert (entry["settings"]["epochs"], entry["settings"]["batch_size"], entry["settings"]["lr"]) == (1, 64, 0.05)
+
+
+def test_eval_cli_reads_riair2019_files_with_the_legacy_scaling(cifar100_root, tmp_path):
+    from micronet.io.riair2019 import random_riair2019_state
+
+    path = tmp_path / "densenet-100.pth.tar"
+    torch.save(random_riair2019_state(), path)
+    with _OneThread():
+        r = CliRunner().invoke(main, ["eval", str(path), "--data-root", str(cifar100_root), "--json"])
+    assert r.exit_code == 0, r.output
+    reported = json.loads(r.output)
+    assert reported["format"] == "riair2019" and reported["normalization"] == "riair2019"
+    assert reported["images"] == 100 and 0 <= reported["top1"] <= reported["top5"] <= 100
