@@ -222,7 +222,12 @@ def _combine(first: ChannelAffine, second: ChannelAffine) -> ChannelAffine:
 
 
 def _install(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> None:
-    """Point ``node`` at a fresh submodule ``module`` (fresh name: the old one may be shared)."""
+    """Point ``node`` at ``module``: in place of its old module (keeping the readable path) when this node is
+    that module's only call site, else under a fresh name (the old module is shared)."""
+    calls = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target)
+    if calls == 1:
+        gm.set_submodule(str(node.target), module)
+        return
     base = str(node.target).replace(".", "_") + "_merged"
     name, i = base, 0
     while hasattr(gm, name):
