@@ -104,14 +104,17 @@ def load_splits(recipe: Recipe, options: RunOptions) -> Splits:
     """Load train/test under the data root and hold out the recipe's validation split."""
     from micronet.training.data import detect_layout
 
-    if not options.download:
-        detect_layout(options.data_root, recipe.dataset)  # fail early, with what was expected
-    full = load_dataset(options.data_root, "train", recipe.dataset, options.download)
-    test = load_dataset(options.data_root, "test", recipe.dataset, options.download)
+    dataset = recipe.dataset
+    if options.download:  # only an explicit CIFAR layout can be downloaded; auto means the challenge's
+        dataset = "cifar100" if dataset == "auto" else dataset
+        load_dataset(options.data_root, "test", dataset, download=True)
+    layout = detect_layout(options.data_root, dataset)  # fails early, saying what was expected
+    full = load_dataset(options.data_root, "train", layout, options.download)
+    test = load_dataset(options.data_root, "test", layout)
     if full.num_classes != test.num_classes:
         raise MicronetError(f"{options.data_root}: train has {full.num_classes} classes but test {test.num_classes}")
     train, val = split_holdout(full, recipe.holdout, recipe.holdout_seed) if recipe.holdout else (full, None)
-    return Splits(train, val, test, detect_layout(options.data_root, recipe.dataset))
+    return Splits(train, val, test, layout)
 
 
 def _canonical_model(spec: str, num_classes: int) -> str:

@@ -303,3 +303,15 @@ def test_eval_cli_reads_riair2019_files_with_the_legacy_scaling(cifar100_root, t
     reported = json.loads(r.output)
     assert reported["format"] == "riair2019" and reported["normalization"] == "riair2019"
     assert reported["images"] == 100 and 0 <= reported["top1"] <= reported["top5"] <= 100
+
+
+def test_select_best_keeps_the_best_epoch_on_the_held_out_split(cifar10_root, tmp_path):
+    tree = {**TINY, "stages": {"student": {**TINY["stages"]["student"], "select": "best"}}}
+    recipe = load_recipe(write_recipe(tmp_path / "best.yaml", tree))
+    with _OneThread():
+        result = run_stage("student", recipe, RunOptions(data_root=cifar10_root, out=tmp_path / "o", progress=False))
+    epochs = [json.loads(line) for line in (tmp_path / "o" / "student.jsonl").read_text().splitlines()][:-1]
+    best = max(epochs, key=lambda e: e["val_top1"])  # first maximum, as the stage keeps it
+    assert result.metrics["selected_epoch"] == best["epoch"]
+    assert result.metrics["val_top1"] == pytest.approx(best["val_top1"])
+    assert not (tmp_path / "o" / "student.best.safetensors").exists()
