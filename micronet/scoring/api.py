@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from micronet import io
 from micronet.errors import MicronetError
 from micronet.scoring.accounting import account
 from micronet.scoring.policy import Policy, Track, get_track, resolve_policy
@@ -192,87 +193,43 @@ def score(
 # Loading what the user points at.
 
 
-def _read_torch_file(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise MicronetError(f"file not found: {path}") from None
-    except IsADirectoryError:
-        raise MicronetError(f"{path} is a directory, not a checkpoint file") from None
-    except PermissionError:
-        raise MicronetError(f"cannot read {path}: permission denied") from None
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise MicronetError(
-            f"cannot read {path} as a PyTorch state_dict (corrupt or not a weights file): {first}"
-        ) from None
-
-
-def _as_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise MicronetError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
-    keys = list(obj)
-    if all(k.startswith("module.") for k in keys):  # saved from DataParallel
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return dict(obj)
-
-
-def _summarise(keys: list[str], limit: int = 4) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def load_state_dict_into(model: nn.Module, state: dict[str, Tensor], source: str) -> nn.Module:
-    """Load ``state`` strictly, raising a one-line MicronetError naming missing/unexpected/mismatched keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_summarise(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_summarise(unexpected)}")
-        if wrong:
-            parts.append(f"shape mismatch: {_summarise(wrong, 2)}")
-        raise MicronetError(f"{source} does not match the architecture: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
-    return model
-
-
-def create_model(name: str) -> nn.Module:
+def create_model(name: str, num_classes: int = 100) -> nn.Module:
     """Build a zoo model by name or spec string, with a one-line error for unknown names."""
+    from micronet import models
+
     try:
-        from micronet import models
-    except ImportError as exc:  # pragma: no cover - models is part of the package
-        raise MicronetError(f"the model zoo is not available: {exc}") from None
-    create = getattr(models, "create", None)
-    if create is None:
-        raise MicronetError("the model zoo (micronet.models.create) is not available in this build")
-    try:
-        return create(name)
+        return models.create(name, num_classes=num_classes)
     except MicronetError:
         raise
     except (KeyError, ValueError) as exc:
         raise MicronetError(f"unknown model {name!r}: {exc}") from None
 
 
+def _model_for_state(name: str, state: dict[str, Tensor]) -> nn.Module:
+    """The zoo model ``name`` with as many classes as the state_dict's classifier has rows."""
+    from micronet.compress.state import classifier_name
+
+    model = create_model(name)
+    fc = classifier_name(model)
+    rows = state.get(f"{fc}.weight")
+    if rows is not None and rows.dim() == 2 and rows.shape[0] != model.get_submodule(fc).out_features:
+        model = create_model(name, num_classes=int(rows.shape[0]))
+    return model
+
+
+def _is_micronet_checkpoint(path: Path) -> bool:
+    meta = io.read_metadata(path)
+    return bool(meta and meta.get("micronet_format"))
+
+
 def detect_format(path: str | Path) -> str:
-    """Guess a file's format: micronet (.safetensors), riair2019 (by key layout) or state_dict."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return "micronet"
+    """Guess a file's format: micronet (safetensors with micronet metadata), riair2019 (by key layout), state_dict."""
     from micronet.io.riair2019 import looks_like_riair2019
 
-    obj = _read_torch_file(path)
-    return "riair2019" if isinstance(obj, dict) and looks_like_riair2019(obj) else "state_dict"
+    path = Path(path)
+    if _is_micronet_checkpoint(path):
+        return "micronet"
+    return "riair2019" if looks_like_riair2019(io.load_state_dict_file(path)) else "state_dict"
 
 
 def load_for_scoring(
@@ -280,6 +237,8 @@ def load_for_scoring(
 ) -> nn.Module:
     """Load a model to score from a micronet checkpoint, a plain state_dict (``model`` names the
     architecture) or a riair2019 merged checkpoint. Errors are one-line MicronetErrors."""
+    from micronet.io.riair2019 import build_riair2019, looks_like_riair2019
+
     path = Path(path)
     if format not in FORMATS:
         raise MicronetError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
@@ -287,33 +246,16 @@ def load_for_scoring(
         raise MicronetError(f"file not found: {path}")
     if path.is_dir():
         raise MicronetError(f"{path} is a directory, not a checkpoint file")
-    fmt = detect_format(path) if format == "auto" else format
-    if fmt == "micronet":
-        try:
-            from micronet.io import load
-        except ImportError:
-            raise MicronetError(
-                "micronet checkpoints need micronet.io.load, which this build lacks"
-            ) from None
-        try:
-            loaded = load(path)
-        except MicronetError:
-            raise
-        except Exception as exc:
-            raise MicronetError(
-                f"cannot read micronet checkpoint {path}: {str(exc).splitlines()[0]}"
-            ) from None
-        return getattr(loaded, "model", loaded)
-    obj = _read_torch_file(path)
-    if fmt == "riair2019":
-        from micronet.io.riair2019 import build_riair2019
-
-        state = _as_state_dict(obj, path)
+    if format in ("auto", "micronet") and _is_micronet_checkpoint(path):
+        return io.load(path).model
+    if format == "micronet":
+        raise MicronetError(f"{path} is not a micronet checkpoint (no micronet metadata)")
+    state = io.load_state_dict_file(path)
+    if format == "riair2019" or (format == "auto" and looks_like_riair2019(state)):
         return build_riair2019(state, source=str(path), **riair_kwargs)
-    state = _as_state_dict(obj, path)
     if model is None:
         raise MicronetError(f"{path} is a plain state_dict: name its architecture with --model")
-    return load_state_dict_into(create_model(model), state, str(path))
+    return io.load_into(_model_for_state(model, state), state, source=str(path))
 
 
 def resolve_target(

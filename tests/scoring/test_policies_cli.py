@@ -175,3 +175,16 @@ def test_block_mask_bits():
     net = nn.Sequential(IntLinear(codes, weight_bits=4, block=(4, 4)))
     report = score(net, input_size=8, data=torch.randn(1, 8))
     assert report.params == Fraction(16 * 4 + 4, 32)
+
+
+def test_plain_state_dict_with_ten_classes_loads(tmp_path):
+    import torch
+
+    from micronet.models import create
+    from micronet.scoring import load_for_scoring
+
+    net = create("densenet_bc:depth=10,growth=4", num_classes=10)
+    torch.save(net.state_dict(), tmp_path / "ten.pth")
+    loaded = load_for_scoring(tmp_path / "ten.pth", model="densenet_bc:depth=10,growth=4")
+    assert loaded.fc.out_features == 10
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
