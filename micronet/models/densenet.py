@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from micronet.models.layers import conv1x1, conv3x3, init_he_fan_out_
+from micronet.models.layers import ClassifierNet, conv1x1, conv3x3, init_he_fan_out_
 from micronet.models.registry import register_family, register_model
 
 
@@ -58,7 +58,7 @@ class _Transition(nn.Sequential):
 
 
 @register_family("densenet_bc")
-class DenseNet(nn.Module):
+class DenseNet(ClassifierNet):
     """DenseNet(-BC) of `depth` (convs + FC) and growth rate `growth`; transitions keep
     floor(c * compression) channels. `bottleneck` adds the 1x1 conv to every layer (the "B" in BC)."""
 
@@ -87,19 +87,14 @@ class DenseNet(nn.Module):
         channels = int(channels * compression)
         self.block3 = _DenseBlock(layers_per_block, channels, growth, bottleneck)
         channels += layers_per_block * growth
-        self.bn_final = nn.BatchNorm2d(channels)
-        self.relu_final = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
-        self.num_features = channels
+        self._build_head(channels, num_classes)
         init_he_fan_out_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_stem(x)
         x = self.trans1(self.block1(x))
         x = self.trans2(self.block2(x))
-        x = self.relu_final(self.bn_final(self.block3(x)))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        return self.forward_head(self.block3(x))
 
 
 register_model("densenet100_k12", "densenet_bc", depth=100, growth=12,

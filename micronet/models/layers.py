@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn as nn
 
 
@@ -31,3 +32,19 @@ def init_he_fan_out_(model: nn.Module) -> None:
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+
+class ClassifierNet(nn.Module):
+    """Base of the zoo families: the shared head BN -> ReLU -> global average pool -> Linear ``fc``."""
+
+    def _build_head(self, channels: int, num_classes: int) -> None:
+        self.bn_final = nn.BatchNorm2d(channels)
+        self.relu_final = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+        self.num_features = channels
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final BN-ReLU, global average pool and classifier."""
+        x = self.relu_final(self.bn_final(x))
+        return self.fc(torch.flatten(self.pool(x), 1))

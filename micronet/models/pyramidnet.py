@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from micronet.models.layers import conv1x1, conv3x3, init_he_fan_out_
+from micronet.models.layers import ClassifierNet, conv1x1, conv3x3, init_he_fan_out_
 from micronet.models.registry import register_family, register_model
 from micronet.models.shakedrop import ShakeDrop, linear_decay
 
@@ -71,7 +71,7 @@ def block_widths(depth: int, alpha: float) -> list[int]:
 
 
 @register_family("pyramidnet")
-class PyramidNet(nn.Module):
+class PyramidNet(ClassifierNet):
     """Bottleneck PyramidNet of `depth` (= 2 + 9n) and widening `alpha`, ShakeDrop decaying linearly to
     `final_drop_prob` at the last block (0 disables it)."""
 
@@ -93,22 +93,13 @@ class PyramidNet(nn.Module):
                 channels = blocks[-1].out_channels
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
-        self.bn_final = nn.BatchNorm2d(channels)
-        self.relu_final = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
-        self.num_features = channels
+        self._build_head(channels, num_classes)
         init_he_fan_out_(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and the three stages (pre-head feature maps)."""
         x = self.bn_stem(self.conv_stem(x))
         return self.layer3(self.layer2(self.layer1(x)))
-
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """BN-ReLU-global average pool-FC."""
-        x = self.relu_final(self.bn_final(x))
-        return self.fc(torch.flatten(self.pool(x), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

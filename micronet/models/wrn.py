@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from micronet.models.layers import conv1x1, conv3x3
+from micronet.models.layers import ClassifierNet, conv1x1, conv3x3
 from micronet.models.registry import register_family, register_model
 
 STEM_CHANNELS = 16
@@ -43,7 +43,7 @@ class _WideBlock(nn.Module):
 
 
 @register_family("wrn")
-class WideResNet(nn.Module):
+class WideResNet(ClassifierNet):
     """WRN-`depth`-`width`: 3 stages of (depth - 4) / 6 blocks with 16, 32, 64 times `width` channels."""
 
     def __init__(self, depth: int = 28, width: int = 10, conv_bias: bool = False, stride_first: bool = True,
@@ -65,16 +65,10 @@ class WideResNet(nn.Module):
                 channels = stage_channels
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
-        self.bn_final = nn.BatchNorm2d(channels)
-        self.relu_final = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
-        self.num_features = channels
+        self._build_head(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer3(self.layer2(self.layer1(self.conv_stem(x))))
-        x = self.relu_final(self.bn_final(x))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        return self.forward_head(self.layer3(self.layer2(self.layer1(self.conv_stem(x)))))
 
 
 register_model("wrn28_10", "wrn", depth=28, width=10, summary="WRN-28-10: the MicroNet Challenge baseline")

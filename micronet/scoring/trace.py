@@ -28,57 +28,7 @@ from torch.utils.module_tracker import ModuleTracker
 
 from micronet.compress.ops import range_bits
 
-# Ops that only move or re-view data: the result holds the same values (same width, same codes).
-DATA_MOVEMENT = frozenset(
-    {
-        "aten::view",
-        "aten::_unsafe_view",
-        "aten::reshape",
-        "aten::t",
-        "aten::transpose",
-        "aten::permute",
-        "aten::expand",
-        "aten::squeeze",
-        "aten::unsqueeze",
-        "aten::slice",
-        "aten::select",
-        "aten::clone",
-        "aten::contiguous",
-        "aten::_to_copy",
-        "aten::alias",
-        "aten::detach",
-        "aten::lift_fresh",
-        "aten::cat",
-        "aten::stack",
-        "aten::constant_pad_nd",
-        "aten::repeat",
-        "aten::split",
-        "aten::split_with_sizes",
-        "aten::chunk",
-        "aten::unbind",
-        "aten::narrow",
-        "aten::index_select",
-        "aten::flatten",
-        "aten::copy_",
-        "aten::pixel_shuffle",
-        "aten::pixel_unshuffle",
-        "aten::channel_shuffle",
-        "aten::dropout",
-        "aten::feature_dropout",
-        "aten::index",
-        "aten::gather",
-        "aten::_unsafe_index",
-        "aten::as_strided",
-        "aten::unfold",
-        "aten::flip",
-        "aten::roll",
-        "aten::index_copy",
-        "aten::index_put",
-        "aten::scatter",
-        "aten::nonzero",
-    }
-)
-# Single-input views: the result is the same stored tensor (parameters are counted once per origin).
+# Single-input views and copies: the result is the same stored tensor (parameters are counted once per origin).
 SAME_ORIGIN = frozenset(
     {
         "aten::view",
@@ -102,6 +52,35 @@ SAME_ORIGIN = frozenset(
         "aten::as_strided",
     }
 )
+# Ops that only move or re-view data: the result holds the same values (same width, same codes).
+DATA_MOVEMENT = SAME_ORIGIN | {
+    "aten::cat",
+    "aten::stack",
+    "aten::constant_pad_nd",
+    "aten::repeat",
+    "aten::split",
+    "aten::split_with_sizes",
+    "aten::chunk",
+    "aten::unbind",
+    "aten::narrow",
+    "aten::index_select",
+    "aten::copy_",
+    "aten::pixel_shuffle",
+    "aten::pixel_unshuffle",
+    "aten::channel_shuffle",
+    "aten::dropout",
+    "aten::feature_dropout",
+    "aten::index",
+    "aten::gather",
+    "aten::_unsafe_index",
+    "aten::unfold",
+    "aten::flip",
+    "aten::roll",
+    "aten::index_copy",
+    "aten::index_put",
+    "aten::scatter",
+    "aten::nonzero",
+}
 # Ops whose result stays within the input's value set (so it keeps the input's width and code-ness).
 VALUE_PRESERVING = frozenset(
     {
