@@ -10,7 +10,8 @@ Three checks, all required:
    integer-domain end to end (``BuiltGraph.exact``) onnxruntime must reproduce PyTorch bit for bit;
    otherwise at least 99% of samples must have every logit within 1e-4 and top-1 must agree on every
    sample (spec onnx-export.md §5).
-3. **Dynamic batch**: batches of 1, 3 and 17 reproduce the corresponding rows of a batch-64 run.
+3. **Dynamic batch**: batches of 1, 3 and 17 reproduce the corresponding rows of a batch-64 run (exactly
+   for exact graphs; otherwise same top-1 everywhere and at most 1% of rows, minimum one, beyond 1e-4).
 
 Sessions use onnxruntime's default options on purpose: that is how users will run the file, and with
 the weights behind ``DequantizeLinear`` the defaults keep the convolutions exact (spec §2, §5).
@@ -247,8 +248,18 @@ def verify(
     ort_out = _run_ort(sess, x.numpy())
     compare_logits(ort_out, ref, report)
 
+    _check_batches(sess, x, ort_out, built.exact, report)
+    return report
+
+
+def _check_batches(sess, x: torch.Tensor, ort_out: np.ndarray, exact: bool, report: ParityReport) -> None:
+    """Small batches must reproduce the batch-64 rows: exactly in exact mode, else by the statistical rule.
+
+    Convolution algorithms may change with the batch size, so a float-input layer can flip a rounding
+    decision between batch sizes just as between PyTorch and onnxruntime; top-1 must still agree.
+    """
     rows = ort_out[: min(len(x), BATCH)]
-    worst = 0.0
+    worst, checked, beyond, top1_bad = 0.0, 0, 0, 0
     for b in BATCH_CHECKS:
         if b > len(rows):
             continue
@@ -256,12 +267,18 @@ def verify(
         if got.shape != (b, rows.shape[1]):
             report.failures.append(f"batch {b}: output shape {got.shape}")
             continue
-        worst = max(worst, float(np.abs(got - rows[:b]).max()))
+        diff = np.abs(got - rows[:b]).max(axis=1)
+        worst = max(worst, float(diff.max()))
+        checked += b
+        beyond += int(np.sum(diff > (0.0 if exact else ATOL)))
+        top1_bad += int(np.sum(got.argmax(1) != rows[:b].argmax(1)))
     report.batch_max_abs = worst
-    limit = 0.0 if built.exact else ATOL
-    if worst > limit:
-        report.failures.append(f"dynamic batch: small batches differ from batch-{BATCH} rows by {worst:.3g}")
-    return report
+    allowed = 0 if exact else max(1, int((1 - MIN_WITHIN) * checked))
+    if beyond > allowed or top1_bad:
+        report.failures.append(
+            f"dynamic batch: {beyond}/{checked} rows of batches {BATCH_CHECKS} differ from the batch-{BATCH} "
+            f"rows (max {worst:.3g}), {top1_bad} with a different top-1"
+        )
 
 
 @dataclass
