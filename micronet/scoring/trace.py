@@ -1,8 +1,8 @@
 """Trace one forward pass at the aten level: every op with its module path and its tensors' metadata.
 
 Nothing is costed here. A ``TorchDispatchMode`` sees every operator, including functional ones
-(``torch.cat``, ``x + y``, ``F.relu``, pooling) and custom ops; ``ModuleTracker`` names the module that
-ran it. Each tensor carries, in a weak map keyed by identity:
+(``torch.cat``, ``x + y``, ``F.relu``, pooling) and custom ops; a ``ModuleStack`` names the module that
+ran it. Each tensor carries, in a map keyed by identity:
 
 * ``bits``: width of the values it holds (model input: policy; parameters: float width, or the owning
   Int layer's ``weight_bits``; quantizer outputs: their code range; other results: the float width),
@@ -11,7 +11,7 @@ ran it. Each tensor carries, in a weak map keyed by identity:
   is static but not stored, so it is never charged as a parameter),
 * ``origin``: the stored tensor a view was taken from, so shared or re-viewed tensors count once.
 
-The model is neither modified nor left with hooks: ModuleTracker removes its global hooks on exit and
+The model is neither modified nor left with hooks: ModuleStack removes its global hooks on exit and
 the caller restores train/eval mode.
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.module_tracker import ModuleTracker
 
 from micronet.compress.ops import range_bits
 
@@ -234,12 +234,47 @@ class TensorMap:
         return id(t) in self._items
 
 
+class ModuleStack:
+    """Which module is running: a stack of module paths kept by global forward hooks while active.
+
+    The same attribution ``torch.utils.module_tracker.ModuleTracker`` gives, without its per-call pytree
+    flattening and backward-hook arming (which cost more than the ops themselves at batch 1). The hooks
+    are global and removed on exit, so the model itself is never modified.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._names = {id(m): name for name, m in model.named_modules()}
+        self._stack: list[str] = []
+        self._handles: list = []
+
+    @property
+    def current(self) -> str:
+        """Path of the innermost running module of the model ("" for the root or outside it)."""
+        return self._stack[-1] if self._stack else ""
+
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        self._stack.append(self._names.get(id(module), self.current))
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._stack:
+            self._stack.pop()
+
+    def __enter__(self) -> ModuleStack:
+        self._handles = [register_module_forward_pre_hook(self._pre), register_module_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._stack = [], []
+
+
 class _Recorder(TorchDispatchMode):
     """Dispatch mode that records ops and propagates TensorInfo (the tracing core)."""
 
     def __init__(
         self,
-        tracer: ModuleTracker,
+        tracer: ModuleStack,
         trace: Trace,
         infos: TensorMap,
         float_bits: int,
@@ -249,20 +284,9 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.tracker, self.trace, self.infos = tracer, trace, infos
         self.float_bits, self.root_name, self.uids = float_bits, root_name, uids
-        self._prefix = root_name + "."
 
     def _module_path(self) -> str:
-        deepest = ""
-        depth = -1
-        for name in self.tracker.parents:
-            if name == "Global":
-                continue
-            d = name.count(".")
-            if d > depth:
-                depth, deepest = d, name
-        if deepest.startswith(self._prefix):
-            return deepest[len(self._prefix) :]
-        return ""
+        return self.tracker.current
 
     def _info(self, t: Tensor) -> TensorInfo:
         info = self.infos.get(t)
@@ -424,7 +448,7 @@ def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits
     _register_model_tensors(model, infos, trace, float_bits, uids)
     uid = next(uids)
     infos[inputs] = TensorInfo(uid, input_bits, static=False, codes=input_bits < 16, signed=False, origin=uid)
-    tracker = ModuleTracker()
+    tracker = ModuleStack(model)
     with torch.no_grad(), tracker, _Recorder(tracker, trace, infos, float_bits, type(model).__name__, uids):
         trace.output = model(inputs)
     return trace
