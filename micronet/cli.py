@@ -107,7 +107,7 @@ def score_command(checkpoint, model_name, file_format, recipe, policy, sets, tra
 
     overrides = parse_overrides(sets)
     target, name, notes = api.resolve_target(checkpoint, model_name, file_format, recipe)
-    data = api.load_score_data(data_root, samples or 16, input_size) if data_root else None
+    data = api.load_score_data(data_root, samples or 16, checkpoint) if data_root else None
     report = api.score(target, policy, track, input_size, samples=samples, data=data, model_name=name, **overrides)
     report.notes[:0] = notes
     if csv_path:

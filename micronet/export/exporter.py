@@ -33,8 +33,6 @@ from micronet.export import verify as _verify
 from micronet.export.graph import BuiltGraph, WeightRecord, build_graph
 
 INPUT_SHAPE = (3, 32, 32)
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 
 @dataclass
@@ -170,8 +168,10 @@ def _inputs(samples: int, data: Any) -> tuple[torch.Tensor, str]:
     if data is None:
         g = torch.Generator().manual_seed(12345)
         return torch.randn((samples, *INPUT_SHAPE), generator=g), "synthetic"
-    if isinstance(data, str | os.PathLike):
-        data = _cifar100_test(Path(data), samples)
+    if isinstance(data, str | os.PathLike):  # a dataset folder: its test images, CIFAR-100 statistics
+        from micronet.training.data import test_images
+
+        data = test_images(data, samples)
     if isinstance(data, torch.Tensor):
         x = data
     else:  # an iterable of batches or (images, labels) pairs
@@ -189,22 +189,6 @@ def _inputs(samples: int, data: Any) -> tuple[torch.Tensor, str]:
     if tuple(x.shape[1:]) != INPUT_SHAPE:
         raise MicronetError(f"verification images must be [N,{','.join(map(str, INPUT_SHAPE))}], got {list(x.shape)}")
     return x, "data"
-
-
-def _cifar100_test(root: Path, samples: int) -> torch.Tensor:
-    """CIFAR-100 test images under ``root`` (the python pickles), normalised with the CIFAR-100 statistics."""
-    import pickle
-
-    for candidate in (root / "cifar-100-python" / "test", root / "test"):
-        if candidate.is_file():
-            with open(candidate, "rb") as f:
-                # The CIFAR pickles hold only numpy arrays, lists and strings.
-                batch = pickle.load(f, encoding="latin1")
-            x = torch.as_tensor(batch["data"][:samples]).reshape(-1, 3, 32, 32).float() / 255.0
-            mean = torch.tensor(CIFAR100_MEAN).view(1, 3, 1, 1)
-            std = torch.tensor(CIFAR100_STD).view(1, 3, 1, 1)
-            return (x - mean) / std
-    raise MicronetError(f"no CIFAR-100 test set under {root} (expected {root}/cifar-100-python/test)")
 
 
 def export_onnx(
@@ -321,6 +305,13 @@ def export_checkpoint(
     from micronet.scoring import load_for_scoring
 
     net = load_for_scoring(checkpoint, format=format, model=model)
+    data = kwargs.get("data")
+    if isinstance(data, str | os.PathLike):  # preprocess real images the way this checkpoint expects
+        from micronet.scoring import detect_format
+        from micronet.training.data import checkpoint_normalization, test_images
+
+        fmt = detect_format(checkpoint) if format == "auto" else format
+        kwargs["data"] = test_images(data, kwargs.get("samples", 512), checkpoint_normalization(checkpoint, fmt))
     report = export_onnx(net, path, **kwargs)
     report.checkpoint_bytes = Path(checkpoint).stat().st_size
     return report

@@ -285,11 +285,9 @@ def resolve_target(
     return net, name, [note]
 
 
-def load_score_data(root: str | Path, samples: int, input_size: int = 32) -> Tensor:
-    """The first ``samples`` test images under ``root``, normalised as for training (for dynamic nets)."""
-    try:
-        from micronet.training.data import get_normalization, load_dataset
-    except ImportError:
-        raise MicronetError("--data-root needs micronet.training.data, which this build lacks") from None
-    data = load_dataset(root, "test")
-    return get_normalization("micronet2019")(data.images[:samples])
+def load_score_data(root: str | Path, samples: int, checkpoint: str | Path | None = None) -> Tensor:
+    """The first ``samples`` test images under ``root``, normalised as ``checkpoint`` expects (dynamic nets)."""
+    from micronet.training.data import checkpoint_normalization, test_images
+
+    norm = checkpoint_normalization(checkpoint, detect_format(checkpoint)) if checkpoint else "cifar100"
+    return test_images(root, samples, norm)

@@ -421,3 +421,28 @@ def to_device(batch: tuple[Tensor, Tensor], device: torch.device) -> tuple[Tenso
     images, labels = batch
     return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
+
+
+def checkpoint_normalization(path: str | Path, fmt: str) -> str:
+    """Normalization preset a checkpoint expects: recorded in micronet checkpoints, the legacy double /255
+    scaling for the 2019 winner's file (spec riair2019-format.md), CIFAR-100 statistics otherwise."""
+    if fmt == "riair2019":
+        return "riair2019"
+    if fmt == "micronet":
+        import json
+
+        from micronet.io import read_metadata
+
+        extra = json.loads((read_metadata(path) or {}).get("extra", "{}"))
+        return extra.get("normalization", "cifar100")
+    return "cifar100"
+
+
+def test_images(root: str | Path, samples: int, normalization: str = "cifar100", dataset: str = "auto") -> Tensor:
+    """The first ``samples`` test-set images under ``root`` as a normalised float batch (for verification,
+    dynamic-network op averaging and the like)."""
+    data = load_dataset(root, "test", dataset)
+    return get_normalization(normalization)(data.images[:samples])
+
+
+test_images.__test__ = False  # a library function, not a pytest test

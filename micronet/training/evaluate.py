@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,14 @@ import torch
 from torch import nn
 
 from micronet.errors import MicronetError
-from micronet.training.data import BatchStream, ImageSet, Normalization, get_normalization, load_dataset
+from micronet.training.data import (
+    BatchStream,
+    ImageSet,
+    Normalization,
+    checkpoint_normalization,
+    get_normalization,
+    load_dataset,
+)
 from micronet.training.loop import Runtime, accuracy_sums, setup_runtime, summarize
 
 
@@ -32,17 +38,6 @@ def evaluate(model: nn.Module, data: ImageSet, normalization: Normalization, *, 
             "images": result["test_images"]}
 
 
-def _checkpoint_normalization(path: Path, fmt: str) -> str:
-    if fmt == "riair2019":
-        return "riair2019"  # the 2019 winner's double /255 scaling (spec riair2019-format.md)
-    if fmt == "micronet":
-        from micronet.io import read_metadata
-
-        extra = json.loads((read_metadata(path) or {}).get("extra", "{}"))
-        return extra.get("normalization", "cifar100")
-    return "cifar100"
-
-
 def evaluate_checkpoint(path: str | Path, data_root: str | Path, *, dataset: str = "auto", format: str = "auto",
                         model: str | None = None, normalization: str | None = None, half: bool = False,
                         device: str = "auto", batch_size: int = 500) -> dict[str, Any]:
@@ -58,7 +53,7 @@ def evaluate_checkpoint(path: str | Path, data_root: str | Path, *, dataset: str
         raise MicronetError(f"checkpoint {path} does not exist")
     fmt = scoring_api.detect_format(path) if format == "auto" else format
     net = scoring_api.load_for_scoring(path, format=fmt, model=model)
-    norm = get_normalization(normalization or _checkpoint_normalization(path, fmt))
+    norm = get_normalization(normalization or checkpoint_normalization(path, fmt))
     test = load_dataset(data_root, "test", dataset)
     classes = getattr(net, "micronet_spec", {}).get("num_classes")
     if classes is not None and classes != test.num_classes:

@@ -34,6 +34,18 @@ def test_micronet_checkpoint(tmp_path):
     assert report["storage_bytes"] > 0
 
 
+def test_verification_on_real_images_from_data_root(tmp_path):
+    from micronet.io import save
+    from tests.training.conftest import write_cifar100
+
+    torch.manual_seed(0)
+    ckpt = save(tmp_path / "m.safetensors", compressed(models.create("densenet_bc:depth=10,growth=4")))
+    root = write_cifar100(tmp_path / "data", test_per_class=1)
+    res = _run("export", str(ckpt), "-o", str(tmp_path / "m.onnx"), "--data-root", str(root), *QUICK)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["parity"]["source"] == "data"
+
+
 def test_plain_state_dict_with_model(tmp_path):
     spec = "wrn:depth=10,width=1"
     path = tmp_path / "w.pt"
