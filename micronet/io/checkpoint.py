@@ -184,6 +184,15 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], source: str = "st
     return model
 
 
+def _unpickler_detail(message: str) -> str:
+    """The informative line of torch's weights-only unpickling error (its text around it is generic advice)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith(("Trying to load unsupported GLOBAL", "Unsupported", "Can only build")):
+            return line[:160]
+    return (lines[0] if lines else "unreadable")[:160]
+
+
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a plain state_dict from ``.pt/.pth/.tar`` (weights_only, never unpickling code) or ``.safetensors``."""
     path = Path(path)
@@ -196,9 +205,11 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
-        raise MicronetError(f"refused to load {path}: it contains objects other than tensors ({first[:160]})"
-                            ) from None
+        detail = _unpickler_detail(str(exc))
+        if "GLOBAL" in detail or "global" in detail:  # an object the safe unpickler will not rebuild
+            raise MicronetError(f"refused to load {path}: it contains objects other than tensors ({detail})") from None
+        raise MicronetError(f"cannot read {path} as a PyTorch state_dict (not a weights file, or corrupted: "
+                            f"{detail})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise MicronetError(f"cannot read {path} as a PyTorch state_dict (truncated or corrupted?): "
                             f"{str(exc).splitlines()[0][:160]}") from None
