@@ -37,11 +37,11 @@ def dense_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32))
     Runs a training-mode forward (so gated blocks all run) on a meta-device copy: no arithmetic,
     and the model's own buffers and RNG state are left untouched.
     """
-    return _meta_forward_macs(copy.deepcopy(model).to("meta"), input_size)
+    return forward_macs(copy.deepcopy(model).to("meta"), input_size)
 
 
-def _meta_forward_macs(shadow: nn.Module, input_size: tuple[int, int, int]) -> int:
-    """`dense_macs` on a throwaway meta-device model (modified in place)."""
+def forward_macs(shadow: nn.Module, input_size: tuple[int, int, int]) -> int:
+    """`dense_macs` on a throwaway model (modified in place), on whatever device it lives on."""
     shadow.train()
     # BatchNorm keeps shapes, and its meta kernel is a slow Python decomposition: leave it out.
     for name, module in list(shadow.named_modules()):
@@ -57,5 +57,6 @@ def _meta_forward_macs(shadow: nn.Module, input_size: tuple[int, int, int]) -> i
         if isinstance(module, nn.Conv2d | nn.Linear | nn.LSTM):
             module.register_forward_hook(hook)
     with torch.no_grad():
-        shadow(torch.zeros((1, *input_size), device="meta"))
+        device = next((p.device for p in shadow.parameters()), torch.device("cpu"))
+        shadow(torch.zeros((1, *input_size), device=device))
     return total
