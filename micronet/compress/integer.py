@@ -328,13 +328,19 @@ def _try_rules(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _peephole(gm: fx.GraphModule) -> None:
+    # Whole passes in graph order until one changes nothing: each rewrite only touches a node and its
+    # producer, so later nodes of the same pass can still be visited (restarting after every rewrite was
+    # quadratic: seconds on DenseNet-BC-100).
     changed = True
     while changed:
         changed = False
         for node in list(gm.graph.nodes):
-            if _try_rules(gm, node):
+            if getattr(node, "_erased", False):
+                continue
+            while _try_rules(gm, node):
                 changed = True
-                break
+                if getattr(node, "_erased", False):
+                    break
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()

@@ -274,7 +274,10 @@ def resolve_target(
         spec = getattr(loaded, "micronet_spec", None) or {}
         return loaded, f"{Path(checkpoint).name} ({spec.get('name', type(loaded).__name__)})", []
     name = model or "densenet100_k12"
-    net = create_model(name)
+    with torch.random.fork_rng(devices=[]):
+        # Untrained weights decide where global pruning puts the zeros: seed them so the figures repeat.
+        torch.manual_seed(0)
+        net = create_model(name)
     if model is not None and recipe is None:
         return net, name, []
     projection = projection_from_recipe(recipe if recipe is not None else None)
