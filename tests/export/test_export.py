@@ -230,17 +230,14 @@ def test_report_has_sizes_and_latency(tmp_path):
 
 
 def test_verification_on_images_from_a_cifar100_folder(int_densenet, tmp_path):
-    import pickle
+    from tests.training.conftest import write_cifar100
 
-    folder = tmp_path / "cifar-100-python"
-    folder.mkdir()
-    pixels = np.random.default_rng(0).integers(0, 256, size=(40, 3072), dtype=np.uint8)
-    with open(folder / "test", "wb") as f:
-        pickle.dump({"data": pixels, "fine_labels": [0] * 40}, f)
-    rep = export_onnx(int_densenet, tmp_path / "m.onnx", data=tmp_path, samples=32, **FAST)
+    root = write_cifar100(tmp_path / "data", test_per_class=1)  # torchvision's on-disk format, 100 images
+    rep = export_onnx(int_densenet, tmp_path / "m.onnx", data=root, samples=32, **FAST)
     assert rep.parity.passed and rep.parity.source == "data" and rep.parity.samples == 32
-    with pytest.raises(MicronetError, match="no CIFAR-100 test set"):
-        export_onnx(int_densenet, tmp_path / "n.onnx", data=tmp_path / "cifar-100-python" / "x", samples=8)
+    with pytest.raises(MicronetError, match="holds no dataset"):
+        export_onnx(int_densenet, tmp_path / "n.onnx", data=tmp_path, samples=8)
+    assert not (tmp_path / "n.onnx").exists()
 
 
 class _PadMaxPool(nn.Module):
