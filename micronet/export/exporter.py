@@ -16,9 +16,7 @@ wins, and uninstalling either one breaks the other (spec onnx-export.md §6).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from micronet.compress.integer_modules import ChannelAffine, IntConv2d, IntLinea
 from micronet.errors import MicronetError
 from micronet.export import verify as _verify
 from micronet.export.graph import BuiltGraph, WeightRecord, build_graph
+from micronet.io import atomic_write
 
 INPUT_SHAPE = (3, 32, 32)
 
@@ -229,11 +228,11 @@ def export_onnx(
         raise MicronetError(f"the generated ONNX model fails the ONNX checker: {first}") from None
     payload = built.model.SerializeToString()
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
+    reports: list[ExportReport] = []
+
+    def write_and_verify(tmp_name: str) -> None:
+        tmp = Path(tmp_name)
+        tmp.write_bytes(payload)
         report = _report(path, built, deploy, opset, sparse_weights, len(payload), storage)
         if verify:
             report.parity = _verify.verify(tmp, deploy, built, inputs, source=source, device=device)
@@ -243,10 +242,10 @@ def export_onnx(
                 )
             if timing:
                 report.latency = _verify.measure_latency(tmp, deploy, device=device)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        reports.append(report)
+
+    atomic_write(path, write_and_verify)  # the file appears only once it has passed verification
+    report = reports[0]
     return report
 
 

@@ -58,8 +58,16 @@ def _content_hash(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+def _new_file_mode() -> int:
+    """Permissions a plain ``open(path, "w")`` would give a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``; on any failure the old file is untouched."""
+    """Call ``write(tmp_path)`` then rename onto ``path``; on any failure (including one raised by ``write``
+    after writing, e.g. a failed verification) the old file is untouched and no temp file remains."""
     path = Path(path)
     if not path.parent.exists():
         raise MicronetError(f"output directory {path.parent} does not exist")
@@ -69,6 +77,7 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _new_file_mode())  # mkstemp makes owner-only files; give the usual umask permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

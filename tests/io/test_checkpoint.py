@@ -73,6 +73,7 @@ class _Payload:
         return (os.mkdir, (self.target,))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickle_is_refused_without_running(tmp_path):
     marker = tmp_path / "pwned"
     payload = _Payload()
@@ -104,3 +105,12 @@ def test_plain_state_dict_and_architecture_mismatch(tmp_path):
     wrong = models.create("densenet_bc:depth=16,growth=4")
     with pytest.raises(MicronetError, match="missing keys|shape mismatch"):
         io.load_into(wrong, sd)
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = io.save(tmp_path / "m.safetensors", models.create(SPEC))
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's owner-only 0o600
