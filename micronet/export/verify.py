@@ -182,9 +182,15 @@ def _run_ort(sess, x: np.ndarray, batch: int = BATCH) -> np.ndarray:
 
 def _run_torch(model: nn.Module, x: torch.Tensor, dev: torch.device, batch: int = BATCH) -> np.ndarray:
     outs = []
-    with torch.inference_mode():
-        for i in range(0, len(x), batch):
-            outs.append(model(x[i : i + batch].to(dev)).float().cpu())
+    # The reference must be true fp32: TF32 convs/matmuls (PyTorch's cuDNN default) round float inputs.
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(x), batch):
+                outs.append(model(x[i : i + batch].to(dev)).float().cpu())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     return torch.cat(outs).numpy()
 
 

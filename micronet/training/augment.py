@@ -420,7 +420,9 @@ class TorchvisionPolicy:
     def __call__(self, x: Tensor, g: torch.Generator) -> Tensor:
         seed = int(torch.randint(2**62, (1,), generator=g))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # Seed only the CPU generator torchvision draws from: torch.manual_seed would also reset every CUDA
+            # generator (ShakeDrop's) to a per-batch seed, outside this fork.
+            torch.default_generator.manual_seed(seed)
             return torch.stack([self.transform(img) for img in x])
 
 

@@ -54,9 +54,9 @@ class Runtime:
         """True when running under torchrun with more than one process."""
         return self.world_size > 1
 
-    def autocast(self):
-        """The forward-pass precision context."""
-        if self.amp and self.device.type == "cuda":
+    def autocast(self, enabled: bool = True):
+        """The forward-pass precision context (bf16 on CUDA when AMP is on and ``enabled``)."""
+        if enabled and self.amp and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
@@ -90,12 +90,19 @@ def setup_runtime(device: str = "auto", *, amp: bool | None = None, channels_las
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MicronetError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise MicronetError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise MicronetError("--device cuda asked for, but PyTorch sees no CUDA device")
         if dev.index is None:
             dev = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise MicronetError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
         torch.cuda.set_device(dev)
         # TF32 matmuls/convs: free speed on Ampere+ for the fp32 parts (quantizer maths is fp32 in-op).
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -220,8 +227,8 @@ def accuracy_sums(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], no
         x = prepare_input(images, normalize, rt)
         if dtype is not None:
             x = x.to(dtype)
-        with rt.autocast():
-            logits = model(x).float()
+        # Reported accuracies are fp32 (or the explicit --half dtype), like `micronet eval` and the exported model.
+        logits = model(x).float()
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hit = top == labels[:, None]

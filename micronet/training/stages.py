@@ -54,6 +54,9 @@ from micronet.training.recipe import FROM_SCRATCH, STAGES, Recipe, StageConfig
 
 FC_STAGES = ("prune-fc", "quant-fc")
 PRUNING_STAGES = {"prune": ("conv",), "prune-fc": ("fc",)}
+# bf16 autocast only where the student is still a float network (spec training.md §6): in the quantized stages
+# bf16 activations would be rounded to 8 significant bits before the quantizer decides its rounding.
+AMP_STAGES = ("teacher", "student", "prune")
 WEIGHT_QUANT_STAGES = {"quant-weight": ("conv",), "quant-fc": ("fc",)}
 
 
@@ -226,9 +229,11 @@ def _set_mode(stage: str, model: nn.Module) -> None:
 
 
 def _loss_function(cfg: StageConfig, forward: nn.Module, model: nn.Module, teacher: nn.Module | None,
-                   rt: Runtime) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+                   rt: Runtime, stage: str) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    student_amp = stage in AMP_STAGES
+
     def loss_fn(x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        with rt.autocast():
+        with rt.autocast(enabled=student_amp):
             logits = forward(x)
         if cfg.loss == "kd":
             assert teacher is not None
@@ -412,6 +417,11 @@ class _StageRun:
             restore_state(optimizer, self.resume_tensors, self.training_state["optimizer"], rt.device)
             start_epoch, step = self.training_state["epochs_done"], self.training_state["step"]
             best = self.training_state.get("best")
+            if rt.rank > 0:
+                # Only rank 0's random state is in the checkpoint: other ranks get their own fresh stream, so
+                # ShakeDrop/SkipNet draws stay independent across replicas (not bit-identical to an
+                # uninterrupted multi-process run; the data streams are, being stateless).
+                torch.manual_seed(derive_seed(self.stage_seed, rt.rank, 2, start_epoch))
         else:
             torch.manual_seed(derive_seed(self.stage_seed, rt.rank, 1))  # per-rank stream (ShakeDrop, ...)
 
@@ -427,7 +437,7 @@ class _StageRun:
         warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
         ctx = StepContext(
             optimizer=optimizer,
-            loss_fn=_loss_function(cfg, forward, model, teacher, rt),
+            loss_fn=_loss_function(cfg, forward, model, teacher, rt, stage),
             params=params,
             lr=lambda s: lr_at(s, total_steps, warmup_steps, cfg.lr, cfg.warmup_start_lr),
             grad_clip=cfg.grad_clip,

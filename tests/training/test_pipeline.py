@@ -315,3 +315,14 @@ def test_select_best_keeps_the_best_epoch_on_the_held_out_split(cifar10_root, tm
     assert result.metrics["selected_epoch"] == best["epoch"]
     assert result.metrics["val_top1"] == pytest.approx(best["val_top1"])
     assert not (tmp_path / "o" / "student.best.safetensors").exists()
+
+
+def test_unknown_device_is_a_one_line_error(tmp_path):
+    from click.testing import CliRunner
+
+    from micronet.cli import main
+
+    for device in ("gpu", "cuda:99"):
+        res = CliRunner().invoke(main, ["train-stage", "student", "--recipe", "micronet2019-densenet",
+                                        "--data-root", str(tmp_path), "--device", device])
+        assert res.exit_code == 2 and res.output.startswith("error:") and res.output.count("\n") == 1, res.output
