@@ -11,7 +11,7 @@ from micronet.errors import MicronetError
 
 
 class _Group(click.Group):
-    """Click group that turns MicronetError (and unreadable-file OSErrors) into one-line messages."""
+    """Click group that turns MicronetError into a one-line message and a non-zero exit."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -92,7 +92,7 @@ def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool
               help="Accounting policy: official, freebie16, riair2019-t0..t6, or a YAML file.")
 @click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Override a policy field (repeatable).")
 @click.option("--track", default="cifar100", show_default=True, type=click.Choice(["cifar100", "imagenet"]))
-@click.option("--input-size", default=32, show_default=True, type=int, help="Input height = width.")
+@click.option("--input-size", default=32, show_default=True, type=click.IntRange(1), help="Input height = width.")
 @click.option("--samples", type=int, help="Examples to average ops over (dynamic nets; default 16 for them).")
 @click.option("--data-root", type=click.Path(file_okay=False), help="Real test images for dynamic nets.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")

@@ -31,6 +31,7 @@ from torch import Tensor, fx, nn
 
 from micronet.compress import state
 from micronet.compress.integer_modules import ChannelAffine, IntConv2d, IntLinear, RoundClamp
+from micronet.errors import MicronetError
 
 _LEAVES = (ChannelAffine, RoundClamp, IntConv2d, IntLinear)
 
@@ -90,6 +91,9 @@ def _deploy_layer(layer: nn.Conv2d | nn.Linear) -> nn.Module:
         parts["quant"] = RoundClamp(*aq.qrange)
     bias = layer.bias.detach() if layer.bias is not None else None
     if wq is not None:
+        if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
+            raise MicronetError(f"quantized conv with padding_mode={layer.padding_mode!r} has no integer form "
+                                "(only zero padding keeps integer codes exact)")
         qmin, qmax = wq.qrange
         w_step = wq.scale.detach().to(w.dtype)
         codes = torch.clamp(torch.round(w / w_step), qmin, qmax)
@@ -112,13 +116,13 @@ def _deploy_layer(layer: nn.Conv2d | nn.Linear) -> nn.Module:
 
 
 def _plain_copy(layer: nn.Conv2d | nn.Linear, weight: Tensor, bias: Tensor | None) -> nn.Module:
+    like = {"dtype": weight.dtype, "device": weight.device}
     if isinstance(layer, nn.Conv2d):
         new: nn.Module = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
                                    layer.padding, layer.dilation, layer.groups, bias=bias is not None,
-                                   padding_mode=layer.padding_mode)
+                                   padding_mode=layer.padding_mode, **like)
     else:
-        new = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None)
-    new = new.to(weight.device)
+        new = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, **like)
     new.weight.data.copy_(weight)
     if bias is not None:
         new.bias.data.copy_(bias)
@@ -200,6 +204,14 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
+def _inplace_on_shared_input(gm: fx.GraphModule, relu: fx.Node) -> bool:
+    """An in-place ReLU whose input other nodes also read: bypassing it would change what they see."""
+    inplace = getattr(_module(gm, relu, nn.ReLU), "inplace", False) or relu.target in (torch.relu_, "relu_") \
+        or relu.kwargs.get("inplace", False)
+    src = relu.args[0]
+    return bool(inplace) and isinstance(src, fx.Node) and len(src.users) > 1
+
+
 def _module(gm: fx.GraphModule, node, kind) -> nn.Module | None:
     if isinstance(node, fx.Node) and node.op == "call_module":
         m = gm.get_submodule(node.target)
@@ -257,6 +269,11 @@ def _constant_factor(node: fx.Node) -> tuple[fx.Node, float] | None:
     if node.op != "call_function" or len(node.args) != 2 or node.kwargs:
         return None
     a, b = node.args
+    if not isinstance(node.args[0], fx.Node) and not isinstance(node.args[1], fx.Node):
+        return None
+    src = node.args[0] if isinstance(node.args[0], fx.Node) else node.args[1]
+    if src.op != "call_module":  # a module's output is a tensor; other values may be sizes or Python numbers
+        return None
     if node.target in (operator.mul, torch.mul):
         if isinstance(a, fx.Node) and isinstance(b, int | float):
             return a, float(b)
@@ -319,7 +336,7 @@ def _try_rules(gm: fx.GraphModule, node: fx.Node) -> bool:
     quant = _module(gm, node, RoundClamp)
     if quant is not None and quant.qmin >= 0:
         src = node.args[0]
-        if isinstance(src, fx.Node) and _is_relu(gm, src):
+        if isinstance(src, fx.Node) and _is_relu(gm, src) and not _inplace_on_shared_input(gm, src):
             node.args = (src.args[0], *node.args[1:])
             if not src.users:
                 gm.graph.erase_node(src)

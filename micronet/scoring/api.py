@@ -113,6 +113,18 @@ def is_dynamic(model: nn.Module) -> bool:
     )
 
 
+@contextlib.contextmanager
+def _forward_errors(input_size: int) -> Iterator[None]:
+    """Turn a failing traced forward (e.g. an input size the architecture cannot take) into a one-line error."""
+    try:
+        yield
+    except MicronetError:
+        raise
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise MicronetError(f"the model's forward pass failed at input size {input_size}: {first}") from None
+
+
 def score(
     model: nn.Module,
     policy: str | Policy = "official",
@@ -134,6 +146,11 @@ def score(
     trk = get_track(track)
     target, converted = deploy_form(model)
     dynamic = is_dynamic(target)
+    if dynamic and not converted:
+        # Averaging resets gate counters and the parameter trace runs in train mode: work on a copy.
+        from micronet.compress.integer import detached_copy
+
+        target = detached_copy(target)
     n = samples if samples is not None else (16 if dynamic else 1)
     if n < 1:
         raise MicronetError("--samples must be at least 1")
@@ -144,7 +161,7 @@ def score(
         else _synthetic_inputs(n, in_channels, input_size, device)
     )
     traces: list[Trace] = []
-    with _eval_mode(target):
+    with _eval_mode(target), _forward_errors(input_size), torch.random.fork_rng(devices=[]):
         _reset_gate_stats(target)
         for x in examples:
             traces.append(

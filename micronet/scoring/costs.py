@@ -287,11 +287,12 @@ def storage_bits(use: ParamUse, mask: str) -> tuple[int, int, int]:
     return use.numel * use.bits, use.numel, 0
 
 
-def _block_counts(value: Tensor, block: tuple[int, int]) -> tuple[int, int]:
-    """(values stored in nonzero blocks, number of blocks) for a (out, in) block mask.
+def _block_rows(value: Tensor, block: tuple[int, int]) -> tuple[list[int], int]:
+    """(values stored per output row, number of blocks) for an (out, in) block mask.
 
     As in ``micronet.compress.sparsity``: a block spans ``bo`` output x ``bi`` input channels and all
-    kernel taps, one mask bit each; edge blocks are smaller.
+    kernel taps, one mask bit each; edge blocks are smaller. Every value of a kept block is stored (and
+    multiplied: no mask says where its zeros are).
     """
     bo, bi = block
     o, i = value.shape[0], value.shape[1]
@@ -302,13 +303,14 @@ def _block_counts(value: Tensor, block: tuple[int, int]) -> tuple[int, int]:
         v = torch.nn.functional.pad(v, (0, 0, 0, pi, 0, po))
     nb_o, nb_i = v.shape[0] // bo, v.shape[1] // bi
     live = v.reshape(nb_o, bo, nb_i, bi, taps).ne(0).any(dim=4).any(dim=3).any(dim=1).tolist()
-    stored = 0
-    for a in range(nb_o):
-        so = min(bo, o - a * bo)
-        for b in range(nb_i):
-            if live[a][b]:
-                stored += so * min(bi, i - b * bi) * taps
-    return stored, nb_o * nb_i
+    per_block_row = [sum(min(bi, i - b * bi) * taps for b in range(nb_i) if live[a][b]) for a in range(nb_o)]
+    return [per_block_row[c // bo] for c in range(o)], nb_o * nb_i
+
+
+def _block_counts(value: Tensor, block: tuple[int, int]) -> tuple[int, int]:
+    """(values stored in nonzero blocks, number of blocks) for an (out, in) block mask."""
+    rows, n_blocks = _block_rows(value, block)
+    return sum(rows), n_blocks
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,6 +388,8 @@ def _gemm(
                 use.nnz = sum(nnz)  # the weight is the whole stored tensor: reuse the count
                 if not stored_sparse(use, policy.mask):
                     nnz = [dense_k] * len(nnz)  # stored dense: its zeros are stored and multiplied
+                elif use.block is not None and use.value is not None and use.value.dim() >= 2:
+                    nnz = _block_rows(use.value, use.block)[0]  # kept blocks are stored and multiplied whole
             params.append(use)
     cost.mul(sum(nnz) * positions, max(a_bits, w_bits))
     adds, bitops = accumulate(mode, nnz, dense_k, a_bits, w_bits, a_signed)
@@ -518,7 +522,8 @@ def _binary(rec: OpRecord, ctx: CostContext, multiplicative: bool) -> Cost | Non
         and not (rec.op.startswith("aten::div") and dynamic[0] is b)
     )
     if foldable:
-        negates = rec.op.startswith("aten::sub") and dynamic[0] is b
+        # x - c only shifts; c - x (the tensor as the subtrahend; rsub's operands are swapped above) flips the sign.
+        negates = rec.op.startswith(("aten::sub", "aten::rsub")) and dynamic[0] is b
         folded = ctx.fold(
             rec, dynamic[0], "affine_folded", scales=multiplicative or negates, shifts=not multiplicative
         )
@@ -602,7 +607,9 @@ POINTWISE: dict[str, tuple[str, int, int]] = {
 def pointwise_cost(rec: OpRecord, ctx: CostContext) -> Cost:
     """Activations and other pointwise functions, per output element at the input's width."""
     kind, mults, adds = POINTWISE[rec.op]
-    x = next(r for r in rec.inputs if not r.static)
+    dynamic = [r for r in rec.inputs if not r.static]
+    # where(cond, a, b) selects among the values: its width is theirs, not the boolean condition's.
+    x = max(dynamic[1:] or dynamic, key=lambda r: r.bits) if rec.op == "aten::where" else dynamic[0]
     n = rec.outputs[0].numel
     cost = Cost(kind, shape=rec.outputs[0].shape, input_bits=x.bits)
     cost.mul(mults * n, x.bits)

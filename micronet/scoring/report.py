@@ -340,5 +340,7 @@ class ScoreReport:
             fig.savefig(path, dpi=120)
         except OSError as exc:
             raise MicronetError(f"cannot write plot {path}: {exc.strerror or exc}") from None
+        except ValueError as exc:  # e.g. an extension matplotlib has no writer for
+            raise MicronetError(f"cannot write plot {path}: {str(exc).splitlines()[0]}") from None
         finally:
             plt.close(fig)
