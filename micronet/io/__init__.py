@@ -6,8 +6,10 @@ from micronet.io.checkpoint import (
     load,
     load_into,
     load_state_dict_file,
+    read_header,
     read_metadata,
     save,
 )
 
-__all__ = ["Checkpoint", "atomic_write", "load", "load_into", "load_state_dict_file", "read_metadata", "save"]
+__all__ = ["Checkpoint", "atomic_write", "load", "load_into", "load_state_dict_file", "read_header",
+           "read_metadata", "save"]

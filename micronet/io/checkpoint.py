@@ -136,12 +136,8 @@ def _check_readable(path: Path) -> None:
         raise MicronetError(f"checkpoint {path} is not readable")
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Load a micronet ``.safetensors`` checkpoint: rebuild the model, its compression state and tensors."""
-    from micronet import models
-    from micronet.compress.layout import apply_layout
-
-    path = Path(path)
+def _micronet_metadata(path: Path) -> dict[str, str]:
+    """The raw string metadata of a micronet checkpoint, with one-line errors for anything else."""
     _check_readable(path)
     metadata = read_metadata(path)
     if metadata is None:
@@ -149,6 +145,29 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> C
     if metadata.get("micronet_format") != FORMAT_VERSION:
         raise MicronetError(f"{path} is a safetensors file but not a micronet checkpoint (format "
                             f"{metadata.get('micronet_format')!r})")
+    return metadata
+
+
+def _parse_header(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
+    try:
+        return {key: json.loads(metadata[key]) for key in ("model", "layout", "history", "metrics", "extra")}
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise MicronetError(f"{path} has malformed micronet metadata ({exc})") from None
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed metadata of a micronet checkpoint (model, layout, history, metrics, extra), header only."""
+    path = Path(path)
+    return _parse_header(path, _micronet_metadata(path))
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Load a micronet ``.safetensors`` checkpoint: rebuild the model, its compression state and tensors."""
+    from micronet import models
+    from micronet.compress.layout import apply_layout
+
+    path = Path(path)
+    metadata = _micronet_metadata(path)
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -156,18 +175,14 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> C
     stored_hash = metadata.pop("content_sha256", None)
     if stored_hash != _content_hash(tensors, metadata):
         raise MicronetError(f"{path} failed its content hash check (corrupted or modified)")
-    try:
-        spec = json.loads(metadata["model"])
-        layout = json.loads(metadata["layout"])
-        history, metrics, extra = (json.loads(metadata[k]) for k in ("history", "metrics", "extra"))
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise MicronetError(f"{path} has malformed micronet metadata ({exc})") from None
+    header = _parse_header(path, metadata)
+    spec = header["model"]
     model = models.create(spec["name"], num_classes=spec["num_classes"])
-    apply_layout(model, layout)
+    apply_layout(model, header["layout"])
     extra_tensors = {k[len(EXTRA_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(EXTRA_PREFIX)}
     load_into(model, tensors, source=str(path))
     model.to(map_location)
-    return Checkpoint(model, history, metrics, extra, extra_tensors, path)
+    return Checkpoint(model, header["history"], header["metrics"], header["extra"], extra_tensors, path)
 
 
 def load_into(model: nn.Module, state_dict: dict[str, Tensor], source: str = "state_dict") -> nn.Module:

@@ -102,6 +102,12 @@ def code_bits(codes: Tensor) -> int:
     return max(range_bits(min(lo, -1), max(hi, 0)), 2)
 
 
+def _int_conv(state: dict[str, Tensor], prefix: str, bits: int | None, padding: int = 0) -> IntConv2d:
+    """The integer conv stored under ``prefix``, at ``bits`` or at the width its codes need."""
+    codes = state[prefix + ".weight"]
+    return IntConv2d(codes, padding=padding, weight_bits=bits or code_bits(codes))
+
+
 def _affine(state: dict[str, Tensor], prefix: str) -> ChannelAffine:
     scale, bias = state[prefix + ".weight"].float().reshape(-1), state[prefix + ".bias"].float().reshape(-1)
     # An all-zero bias is a pure scale in the original (and costs no add).
@@ -127,12 +133,10 @@ class RiairBottleneck(nn.Module):
         super().__init__()
         self.scale1 = _affine(state, prefix + "scale1")
         self.quant1 = RoundClamp(*ACT_RANGE)
-        w1 = state[prefix + "conv1.weight"]
-        self.conv1 = IntConv2d(w1, weight_bits=conv_bits or code_bits(w1))
+        self.conv1 = _int_conv(state, prefix + "conv1", conv_bits)
         self.scale2 = _affine(state, prefix + "scale2")
         self.quant2 = RoundClamp(*ACT_RANGE)
-        w2 = state[prefix + "conv2.weight"]
-        self.conv2 = IntConv2d(w2, padding=1, weight_bits=conv_bits or code_bits(w2))
+        self.conv2 = _int_conv(state, prefix + "conv2", conv_bits, padding=1)
         self.scale3 = _affine(state, prefix + "scale3")
 
     def forward(self, x: Tensor) -> Tensor:
@@ -148,8 +152,7 @@ class RiairTransition(nn.Module):
         super().__init__()
         self.scale1 = _affine(state, prefix + "scale1")
         self.quant1 = RoundClamp(*ACT_RANGE)
-        w = state[prefix + "conv1.weight"]
-        self.conv1 = IntConv2d(w, weight_bits=conv_bits or code_bits(w))
+        self.conv1 = _int_conv(state, prefix + "conv1", conv_bits)
         self.pool = nn.AvgPool2d(2, stride=2)
         self.scale2 = _affine(state, prefix + "scale2")
 
@@ -170,8 +173,7 @@ class RiairDenseNet(nn.Module):
     ) -> None:
         super().__init__()
         self.input_scaling = LegacyInput() if legacy_input else nn.Identity()
-        w = state["conv1.weight"]
-        self.conv1 = IntConv2d(w, padding=1, weight_bits=conv_bits or code_bits(w))
+        self.conv1 = _int_conv(state, "conv1", conv_bits, padding=1)
         self.scale1 = _affine(state, "scale1")
         for b in (1, 2, 3):
             layers = [RiairBottleneck(state, f"dense{b}.{i}.", conv_bits) for i in range(LAYERS_PER_BLOCK)]

@@ -429,12 +429,9 @@ def checkpoint_normalization(path: str | Path, fmt: str) -> str:
     if fmt == "riair2019":
         return "riair2019"
     if fmt == "micronet":
-        import json
+        from micronet.io import read_header
 
-        from micronet.io import read_metadata
-
-        extra = json.loads((read_metadata(path) or {}).get("extra", "{}"))
-        return extra.get("normalization", "cifar100")
+        return read_header(path)["extra"].get("normalization", "cifar100")
     return "cifar100"
 
 

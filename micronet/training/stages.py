@@ -21,7 +21,6 @@ A stage reads the previous stage's checkpoint (``--from``) and, for KD, the teac
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,19 +126,7 @@ def _canonical_model(spec: str, num_classes: int) -> str:
 
 def checkpoint_info(path: Path) -> dict[str, Any]:
     """Model spec, history and training state of a micronet checkpoint, from its header only."""
-    meta = mio.read_metadata(path) if Path(path).is_file() else None
-    if meta is None:
-        raise MicronetError(f"{path} does not exist or is not a safetensors checkpoint")
-    if "micronet_format" not in meta:
-        raise MicronetError(f"{path} is a safetensors file but not a micronet checkpoint")
-    try:
-        return {
-            "model": json.loads(meta["model"]),
-            "history": json.loads(meta.get("history", "[]")),
-            "extra": json.loads(meta.get("extra", "{}")),
-        }
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise MicronetError(f"{path} has malformed micronet metadata ({exc})") from None
+    return mio.read_header(path)
 
 
 def _check_input_checkpoint(path: Path, *, role: str, stage: str, expect_stage: str | None, model: str | None,
