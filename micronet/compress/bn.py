@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from micronet.compress.state import model_device, preserved_modes
 from micronet.errors import MicronetError
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -25,28 +26,26 @@ def recalibrate_bn_(model: nn.Module, loader: Iterable, batches: int | None = No
     bns = [m for m in model.modules() if isinstance(m, _BN_TYPES) and m.track_running_stats]
     if not bns:
         raise MicronetError("model has no BatchNorm layers with running statistics to recalibrate")
-    modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in bns}
     if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
+        device = model_device(model)
     used = 0
-    try:
-        for batch in loader:
-            if batches is not None and used >= batches:
-                break
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x.to(device))
-            used += 1
-    finally:
-        for m, momentum in momenta.items():
-            m.momentum = momentum
-        for m, mode in modes.items():
-            m.train(mode)
+    with preserved_modes(model):
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        try:
+            for batch in loader:
+                if batches is not None and used >= batches:
+                    break
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(x.to(device))
+                used += 1
+        finally:
+            for m, momentum in momenta.items():
+                m.momentum = momentum
     if used == 0:
         raise MicronetError("BN recalibration got no batches")
     return used

@@ -297,32 +297,30 @@ def calibrate_activations_(model: nn.Module, data: Iterable[Tensor] | Tensor, *,
                   and not (only_uncalibrated and bool(m.calibrated))]
     if not quantizers:
         return 0
-    was_training = {m: m.training for m in model.modules()}
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = state.model_device(model)
     batches = [data] if isinstance(data, Tensor) else list(data)
     if not batches:
         raise MicronetError("calibration data is empty")
-    try:
-        for q in quantizers:
-            q.calibrating = True
-        model.eval()
-        _run(model, batches, device)
-        unseen = [q for q in quantizers if not q._samples]
-        if unseen:
-            # Conditional networks (SkipNet) skip blocks at eval; in train mode every block runs. BatchNorm and
-            # dropout stay in eval mode so the statistics seen are those of inference.
+    with state.preserved_modes(model):
+        try:
             for q in quantizers:
-                q.calibrating = q in unseen
-            model.train()
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout):
-                    m.eval()
+                q.calibrating = True
+            model.eval()
             _run(model, batches, device)
-        for q in quantizers:
-            q.finish_calibration_()
-    finally:
-        for q in quantizers:
-            q.calibrating = False
-        for m, mode in was_training.items():
-            m.train(mode)
+            unseen = [q for q in quantizers if not q._samples]
+            if unseen:
+                # Conditional networks (SkipNet) skip blocks at eval; in train mode every block runs. BatchNorm
+                # and dropout stay in eval mode so the statistics seen are those of inference.
+                for q in quantizers:
+                    q.calibrating = q in unseen
+                model.train()
+                for m in model.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout):
+                        m.eval()
+                _run(model, batches, device)
+            for q in quantizers:
+                q.finish_calibration_()
+        finally:
+            for q in quantizers:
+                q.calibrating = False
     return len(quantizers)

@@ -7,9 +7,11 @@ The state lives on the modules themselves (see docs/architecture.md): a ``Weight
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from collections.abc import Iterator, Sequence
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -103,3 +105,19 @@ def classifier_name(model: nn.Module) -> str | None:
     """Name of the last Linear layer in registration order (the classifier of every zoo model)."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     return names[-1] if names else None
+
+
+@contextlib.contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[nn.Module]:
+    """Restore every submodule's own train/eval flag on exit, whatever the body switched."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU for a model with neither)."""
+    return next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from micronet import io
+from micronet.compress.state import model_device, preserved_modes
 from micronet.errors import MicronetError
 from micronet.scoring.accounting import account
 from micronet.scoring.policy import Policy, Track, get_track, resolve_policy
@@ -49,19 +50,9 @@ def deploy_form(model: nn.Module) -> tuple[nn.Module, bool]:
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode and restore each one's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with preserved_modes(model):
+        model.eval()
         yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def _synthetic_inputs(samples: int, channels: int, size: int, device: torch.device) -> Iterator[Tensor]:
@@ -154,7 +145,7 @@ def score(
     n = samples if samples is not None else (16 if dynamic else 1)
     if n < 1:
         raise MicronetError("--samples must be at least 1")
-    device = _model_device(target)
+    device = model_device(target)
     examples = (
         _split_examples(data, n)
         if data is not None
