@@ -36,8 +36,8 @@ def compression_rows(model: nn.Module) -> list[dict]:
 def compression_summary(model: nn.Module) -> str:
     """Per-layer table (sparsity, weight bits, input bits, scales) plus overall sparsity."""
     rows = compression_rows(model)
-    total = sum(int(m.weight.numel()) for _, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear))
-    zeros = sum(r["sparsity"] * int(m.weight.numel()) for r, (_, m) in zip(
-        rows, [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]))
+    sizes = [m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]  # same order
+    total = sum(sizes)
+    zeros = sum(r["sparsity"] * n for r, n in zip(rows, sizes))
     table = tabulate(rows, headers="keys", floatfmt=".4f")
     return f"{table}\n\noverall conv/linear sparsity: {zeros / max(total, 1):.4f} of {total:,} weights"
