@@ -1,7 +1,7 @@
 """Compression state on the modules: masks, quantizers, BN recalibration, the integer deploy form."""
 
 from micronet.compress.bn import recalibrate_bn_
-from micronet.compress.integer import fold_bn, to_integer_form
+from micronet.compress.integer import deploy_form
 from micronet.compress.layout import apply_layout, compression_layout
 from micronet.compress.quant import (
     ActQuantizer,
@@ -18,8 +18,8 @@ from micronet.compress.summary import compression_rows, compression_summary
 
 __all__ = [
     "ActQuantizer", "QuantConfig", "SparsityConfig", "WeightMask", "WeightQuantizer", "apply_layout",
-    "calibrate_activations_", "compression_layout", "compression_rows", "compression_summary", "fold_bn",
+    "calibrate_activations_", "compression_layout", "compression_rows", "compression_summary", "deploy_form",
     "freeze_masks_", "input_quantizer", "is_quantized", "least_squares_scale", "prune_", "quantize_",
-    "recalibrate_bn_", "refit_weight_scales_", "to_integer_form", "update_masks_", "weight_mask",
+    "recalibrate_bn_", "refit_weight_scales_", "update_masks_", "weight_mask",
     "weight_quantizer",
 ]

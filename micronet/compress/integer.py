@@ -1,4 +1,4 @@
-"""``to_integer_form``: the deploy form that the scorer counts and the exporter writes.
+"""``deploy_form``: the integer deploy form that the scorer counts and the exporter writes.
 
 Two passes over a deep copy of the model (the caller's model is never touched):
 
@@ -6,7 +6,7 @@ Two passes over a deep copy of the model (the caller's model is never touched):
    ``ChannelAffine(1/s_a) -> RoundClamp -> IntConv2d(codes) -> ChannelAffine(s_a·s_w, bias)``;
    a float conv keeps its (masked) weights, with the input step folded into them when only its input is
    quantized; BatchNorm (eval statistics) becomes a ``ChannelAffine``; modules that know their own deploy
-   form (``module.deploy_form()``, e.g. eval-mode ShakeDrop) are replaced by it; Dropout disappears.
+   form (``module.deploy_module()``, e.g. eval-mode ShakeDrop) are replaced by it; Dropout disappears.
 2. **Peephole merging** on a ``torch.fx`` graph of the largest sub-modules that trace (models with
    data-dependent control flow, such as SkipNet, are converted block by block):
    affine∘affine → affine; float conv∘affine → conv with folded weights/bias (BN folding: only when the
@@ -36,16 +36,33 @@ from micronet.errors import MicronetError
 _LEAVES = (ChannelAffine, RoundClamp, IntConv2d, IntLinear)
 
 
-def to_integer_form(model: nn.Module) -> nn.Module:
-    """Return the integer deploy form of ``model`` (a converted deep copy in eval mode)."""
+def deploy_form(model: nn.Module) -> nn.Module:
+    """The integer deploy form of any model, float or compressed: a converted eval-mode deep copy.
+
+    This is the one training form -> deploy form conversion: the scorer counts its result and the exporter
+    writes it. A model already in deploy form (integer modules, no training-form state) is copied as it is.
+    """
+    if _is_deploy_form(model):
+        return detached_copy(model).eval()
     spec = getattr(model, "micronet_spec", None)
-    work = detached_copy(model).eval()
-    with torch.no_grad():
-        work = _rewrite_modules(work)
-        work = _merge(work)
+    try:
+        work = detached_copy(model).eval()
+        with torch.no_grad():
+            work = _rewrite_modules(work)
+            work = _merge(work)
+    except MicronetError:
+        raise
+    except Exception as exc:  # a user's module we cannot rewrite: say so instead of failing later
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise MicronetError(f"cannot convert the model to its integer deploy form: {first}") from None
     if spec is not None:
         work.micronet_spec = spec
     return work.eval()
+
+
+def _is_deploy_form(model: nn.Module) -> bool:
+    """True for a model that already holds integer modules and no training-form compression state."""
+    return any(isinstance(m, _LEAVES) for m in model.modules()) and not state.has_training_form(model)
 
 
 def detached_copy(model: nn.Module) -> nn.Module:
@@ -59,11 +76,6 @@ def detached_copy(model: nn.Module) -> nn.Module:
                                                          for t in value):
                 memo[id(value)] = type(value)(t.detach().clone() if isinstance(t, Tensor) else t for t in value)
     return copy.deepcopy(model, memo)
-
-
-def fold_bn(model: nn.Module) -> nn.Module:
-    """Float model with every foldable BatchNorm folded into its conv (others become ChannelAffine)."""
-    return to_integer_form(model)
 
 
 # ----------------------------------------------------------------------------------------------- pass 1
@@ -142,8 +154,8 @@ def _rewrite_modules(module: nn.Module) -> nn.Module:
 
 
 def _rewrite_one(module: nn.Module) -> nn.Module:
-    if hasattr(module, "deploy_form") and callable(module.deploy_form):
-        return module.deploy_form()
+    if callable(getattr(module, "deploy_module", None)):
+        return module.deploy_module()
     if isinstance(module, nn.Conv2d | nn.Linear) and (
         state.weight_quantizer(module) or state.input_quantizer(module) or state.weight_mask(module)
     ):

@@ -62,6 +62,11 @@ def compressed_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
+def has_training_form(model: nn.Module) -> bool:
+    """True if any module carries training-form compression (weight parametrizations, input quantizers)."""
+    return any(parametrize.is_parametrized(m) or input_quantizer(m) is not None for m in model.modules())
+
+
 def is_quantized(model: nn.Module) -> bool:
     """True if any weight or activation in the model is quantized."""
     from micronet.compress.integer_modules import IntConv2d, IntLinear, RoundClamp

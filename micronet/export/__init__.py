@@ -1,10 +1,10 @@
 """ONNX export of the integer deploy form (packed INT4 weights), verified in onnxruntime."""
 
-from micronet.export.exporter import ExportReport, deploy_model, export_checkpoint, export_onnx, verify_onnx
+from micronet.export.exporter import ExportReport, export_checkpoint, export_onnx, verify_onnx
 from micronet.export.graph import UnsupportedModelError, build_graph
 from micronet.export.verify import Latency, ParityReport
 
 __all__ = [
-    "ExportReport", "Latency", "ParityReport", "UnsupportedModelError", "build_graph", "deploy_model",
+    "ExportReport", "Latency", "ParityReport", "UnsupportedModelError", "build_graph",
     "export_checkpoint", "export_onnx", "verify_onnx",
 ]

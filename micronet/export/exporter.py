@@ -1,6 +1,6 @@
 """``export_onnx``: integer deploy form -> one small, verified, self-contained ONNX file.
 
-Flow: the model is converted to its integer deploy form (``micronet.compress.to_integer_form``; models
+Flow: the model is converted to its integer deploy form (``micronet.compress.deploy_form``; models
 already in that form, such as imported riair2019 checkpoints, are used as they are), the graph is built
 directly from it (:mod:`micronet.export.graph`, which explains why the dynamo exporter is not used),
 checked with ``onnx.checker.check_model(full_check=True)``, written to a temporary file next to the
@@ -25,7 +25,7 @@ import onnx
 import torch
 from torch import nn
 
-from micronet.compress.integer_modules import ChannelAffine, IntConv2d, IntLinear, RoundClamp
+from micronet.compress import deploy_form
 from micronet.errors import MicronetError
 from micronet.export import verify as _verify
 from micronet.export.graph import BuiltGraph, WeightRecord, build_graph
@@ -106,26 +106,6 @@ class ExportReport:
             lines.append(self.latency.format())
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-def deploy_model(model: nn.Module) -> nn.Module:
-    """The eval-mode module that gets exported: the integer deploy form (a copy; ``model`` is untouched)."""
-    already = any(isinstance(m, IntConv2d | IntLinear | RoundClamp | ChannelAffine) for m in model.modules())
-    training_form = any(
-        getattr(m, "parametrizations", None) is not None or hasattr(m, "input_quantizer") for m in model.modules()
-    )
-    if already and not training_form:
-        import copy
-
-        return copy.deepcopy(model).eval()
-    from micronet.compress import to_integer_form
-
-    try:
-        return to_integer_form(model).eval()
-    except MicronetError:
-        raise
-    except Exception as exc:
-        raise MicronetError(f"cannot convert the model to its integer deploy form: {exc}") from exc
 
 
 def _check_output_path(path: Path, force: bool) -> None:
@@ -219,7 +199,7 @@ def export_onnx(
     if device not in ("cpu", "cuda"):
         raise MicronetError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
     inputs, source = _inputs(samples, data) if verify else (None, "")
-    deploy = deploy_model(model)
+    deploy = deploy_form(model)
     built = build_graph(deploy, form=form, sparse_weights=sparse_weights, opset=opset, input_shape=INPUT_SHAPE)
     try:
         onnx.checker.check_model(built.model, full_check=True)
@@ -284,7 +264,7 @@ def verify_onnx(
     proto = onnx.load(str(path), load_external_data=False)
     props = {p.key: p.value for p in proto.metadata_props}
     form = form or props.get("micronet.form", "integer")
-    deploy = deploy_model(model)
+    deploy = deploy_form(model)
     # Rebuilding (in memory) gives the weight list and whether the graph must be bit-exact.
     built = build_graph(deploy, form=form, input_shape=INPUT_SHAPE)
     inputs, source = _inputs(samples, data)

@@ -350,7 +350,7 @@ def _trace(model: nn.Module) -> fx.GraphModule:
         shown = ", ".join(hooked[:5]) + (" ..." if len(hooked) > 5 else "")
         raise UnsupportedModelError(
             f"modules with forward hooks cannot be exported (hooks would be dropped): {shown}; "
-            "convert training-form models with micronet.compress.to_integer_form first"
+            "convert training-form models with micronet.compress.deploy_form first"
         )
     try:
         graph = _Tracer().trace(model)

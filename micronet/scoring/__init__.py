@@ -4,7 +4,7 @@
 See docs/architecture.md ("Scoring data flow") and spec scoring.md for the conventions.
 """
 
-from micronet.scoring.api import FORMATS, create_model, deploy_form, detect_format, load_for_scoring, score
+from micronet.scoring.api import FORMATS, create_model, detect_format, load_for_scoring, score
 from micronet.scoring.costs import RULES, Cost, accumulate, adder_tree_bitadds, register
 from micronet.scoring.policy import PRESETS, TRACKS, Policy, Track, get_track, list_policies, resolve_policy
 from micronet.scoring.report import LayerRow, ScoreReport
@@ -22,7 +22,6 @@ __all__ = [
     "accumulate",
     "adder_tree_bitadds",
     "create_model",
-    "deploy_form",
     "detect_format",
     "get_track",
     "list_policies",

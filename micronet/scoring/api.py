@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from micronet import io
-from micronet.compress.state import model_device, preserved_modes
+from micronet.compress import deploy_form
+from micronet.compress.state import has_training_form, model_device, preserved_modes
 from micronet.errors import MicronetError
 from micronet.scoring.accounting import account
 from micronet.scoring.policy import Policy, Track, get_track, resolve_policy
@@ -21,30 +22,12 @@ from micronet.scoring.trace import Trace, trace_model
 FORMATS = ("auto", "micronet", "state_dict", "riair2019")
 
 
-def _has_compression_state(model: nn.Module) -> bool:
-    """True if the model carries training-form compression (weight parametrizations, act quantizers)."""
-    for module in model.modules():
-        if getattr(module, "parametrizations", None) is not None or hasattr(module, "input_quantizer"):
-            return True
-    return False
-
-
-def deploy_form(model: nn.Module) -> tuple[nn.Module, bool]:
-    """The module to trace: ``to_integer_form(model)`` (a converted copy) for a compressed training-form
-    model, else the model itself (already integer form or plain float; BN folding is then done by the
-    cost rules). Returns (module, converted)."""
-    if not _has_compression_state(model):
+def _scoring_target(model: nn.Module) -> tuple[nn.Module, bool]:
+    """The module to trace: ``compress.deploy_form(model)`` for a compressed training-form model, else the
+    model itself (float models: BN folding is then done by the cost rules). Returns (module, converted)."""
+    if not has_training_form(model):
         return model, False
-    try:
-        from micronet.compress import to_integer_form
-    except ImportError:
-        return model, False
-    try:
-        return to_integer_form(model), True
-    except MicronetError:
-        raise
-    except Exception as exc:  # the conversion is another package's code: report it, don't hide it
-        raise MicronetError(f"cannot convert the model to integer form for scoring: {exc}") from exc
+    return deploy_form(model), True
 
 
 @contextlib.contextmanager
@@ -135,7 +118,7 @@ def score(
     """
     pol = resolve_policy(policy, overrides)
     trk = get_track(track)
-    target, converted = deploy_form(model)
+    target, converted = _scoring_target(model)
     dynamic = is_dynamic(target)
     if dynamic and not converted:
         # Averaging resets gate counters and the parameter trace runs in train mode: work on a copy.
@@ -181,7 +164,7 @@ def score(
         )
     notes = []
     if converted:
-        notes.append("scored the integer deploy form (to_integer_form) of the model")
+        notes.append("scored the integer deploy form (compress.deploy_form) of the model")
     report = ScoreReport(
         pol,
         trk,

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from micronet import models
-from micronet.compress import QuantConfig, SparsityConfig, fold_bn, prune_, quantize_, recalibrate_bn_, to_integer_form
+from micronet.compress import QuantConfig, SparsityConfig, deploy_form, prune_, quantize_, recalibrate_bn_
 from micronet.compress.integer_modules import ChannelAffine, IntConv2d, IntLinear, RoundClamp
 
 from .conftest import TINY, randomize_bn_
@@ -23,7 +23,7 @@ def test_bn_folding_reproduces_logits(family):
     torch.manual_seed(0)
     model = randomize_bn_(models.create(TINY[family]).eval())
     x = torch.randn(8, 3, 32, 32)
-    folded = fold_bn(model)
+    folded = deploy_form(model)
     assert (folded(x) - model(x)).abs().max() < 1e-5
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
 
@@ -34,7 +34,7 @@ def test_integer_form_reproduces_fake_quant_logits_exactly_in_float64(family):
     model = _compressed(TINY[family]).double()
     x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
     ref = model(x)
-    deployed = to_integer_form(model)
+    deployed = deploy_form(model)
     assert (deployed(x) - ref).abs().max() < 1e-9
     assert torch.equal(model(x), ref)  # the caller's model is untouched
 
@@ -46,14 +46,14 @@ def test_integer_form_matches_in_float32_up_to_rounding_ties(family):
     model = _compressed(TINY[family])
     x = torch.randn(32, 3, 32, 32)
     with torch.no_grad():
-        diff = (to_integer_form(model)(x) - model(x)).abs().amax(1)
+        diff = (deploy_form(model)(x) - model(x)).abs().amax(1)
     assert float((diff < 1e-5).float().mean()) >= 0.9
     assert float(diff.max()) < 0.1
 
 
 def test_integer_form_of_densenet_is_the_winners_merged_network():
     model = _compressed(TINY["densenet"])
-    deployed = to_integer_form(model)
+    deployed = deploy_form(model)
     kinds = [type(m) for m in deployed.modules()]
     n_conv = sum(isinstance(m, nn.Conv2d) for m in model.modules())
     assert kinds.count(IntConv2d) == n_conv and kinds.count(IntLinear) == 1

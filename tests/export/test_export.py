@@ -15,9 +15,10 @@ from onnx import numpy_helper as onh
 from torch import nn
 
 from micronet import models
+from micronet.compress import deploy_form
 from micronet.compress.integer_modules import IntConv2d, IntLinear
 from micronet.errors import MicronetError
-from micronet.export import deploy_model, export_onnx, verify_onnx
+from micronet.export import export_onnx, verify_onnx
 from micronet.export.encoding import read_codes
 from tests.export.conftest import TINY_ZOO, IntDenseNet, as_float_net, compressed
 
@@ -80,7 +81,7 @@ def test_packed_int4_initializers_decode_to_the_model_codes(int_densenet, tmp_pa
     path = tmp_path / "m.onnx"
     export_onnx(int_densenet, path, samples=32, **FAST)
     inits = _initializers(path)
-    deploy = deploy_model(int_densenet)
+    deploy = deploy_form(int_densenet)
     layers = {n: m for n, m in deploy.named_modules() if isinstance(m, IntConv2d | IntLinear)}
     assert len(layers) == 6
     for name, m in layers.items():
@@ -108,7 +109,7 @@ def test_bitmask_encoding_decodes_exactly_with_one_shared_function(int_densenet,
     assert len(sparse) == 5 and {w.storage for w in sparse} == {"INT4", "INT8"}
     assert sum(n.op_type == "BitmaskDecode" for n in model.graph.node) == len(sparse)
     inits = {t.name: t for t in model.graph.initializer}
-    deploy = deploy_model(int_densenet)
+    deploy = deploy_form(int_densenet)
     for w in sparse:
         codes = deploy.get_submodule(w.module).weight.numpy()
         assert len(inits[f"{w.module}.weight.mask"].raw_data) == math.ceil(codes.size / 8)
@@ -120,7 +121,7 @@ def test_bitmask_encoding_decodes_exactly_with_one_shared_function(int_densenet,
 def test_sparse_4bit_file_is_several_times_smaller_than_fp32_export(tmp_path):
     torch.manual_seed(0)
     model = compressed(models.create("densenet_bc:depth=22,growth=12", num_classes=100).eval())
-    deploy = deploy_model(model)
+    deploy = deploy_form(model)
     # sizes only: parity of each encoding is covered above
     int4 = export_onnx(model, tmp_path / "int4.onnx", verify=False, **FAST)
     bitmask = export_onnx(model, tmp_path / "bitmask.onnx", sparse_weights=True, verify=False, **FAST)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from micronet.compress import QuantConfig, SparsityConfig, prune_, quantize_, to_integer_form
+from micronet.compress import QuantConfig, SparsityConfig, deploy_form, prune_, quantize_
 from micronet.errors import MicronetError
 from micronet.models import create
 from micronet.scoring import score
@@ -48,7 +48,7 @@ def test_integer_form_keeps_float64_and_ignores_size_arithmetic():
 
     net = Net().double().eval()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    assert (to_integer_form(net)(x) - net(x)).abs().max() < 1e-12
+    assert (deploy_form(net)(x) - net(x)).abs().max() < 1e-12
 
 
 def test_bad_input_size_is_a_one_line_error():
