@@ -18,7 +18,8 @@ import torch
 from tabulate import tabulate
 
 from micronet import compress, models
-from micronet.training.data import BatchStream, ImageSet, get_normalization
+from micronet.data import ImageSet, get_normalization
+from micronet.training.batches import BatchStream
 from micronet.training.kd import cross_entropy
 from micronet.training.loop import StepContext, setup_runtime, train_epoch
 

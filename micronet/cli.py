@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import click
+import torch
+from tabulate import tabulate
+from torch import nn
 
-from micronet import __version__
+from micronet import __version__, io
+from micronet.data import DATASETS
 from micronet.errors import MicronetError
+from micronet.export import export_checkpoint
+from micronet.models import describe_models, list_families
+from micronet.scoring import TRACKS, score
+from micronet.scoring.policy import parse_overrides
+from micronet.scoring.projection import DEFAULT_RECIPE, apply_projection, projection_from_recipe
+from micronet.training import STAGES, RunOptions, evaluate_checkpoint, load_recipe, run_all, run_stage
+
+_FORMAT = click.Choice(io.FORMATS)
+_DATASET = click.Choice(["auto", *DATASETS])
 
 
 class _Group(click.Group):
@@ -34,12 +49,6 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the table as a JSON list of objects.")
 def models_command(as_json: bool) -> None:
     """List the model zoo: parameters and dense MACs per 32x32 image (conv + FC + LSTM)."""
-    import json
-
-    from tabulate import tabulate
-
-    from micronet.models import describe_models, list_families
-
     rows = describe_models()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -63,7 +72,7 @@ def models_command(as_json: bool) -> None:
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="CIFAR-100 folder (cifar-100-python/) for real verification images; default synthetic.")
 @click.option("--model", "arch", default=None, help="Architecture (zoo name or spec) for plain state_dicts.")
-@click.option("--format", "fmt", type=click.Choice(["auto", "micronet", "state_dict", "riair2019"]),
+@click.option("--format", "fmt", type=_FORMAT,
               default="auto", show_default=True, help="Checkpoint format.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--no-timing", is_flag=True, help="Skip the latency table.")
@@ -72,13 +81,10 @@ def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool
                    samples: int, data_root: str | None, arch: str | None, fmt: str, force: bool, no_timing: bool,
                    as_json: bool) -> None:
     """Export CHECKPOINT to one small, verified ONNX file (packed INT4 weights, dynamic batch)."""
-    import json
-
-    from micronet.export import export_checkpoint
-
     report = export_checkpoint(checkpoint, output, format=fmt, model=arch, form=form,
                                sparse_weights=sparse_weights, verify=not no_verify, device=device,
-                               samples=samples, data=data_root, force=force, timing=not no_timing)
+                               samples=samples, data=data_root, force=force, timing=not no_timing,
+                               storage=_storage_bytes)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
 
 
@@ -86,12 +92,12 @@ def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool
 @click.argument("checkpoint", required=False, type=click.Path(dir_okay=False))
 @click.option("--model", "-m", "model_name", help="Zoo model or spec (default: densenet100_k12 projected).")
 @click.option("--format", "file_format", default="auto", show_default=True,
-              type=click.Choice(["auto", "micronet", "state_dict", "riair2019"]), help="Checkpoint format.")
+              type=_FORMAT, help="Checkpoint format.")
 @click.option("--recipe", help="Project a recipe's compression onto the untrained --model.")
 @click.option("--policy", "-p", default="official", show_default=True,
               help="Accounting policy: official, freebie16, riair2019-t0..t6, or a YAML file.")
 @click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Override a policy field (repeatable).")
-@click.option("--track", default="cifar100", show_default=True, type=click.Choice(["cifar100", "imagenet"]))
+@click.option("--track", default="cifar100", show_default=True, type=click.Choice(list(TRACKS)))
 @click.option("--input-size", default=32, show_default=True, type=click.IntRange(1), help="Input height = width.")
 @click.option("--samples", type=int, help="Examples to average ops over (dynamic nets; default 16 for them).")
 @click.option("--data-root", type=click.Path(file_okay=False), help="Real test images for dynamic nets.")
@@ -102,13 +108,10 @@ def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool
 def score_command(checkpoint, model_name, file_format, recipe, policy, sets, track, input_size, samples, data_root,
                   as_json, csv_path, plot_path, all_rows) -> None:
     """Score a model by the MicroNet rules: params and ops in 32-bit units, per layer."""
-    from micronet.scoring import api
-    from micronet.scoring.policy import parse_overrides
-
     overrides = parse_overrides(sets)
-    target, name, notes = api.resolve_target(checkpoint, model_name, file_format, recipe)
-    data = api.load_score_data(data_root, samples or 16, checkpoint) if data_root else None
-    report = api.score(target, policy, track, input_size, samples=samples, data=data, model_name=name, **overrides)
+    target, name, notes = _score_target(checkpoint, model_name, file_format, recipe)
+    data = io.checkpoint_test_images(checkpoint, data_root, samples or 16) if data_root else None
+    report = score(target, policy, track, input_size, samples=samples, data=data, model_name=name, **overrides)
     report.notes[:0] = notes
     if csv_path:
         report.write_csv(csv_path)
@@ -117,9 +120,38 @@ def score_command(checkpoint, model_name, file_format, recipe, policy, sets, tra
     click.echo(report.to_json() if as_json else report.table(None if all_rows else 40))
 
 
+def _storage_bytes(model: nn.Module) -> int:
+    """The challenge's storage figure of ``model``: its scored params (32-bit units) x 4 bytes."""
+    return round(float(score(model).params) * 4)
+
+
+def _score_target(checkpoint: str | None, model: str | None, format: str, recipe: str | None,
+                  ) -> tuple[nn.Module, str, list[str]]:
+    """What `score` scores: a file, a zoo model (optionally projected through a recipe), or by default
+    ``densenet100_k12`` under the 2019 recipe's compression. Returns (model, name, notes)."""
+    if checkpoint is not None:
+        if recipe is not None:
+            raise MicronetError("--recipe projects an untrained zoo model; it cannot be combined with a checkpoint")
+        loaded = io.load_model(checkpoint, format=format, model=model)
+        spec = getattr(loaded, "micronet_spec", None) or {}
+        return loaded, f"{Path(checkpoint).name} ({spec.get('name', type(loaded).__name__)})", []
+    name = model or "densenet100_k12"
+    with torch.random.fork_rng(devices=[]):
+        # Untrained weights decide where global pruning puts the zeros: seed them so the figures repeat.
+        torch.manual_seed(0)
+        net = io.create_model(name)
+    if model is not None and recipe is None:
+        return net, name, []
+    projection = projection_from_recipe(recipe)
+    apply_projection(net, projection)
+    note = "PROJECTION: " + projection.describe() + "; train the model for its real score"
+    if recipe is None:
+        note += f" (default target: {name} under {DEFAULT_RECIPE})"
+    return net, name, [note]
+
+
 @main.command("train-stage")
-@click.argument("stage", type=click.Choice(["teacher", "student", "prune", "quant-act", "quant-weight", "bn-recal",
-                                            "prune-fc", "quant-fc", "all"]))
+@click.argument("stage", type=click.Choice([*STAGES, "all"]))
 @click.option("--recipe", "-r", required=True, help="Recipe YAML file or shipped name (micronet2019-densenet).")
 @click.option("--data-root", required=True, type=click.Path(file_okay=False), help="Dataset folder.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (default runs/RECIPE).")
@@ -131,7 +163,7 @@ def score_command(checkpoint, model_name, file_format, recipe, policy, sets, tra
 @click.option("--epochs", type=int, help="Epochs of every stage run (warm-up keeps its fraction).")
 @click.option("--batch-size", type=int, help="Per-process batch size of every stage run.")
 @click.option("--lr", type=float, help="Peak learning rate of every stage run.")
-@click.option("--dataset", type=click.Choice(["auto", "cifar100", "cifar10", "folder"]), help="Dataset layout.")
+@click.option("--dataset", type=_DATASET, help="Dataset layout.")
 @click.option("--seed", type=int, help="Override the recipe's seed.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override any recipe key, e.g. stages.quant-fc.weight_bits=6 (repeatable).")
@@ -146,10 +178,6 @@ def train_stage_command(stage, recipe, data_root, out_dir, init_from, teacher, r
                         batch_size, lr, dataset, seed, sets, device, use_compile, no_amp, workers, download,
                         tensorboard, no_progress) -> None:
     """Run one compression stage, or `all` of them in order (resumable), as the recipe says."""
-    from pathlib import Path
-
-    from micronet.training import RunOptions, load_recipe, run_all, run_stage
-
     overrides = {"model": model, "teacher_model": teacher_model, "epochs": epochs, "batch_size": batch_size,
                  "lr": lr, "dataset": dataset, "seed": seed, "stages_only": None if stage == "all" else [stage]}
     spec = load_recipe(recipe, overrides, sets)
@@ -168,9 +196,9 @@ def train_stage_command(stage, recipe, data_root, out_dir, init_from, teacher, r
 @main.command("eval")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--data-root", required=True, type=click.Path(file_okay=False), help="Dataset folder.")
-@click.option("--dataset", type=click.Choice(["auto", "cifar100", "cifar10", "folder"]), default="auto",
+@click.option("--dataset", type=_DATASET, default="auto",
               show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["auto", "micronet", "riair2019", "state_dict"]), default="auto",
+@click.option("--format", "fmt", type=_FORMAT, default="auto",
               show_default=True, help="Checkpoint format.")
 @click.option("--model", help="Architecture of a plain state_dict (zoo name or spec).")
 @click.option("--normalization", help="Input normalization preset (default: what the checkpoint was trained with).")
@@ -181,10 +209,6 @@ def train_stage_command(stage, recipe, data_root, out_dir, init_from, teacher, r
 def eval_command(checkpoint, data_root, dataset, fmt, model, normalization, half, batch_size, device,
                  as_json) -> None:
     """Top-1/top-5 accuracy of a checkpoint on the test set."""
-    import json
-
-    from micronet.training import evaluate_checkpoint
-
     r = evaluate_checkpoint(checkpoint, data_root, dataset=dataset, format=fmt, model=model,
                             normalization=normalization, half=half, device=device, batch_size=batch_size)
     if as_json:

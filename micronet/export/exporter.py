@@ -17,6 +17,7 @@ wins, and uninstalling either one breaks the other (spec onnx-export.md §6).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ import onnx
 import torch
 from torch import nn
 
+from micronet import io
 from micronet.compress import deploy_form
+from micronet.data import test_images
 from micronet.errors import MicronetError
 from micronet.export import verify as _verify
 from micronet.export.graph import BuiltGraph, WeightRecord, build_graph
@@ -125,21 +128,6 @@ def _fp32_bytes(model: nn.Module) -> int:
     return 4 * sum(t.numel() for t in tensors.values())
 
 
-def _storage_bytes(model: nn.Module, notes: list[str]) -> int | None:
-    """The scorer's parameter storage in bytes (32-bit units x 4), or None if scoring is unavailable."""
-    try:
-        from micronet.scoring import score
-    except ImportError:
-        notes.append("scorer not available: no storage figure")
-        return None
-    try:
-        report = score(model)
-    except MicronetError as exc:
-        notes.append(f"scorer failed, no storage figure: {exc}")
-        return None
-    return round(float(report.params) * 4)
-
-
 def _inputs(samples: int, data: Any) -> tuple[torch.Tensor, str]:
     """Verification inputs: the first ``samples`` images of ``data``, else seeded N(0, 1) images."""
     if samples < 1:
@@ -148,8 +136,6 @@ def _inputs(samples: int, data: Any) -> tuple[torch.Tensor, str]:
         g = torch.Generator().manual_seed(12345)
         return torch.randn((samples, *INPUT_SHAPE), generator=g), "synthetic"
     if isinstance(data, str | os.PathLike):  # a dataset folder: its test images, CIFAR-100 statistics
-        from micronet.training.data import test_images
-
         data = test_images(data, samples)
     if isinstance(data, torch.Tensor):
         x = data
@@ -183,7 +169,7 @@ def export_onnx(
     data: Any = None,
     force: bool = False,
     timing: bool = True,
-    storage: bool = True,
+    storage_bytes: int | None = None,
 ) -> ExportReport:
     """Export ``model`` (training, integer or float form) to a verified single-file ONNX model at ``path``.
 
@@ -191,8 +177,8 @@ def export_onnx(
     QuantizeLinear/DequantizeLinear pairs). ``sparse_weights``: bitmask-encode sparse weight tensors.
     ``verify``: check weights, logits on ``samples`` inputs (``data``: images tensor, iterable of
     batches, or a CIFAR-100 directory; else synthetic) and dynamic batch in onnxruntime on ``device``;
-    raises MicronetError and writes nothing if any check fails. ``timing``/``storage``: add the latency
-    table and the scorer's storage figure to the report.
+    raises MicronetError and writes nothing if any check fails. ``timing``: add the latency table.
+    ``storage_bytes``: the challenge's storage figure (scored params x 4 B) to compare the file with.
     """
     path = Path(path)
     _check_output_path(path, force)
@@ -213,7 +199,7 @@ def export_onnx(
     def write_and_verify(tmp_name: str) -> None:
         tmp = Path(tmp_name)
         tmp.write_bytes(payload)
-        report = _report(path, built, deploy, opset, sparse_weights, len(payload), storage)
+        report = _report(path, built, deploy, opset, sparse_weights, len(payload), storage_bytes)
         if verify:
             report.parity = _verify.verify(tmp, deploy, built, inputs, source=source, device=device)
             if not report.parity.passed:
@@ -230,8 +216,7 @@ def export_onnx(
 
 
 def _report(path: Path, built: BuiltGraph, deploy: nn.Module, opset: int, sparse: bool, size: int,
-            storage: bool) -> ExportReport:
-    notes: list[str] = []
+            storage_bytes: int | None) -> ExportReport:
     return ExportReport(
         path=str(path),
         form=built.form,
@@ -241,10 +226,10 @@ def _report(path: Path, built: BuiltGraph, deploy: nn.Module, opset: int, sparse
         num_classes=built.num_classes,
         file_bytes=size,
         fp32_bytes=_fp32_bytes(deploy),
-        storage_bytes=_storage_bytes(deploy, notes) if storage else None,
+        storage_bytes=storage_bytes,
         exact=built.exact,
         weights=built.weights,
-        notes=notes,
+        notes=[],
     )
 
 
@@ -277,20 +262,21 @@ def export_checkpoint(
     *,
     format: str = "auto",
     model: str | None = None,
+    storage: Callable[[nn.Module], int] | None = None,
     **kwargs: Any,
 ) -> ExportReport:
-    """Export any checkpoint the scorer accepts (micronet, plain state_dict + ``model``, riair2019)."""
-    _check_output_path(Path(path), bool(kwargs.get("force", False)))
-    from micronet.scoring import load_for_scoring
+    """Export any checkpoint ``io.load_model`` accepts (micronet, plain state_dict + ``model``, riair2019).
 
-    net = load_for_scoring(checkpoint, format=format, model=model)
+    ``storage`` maps the loaded model to the challenge's storage figure in bytes (the CLI passes the
+    scorer's), which the report compares the file with; other keyword arguments go to ``export_onnx``.
+    """
+    _check_output_path(Path(path), bool(kwargs.get("force", False)))
+    net = io.load_model(checkpoint, format=format, model=model)
+    if storage is not None:
+        kwargs["storage_bytes"] = storage(net)
     data = kwargs.get("data")
     if isinstance(data, str | os.PathLike):  # preprocess real images the way this checkpoint expects
-        from micronet.scoring import detect_format
-        from micronet.training.data import checkpoint_normalization, test_images
-
-        fmt = detect_format(checkpoint) if format == "auto" else format
-        kwargs["data"] = test_images(data, kwargs.get("samples", 512), checkpoint_normalization(checkpoint, fmt))
+        kwargs["data"] = io.checkpoint_test_images(checkpoint, data, kwargs.get("samples", 512), format)
     report = export_onnx(net, path, **kwargs)
     report.checkpoint_bytes = Path(checkpoint).stat().st_size
     return report

@@ -1,4 +1,5 @@
-"""Reading and writing models: safe micronet checkpoints, plain state_dicts, the 2019 winner's format."""
+"""Reading and writing models: safe micronet checkpoints, plain state_dicts, the 2019 winner's format, and
+"any file -> model" for everyone above."""
 
 from micronet.io.checkpoint import (
     Checkpoint,
@@ -10,6 +11,15 @@ from micronet.io.checkpoint import (
     read_metadata,
     save,
 )
+from micronet.io.loading import (
+    FORMATS,
+    checkpoint_normalization,
+    checkpoint_test_images,
+    create_model,
+    detect_format,
+    load_model,
+)
 
-__all__ = ["Checkpoint", "atomic_write", "load", "load_into", "load_state_dict_file", "read_header",
-           "read_metadata", "save"]
+__all__ = ["FORMATS", "Checkpoint", "atomic_write", "checkpoint_normalization", "checkpoint_test_images",
+           "create_model", "detect_format", "load", "load_into", "load_model", "load_state_dict_file",
+           "read_header", "read_metadata", "save"]

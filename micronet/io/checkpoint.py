@@ -29,6 +29,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from micronet import models
+from micronet.compress.layout import apply_layout, compression_layout
 from micronet.errors import MicronetError
 
 FORMAT_VERSION = "1"
@@ -95,7 +97,6 @@ def save(
     extra_tensors: dict[str, Tensor] | None = None,
 ) -> Path:
     """Write ``model`` (with its compression state) and metadata to ``path`` atomically."""
-    from micronet.compress.layout import compression_layout
 
     module = model.module if isinstance(getattr(model, "module", None), nn.Module) else model  # DDP wrapper
     spec = getattr(module, "micronet_spec", None)
@@ -163,9 +164,6 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Load a micronet ``.safetensors`` checkpoint: rebuild the model, its compression state and tensors."""
-    from micronet import models
-    from micronet.compress.layout import apply_layout
-
     path = Path(path)
     metadata = _micronet_metadata(path)
     try:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from micronet.compress.integer_modules import ChannelAffine, IntConv2d, IntLinear, RoundClamp
 from micronet.compress.ops import range_bits
 from micronet.errors import MicronetError
+from micronet.io.checkpoint import load_state_dict_file
 
 GROWTH = 12
 LAYERS_PER_BLOCK = 16
@@ -223,20 +224,8 @@ def build_riair2019(
 
 
 def load_riair2019(path: str | Path, **kwargs) -> RiairDenseNet:
-    """Read a riair2019 file (``torch.load(weights_only=True)``) and build its network."""
-    path = Path(path)
-    if not path.is_file():
-        raise MicronetError(f"file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise MicronetError(f"cannot read {path} as a PyTorch state_dict: {first}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise MicronetError(f"{path} does not hold a state_dict")
-    return build_riair2019(state, source=str(path), **kwargs)
+    """Read a riair2019 file (a weights-only state_dict) and build its network."""
+    return build_riair2019(load_state_dict_file(path), source=str(path), **kwargs)
 
 
 def random_riair2019_state(

@@ -1,16 +1,15 @@
 """The MicroNet scorer: trace one forward at the aten level, price every op under a named policy.
 
-``score(model, policy="official", track="cifar100") -> ScoreReport``; ``load_for_scoring(path)``.
+``score(model, policy="official", track="cifar100") -> ScoreReport`` (files load through ``micronet.io``).
 See docs/architecture.md ("Scoring data flow") and spec scoring.md for the conventions.
 """
 
-from micronet.scoring.api import FORMATS, create_model, detect_format, load_for_scoring, score
+from micronet.scoring.api import score
 from micronet.scoring.costs import RULES, Cost, accumulate, adder_tree_bitadds, register
 from micronet.scoring.policy import PRESETS, TRACKS, Policy, Track, get_track, list_policies, resolve_policy
 from micronet.scoring.report import LayerRow, ScoreReport
 
 __all__ = [
-    "FORMATS",
     "PRESETS",
     "RULES",
     "TRACKS",
@@ -21,11 +20,8 @@ __all__ = [
     "Track",
     "accumulate",
     "adder_tree_bitadds",
-    "create_model",
-    "detect_format",
     "get_track",
     "list_policies",
-    "load_for_scoring",
     "register",
     "resolve_policy",
     "score",

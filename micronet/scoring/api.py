@@ -1,16 +1,14 @@
-"""The scorer's entry points: ``score(model, ...)`` and ``load_for_scoring(path, ...)``."""
+"""The scorer's entry point: ``score(model, ...)``."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from micronet import io
 from micronet.compress import deploy_form
 from micronet.compress.state import has_training_form, model_device, preserved_modes
 from micronet.errors import MicronetError
@@ -18,8 +16,6 @@ from micronet.scoring.accounting import account
 from micronet.scoring.policy import Policy, Track, get_track, resolve_policy
 from micronet.scoring.report import ScoreReport
 from micronet.scoring.trace import Trace, trace_model
-
-FORMATS = ("auto", "micronet", "state_dict", "riair2019")
 
 
 def _scoring_target(model: nn.Module) -> tuple[nn.Module, bool]:
@@ -178,110 +174,3 @@ def score(
         quantized=acc.quantized,
     )
     return report
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading what the user points at.
-
-
-def create_model(name: str, num_classes: int = 100) -> nn.Module:
-    """Build a zoo model by name or spec string, with a one-line error for unknown names."""
-    from micronet import models
-
-    try:
-        return models.create(name, num_classes=num_classes)
-    except MicronetError:
-        raise
-    except (KeyError, ValueError) as exc:
-        raise MicronetError(f"unknown model {name!r}: {exc}") from None
-
-
-def _model_for_state(name: str, state: dict[str, Tensor]) -> nn.Module:
-    """The zoo model ``name`` with as many classes as the state_dict's classifier has rows."""
-    from micronet.compress.state import classifier_name
-
-    model = create_model(name)
-    fc = classifier_name(model)
-    rows = state.get(f"{fc}.weight")
-    if rows is not None and rows.dim() == 2 and rows.shape[0] != model.get_submodule(fc).out_features:
-        model = create_model(name, num_classes=int(rows.shape[0]))
-    return model
-
-
-def _is_micronet_checkpoint(path: Path) -> bool:
-    meta = io.read_metadata(path)
-    return bool(meta and meta.get("micronet_format"))
-
-
-def detect_format(path: str | Path) -> str:
-    """Guess a file's format: micronet (safetensors with micronet metadata), riair2019 (by key layout), state_dict."""
-    from micronet.io.riair2019 import looks_like_riair2019
-
-    path = Path(path)
-    if _is_micronet_checkpoint(path):
-        return "micronet"
-    return "riair2019" if looks_like_riair2019(io.load_state_dict_file(path)) else "state_dict"
-
-
-def load_for_scoring(
-    path: str | Path, format: str = "auto", model: str | None = None, **riair_kwargs: Any
-) -> nn.Module:
-    """Load a model to score from a micronet checkpoint, a plain state_dict (``model`` names the
-    architecture) or a riair2019 merged checkpoint. Errors are one-line MicronetErrors."""
-    from micronet.io.riair2019 import build_riair2019, looks_like_riair2019
-
-    path = Path(path)
-    if format not in FORMATS:
-        raise MicronetError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
-    if not path.exists():
-        raise MicronetError(f"file not found: {path}")
-    if path.is_dir():
-        raise MicronetError(f"{path} is a directory, not a checkpoint file")
-    if format in ("auto", "micronet") and _is_micronet_checkpoint(path):
-        return io.load(path).model
-    if format == "micronet":
-        raise MicronetError(f"{path} is not a micronet checkpoint (no micronet metadata)")
-    state = io.load_state_dict_file(path)
-    if format == "riair2019" or (format == "auto" and looks_like_riair2019(state)):
-        return build_riair2019(state, source=str(path), **riair_kwargs)
-    if model is None:
-        raise MicronetError(f"{path} is a plain state_dict: name its architecture with --model")
-    return io.load_into(_model_for_state(model, state), state, source=str(path))
-
-
-def resolve_target(
-    checkpoint: str | None = None, model: str | None = None, format: str = "auto", recipe: str | None = None
-) -> tuple[nn.Module, str, list[str]]:
-    """What ``micronet score`` scores: a file, a zoo model (optionally projected through a recipe), or by
-    default ``densenet100_k12`` under the 2019 recipe's compression. Returns (model, name, notes)."""
-    from micronet.scoring.projection import DEFAULT_RECIPE, apply_projection, projection_from_recipe
-
-    if checkpoint is not None:
-        if recipe is not None:
-            raise MicronetError(
-                "--recipe projects an untrained zoo model; it cannot be combined with a checkpoint"
-            )
-        loaded = load_for_scoring(checkpoint, format=format, model=model)
-        spec = getattr(loaded, "micronet_spec", None) or {}
-        return loaded, f"{Path(checkpoint).name} ({spec.get('name', type(loaded).__name__)})", []
-    name = model or "densenet100_k12"
-    with torch.random.fork_rng(devices=[]):
-        # Untrained weights decide where global pruning puts the zeros: seed them so the figures repeat.
-        torch.manual_seed(0)
-        net = create_model(name)
-    if model is not None and recipe is None:
-        return net, name, []
-    projection = projection_from_recipe(recipe if recipe is not None else None)
-    apply_projection(net, projection)
-    note = "PROJECTION: " + projection.describe() + "; train the model for its real score"
-    if recipe is None:
-        note += f" (default target: {name} under {DEFAULT_RECIPE})"
-    return net, name, [note]
-
-
-def load_score_data(root: str | Path, samples: int, checkpoint: str | Path | None = None) -> Tensor:
-    """The first ``samples`` test images under ``root``, normalised as ``checkpoint`` expects (dynamic nets)."""
-    from micronet.training.data import checkpoint_normalization, test_images
-
-    norm = checkpoint_normalization(checkpoint, detect_format(checkpoint)) if checkpoint else "cifar100"
-    return test_images(root, samples, norm)

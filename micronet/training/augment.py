@@ -48,8 +48,8 @@ import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
+from micronet.data import host_to_device
 from micronet.errors import MicronetError
-from micronet.training.data import host_to_device
 
 POLICY_DIR = Path(__file__).parent / "policies"
 MEAN_COLOUR = (125, 123, 114)  # CIFAR mean ×255, rounded: the colour that normalises to ~0 (both originals)

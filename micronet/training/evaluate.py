@@ -8,15 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from micronet import io
+from micronet.data import ImageSet, Normalization, get_normalization, load_dataset
 from micronet.errors import MicronetError
-from micronet.training.data import (
-    BatchStream,
-    ImageSet,
-    Normalization,
-    checkpoint_normalization,
-    get_normalization,
-    load_dataset,
-)
+from micronet.training.batches import BatchStream
 from micronet.training.loop import Runtime, accuracy_sums, setup_runtime, summarize
 
 
@@ -46,14 +41,12 @@ def evaluate_checkpoint(path: str | Path, data_root: str | Path, *, dataset: str
     The input normalization defaults to what the checkpoint was trained with (recorded in micronet
     checkpoints; the legacy ``riair2019`` scaling for the winner's file; CIFAR-100 statistics otherwise).
     """
-    from micronet.scoring import api as scoring_api
-
     path = Path(path)
     if not path.is_file():
         raise MicronetError(f"checkpoint {path} does not exist")
-    fmt = scoring_api.detect_format(path) if format == "auto" else format
-    net = scoring_api.load_for_scoring(path, format=fmt, model=model)
-    norm = get_normalization(normalization or checkpoint_normalization(path, fmt))
+    fmt = io.detect_format(path) if format == "auto" else format
+    net = io.load_model(path, format=fmt, model=model)
+    norm = get_normalization(normalization or io.checkpoint_normalization(path, fmt))
     test = load_dataset(data_root, "test", dataset)
     classes = getattr(net, "micronet_spec", {}).get("num_classes")
     if classes is not None and classes != test.num_classes:

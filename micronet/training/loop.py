@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from micronet.data import Normalization
 from micronet.errors import MicronetError
-from micronet.training.data import BatchStream, Normalization
+from micronet.training.batches import BatchStream
 
 
 class TrainingDiverged(MicronetError):

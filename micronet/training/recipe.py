@@ -29,9 +29,9 @@ from typing import Any
 
 import yaml
 
+from micronet.data import DATASETS, NORMALIZATIONS
 from micronet.errors import MicronetError
 from micronet.training.augment import TORCHVISION_POLICIES, AugmentConfig, load_policy
-from micronet.training.data import DATASETS, NORMALIZATIONS
 from micronet.training.kd import DIRECTIONS, KDConfig
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"

@@ -32,9 +32,10 @@ from torch import Tensor, nn
 from micronet import compress, models
 from micronet import io as mio
 from micronet.compress import state as cstate
+from micronet.data import ImageSet, detect_layout, get_normalization, load_dataset, split_holdout
 from micronet.errors import MicronetError
 from micronet.training.augment import build_augmentation
-from micronet.training.data import BatchStream, ImageSet, derive_seed, get_normalization, load_dataset, split_holdout
+from micronet.training.batches import BatchStream, derive_seed
 from micronet.training.kd import cross_entropy, kd_loss
 from micronet.training.loop import (
     MetricsLog,
@@ -104,7 +105,6 @@ class Splits:
 # ----------------------------------------------------------------------------------------------- inputs
 def load_splits(recipe: Recipe, options: RunOptions) -> Splits:
     """Load train/test under the data root and hold out the recipe's validation split."""
-    from micronet.training.data import detect_layout
 
     dataset = recipe.dataset
     if options.download:  # only an explicit CIFAR layout can be downloaded; auto means the challenge's

@@ -180,11 +180,11 @@ def test_block_mask_bits():
 def test_plain_state_dict_with_ten_classes_loads(tmp_path):
     import torch
 
+    from micronet.io import load_model
     from micronet.models import create
-    from micronet.scoring import load_for_scoring
 
     net = create("densenet_bc:depth=10,growth=4", num_classes=10)
     torch.save(net.state_dict(), tmp_path / "ten.pth")
-    loaded = load_for_scoring(tmp_path / "ten.pth", model="densenet_bc:depth=10,growth=4")
+    loaded = load_model(tmp_path / "ten.pth", model="densenet_bc:depth=10,growth=4")
     assert loaded.fc.out_features == 10
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))

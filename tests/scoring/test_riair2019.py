@@ -7,8 +7,9 @@ import torch
 
 from micronet.compress.integer_modules import ChannelAffine, IntConv2d, IntLinear, RoundClamp
 from micronet.errors import MicronetError
+from micronet.io import detect_format, load_model
 from micronet.io.riair2019 import build_riair2019, expected_shapes, random_riair2019_state
-from micronet.scoring import detect_format, load_for_scoring, score
+from micronet.scoring import score
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +34,14 @@ def test_layout_has_402_tensors():
 
 def test_import_builds_integer_form(path):
     assert detect_format(path) == "riair2019"
-    model = load_for_scoring(path)
+    model = load_model(path)
     kinds = [type(m) for m in model.modules()]
     assert kinds.count(IntConv2d) == 99 and kinds.count(IntLinear) == 1
     assert kinds.count(ChannelAffine) == 151 and kinds.count(RoundClamp) == 98
     assert model.conv1.weight_bits == 4 and model.fc.weight_bits == 6
     assert model.dense1[0].scale3.bias is None  # all-zero biases are dropped
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
-    legacy = load_for_scoring(path, legacy_input=True)
+    legacy = load_model(path, legacy_input=True)
     assert legacy(torch.rand(1, 3, 32, 32)).shape == (1, 100)
 
 
@@ -49,7 +50,7 @@ def _nnz(state, keys):
 
 
 def test_scores_by_the_winners_conventions(state, path):
-    model = load_for_scoring(path)
+    model = load_model(path)
     report = score(model, policy="riair2019-t4")
     kinds = report.by_kind()
     convs = [k for k in state if k.endswith(("conv1.weight", "conv2.weight"))]

@@ -7,16 +7,10 @@ import pickle
 import pytest
 import torch
 
+from micronet.data import detect_layout, get_normalization, load_dataset, split_holdout
 from micronet.errors import MicronetError
 from micronet.training.augment import Augmentation, AugmentConfig
-from micronet.training.data import (
-    BatchStream,
-    detect_layout,
-    get_normalization,
-    load_dataset,
-    shard_indices,
-    split_holdout,
-)
+from micronet.training.batches import BatchStream, shard_indices
 
 
 def test_cifar10_pickles_load_as_uint8_tensors(cifar10_root):

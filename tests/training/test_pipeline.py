@@ -147,10 +147,11 @@ def test_accuracy_is_far_above_chance_and_the_score_drops(pipeline):
     assert results["teacher"].metrics["test_top1"] > 40
     assert results["quant-fc"].metrics["test_top1"] > 30  # 10 classes: chance is 10%
     assert results["quant-fc"].metrics["val_top1"] > 30
-    from micronet.scoring.api import load_for_scoring, score
+    from micronet.io import load_model
+    from micronet.scoring import score
 
-    dense = score(load_for_scoring(out / "student.safetensors")).score
-    final = score(load_for_scoring(out / "quant-fc.safetensors")).score
+    dense = score(load_model(out / "student.safetensors")).score
+    final = score(load_model(out / "quant-fc.safetensors")).score
     assert final < 0.5 * dense
 
 

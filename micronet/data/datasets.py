@@ -1,0 +1,225 @@
+"""Datasets as uint8 tensors: CIFAR-100/10 pickles or image folders, read safely, split, test images.
+
+Layouts found under ``--data-root`` (auto-detected, or forced with ``dataset=``):
+
+* ``cifar100``: torchvision's ``cifar-100-python/{train,test,meta}`` pickles (fine labels).
+* ``cifar10``: ``cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}``.
+* ``folder``: ``training_set/<class>/*.png`` and ``test_set/<class>/*.png`` (classes sorted by name;
+  PNG/JPEG/BMP, all of one size).
+
+Images stay uint8 ``N×3×H×W`` tensors end to end; :class:`~micronet.data.Normalization` turns a batch into
+float on its device. Pickles go through a restricted unpickler: no code in a data file ever runs.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from micronet.data.normalization import get_normalization
+from micronet.errors import MicronetError
+
+DATASETS = ("cifar100", "cifar10", "folder")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+_CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+
+@dataclass
+class ImageSet:
+    """A labelled image set held as tensors: ``images`` uint8 ``N×3×H×W``, ``labels`` int64 ``N``."""
+
+    images: Tensor
+    labels: Tensor
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (from the class names, not from the labels present)."""
+        return len(self.classes)
+
+    def subset(self, index: Tensor) -> ImageSet:
+        """The images at ``index`` (a new ImageSet sharing nothing with this one)."""
+        return ImageSet(self.images[index].clone(), self.labels[index].clone(), self.classes)
+
+    def to(self, device: torch.device | str) -> ImageSet:
+        """The same set with its tensors on ``device``."""
+        return ImageSet(self.images.to(device), self.labels.to(device), self.classes)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that builds only what CIFAR batches contain (dicts, lists, numpy arrays): no code runs."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),  # protocol-5 pickles of arrays
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # protocol-2 pickles written by Python 3 store bytes this way
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
+
+
+def _read_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = _ArrayUnpickler(_io.BytesIO(f.read()), encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise MicronetError(f"cannot read CIFAR batch {path}: {exc}") from None
+    if not isinstance(obj, dict) or "data" not in obj and "fine_label_names" not in obj and "label_names" not in obj:
+        raise MicronetError(f"{path} is not a CIFAR python batch (expected a dict with 'data' and labels)")
+    return obj
+
+
+def _batch_tensors(path: Path, label_key: str) -> tuple[Tensor, Tensor]:
+    d = _read_pickle(path)
+    try:
+        data = torch.as_tensor(d["data"], dtype=torch.uint8)
+        labels = torch.as_tensor(list(d[label_key]), dtype=torch.int64)
+    except KeyError as exc:
+        raise MicronetError(f"CIFAR batch {path} lacks the key {exc}") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
+        raise MicronetError(f"CIFAR batch {path}: expected N×3072 uint8 data and N labels, got {tuple(data.shape)}")
+    return data.view(-1, 3, 32, 32), labels
+
+
+def _load_cifar(root: Path, dataset: str, split: str) -> ImageSet:
+    if dataset == "cifar100":
+        base = root / "cifar-100-python"
+        images, labels = _batch_tensors(base / ("train" if split == "train" else "test"), "fine_labels")
+        classes = tuple(_read_pickle(base / "meta")["fine_label_names"])
+    else:
+        base = root / "cifar-10-batches-py"
+        files = _CIFAR10_TRAIN if split == "train" else ("test_batch",)
+        parts = [_batch_tensors(base / f, "labels") for f in files]
+        images = torch.cat([p[0] for p in parts])
+        labels = torch.cat([p[1] for p in parts])
+        classes = tuple(_read_pickle(base / "batches.meta")["label_names"])
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise MicronetError(f"{base}: labels outside 0..{len(classes) - 1}")
+    return ImageSet(images.contiguous(), labels, classes)
+
+
+def _load_folder(root: Path, split: str) -> ImageSet:
+    # PIL rather than torchvision.io: torchvision 0.29 deprecates its image decoders.
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    base = root / ("training_set" if split == "train" else "test_set")
+    classes = tuple(sorted(p.name for p in base.iterdir() if p.is_dir()))
+    if not classes:
+        raise MicronetError(f"{base} has no class folders; expected {base.name}/<class>/*.png")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for file in sorted((base / name).iterdir()):
+            if file.suffix.lower() not in _IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(file) as im:
+                    pixels = np.asarray(im.convert("RGB"))
+            except (UnidentifiedImageError, OSError) as exc:
+                raise MicronetError(f"cannot decode image {file}: {exc}") from None
+            images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
+            labels.append(label)
+    if not images:
+        raise MicronetError(f"{base} holds no images; expected {base.name}/<class>/*.png")
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) != 1:
+        raise MicronetError(f"{base}: images differ in size {sorted(shapes)[:3]}; all must be the same size")
+    return ImageSet(torch.stack(images).contiguous(), torch.tensor(labels, dtype=torch.int64), classes)
+
+
+def _expected_files(dataset: str) -> list[str]:
+    if dataset == "cifar100":
+        return ["cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"]
+    if dataset == "cifar10":
+        return [f"cifar-10-batches-py/{f}" for f in (*_CIFAR10_TRAIN, "test_batch", "batches.meta")]
+    return ["training_set/<class>/", "test_set/<class>/"]
+
+
+def _layout_present(root: Path, dataset: str) -> bool:
+    if dataset == "folder":
+        return (root / "training_set").is_dir() and (root / "test_set").is_dir()
+    return all((root / f).is_file() for f in _expected_files(dataset))
+
+
+def detect_layout(root: str | Path, dataset: str = "auto") -> str:
+    """Which dataset layout ``root`` holds (``cifar100``, ``cifar10`` or ``folder``); raises if none."""
+    root = Path(root)
+    if dataset not in ("auto", *DATASETS):
+        raise MicronetError(f"unknown dataset {dataset!r}; choose auto, {', '.join(DATASETS)}")
+    if not root.is_dir():
+        raise MicronetError(f"data root {root} does not exist (pass --data-root DIR holding cifar-100-python/)")
+    candidates = DATASETS if dataset == "auto" else (dataset,)
+    for name in candidates:  # cifar100 first: it is the challenge's dataset
+        if _layout_present(root, name):
+            return name
+    if dataset == "auto":
+        raise MicronetError(
+            f"{root} holds no dataset: expected cifar-100-python/{{train,test,meta}}, "
+            "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}, or training_set/ + test_set/"
+        )
+    missing = [f for f in _expected_files(dataset) if not (root / f.split("<")[0]).exists()]
+    raise MicronetError(f"{root} is not a {dataset} root: missing {', '.join(missing)}")
+
+
+def load_dataset(root: str | Path, split: str, dataset: str = "auto", download: bool = False) -> ImageSet:
+    """Load the ``train`` or ``test`` split under ``root`` as uint8 tensors (downloads only if asked)."""
+    if split not in ("train", "test"):
+        raise MicronetError(f"split must be 'train' or 'test', not {split!r}")
+    root = Path(root)
+    if download and dataset in ("cifar100", "cifar10") and not _layout_present(root, dataset):
+        from torchvision import datasets
+
+        cls = datasets.CIFAR100 if dataset == "cifar100" else datasets.CIFAR10
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            cls(str(root), train=split == "train", download=True)
+        except Exception as exc:  # network errors come in many types; report them as one line
+            raise MicronetError(f"downloading {dataset} into {root} failed: {exc}") from None
+    layout = detect_layout(root, dataset)
+    return _load_folder(root, split) if layout == "folder" else _load_cifar(root, layout, split)
+
+
+def split_holdout(data: ImageSet, holdout: float, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """Stratified split into ``(train, validation)``; ``holdout`` is a fraction (<1) or an image count."""
+    n = len(data)
+    fraction = holdout if holdout < 1 else holdout / max(n, 1)
+    if not 0 <= fraction < 1:
+        raise MicronetError(f"holdout {holdout} leaves no training images out of {n}")
+    g = torch.Generator().manual_seed(seed)
+    train_idx, val_idx = [], []
+    for c in range(data.num_classes):
+        members = torch.nonzero(data.labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        k = int(round(len(members) * fraction))
+        val_idx.append(members[:k])
+        train_idx.append(members[k:])
+    train = torch.sort(torch.cat(train_idx)).values
+    val = torch.sort(torch.cat(val_idx)).values
+    return data.subset(train), data.subset(val)
+
+
+def test_images(root: str | Path, samples: int, normalization: str = "cifar100", dataset: str = "auto") -> Tensor:
+    """The first ``samples`` test-set images under ``root`` as a normalised float batch (for verification,
+    dynamic-network op averaging and the like)."""
+    data = load_dataset(root, "test", dataset)
+    return get_normalization(normalization)(data.images[:samples])
+
+
+test_images.__test__ = False  # a library function, not a pytest test
