@@ -3,16 +3,9 @@
 from micronet.compress.bn import recalibrate_bn_
 from micronet.compress.integer import deploy_form
 from micronet.compress.layout import apply_layout, compression_layout
-from micronet.compress.quant import (
-    ActQuantizer,
-    QuantConfig,
-    WeightQuantizer,
-    calibrate_activations_,
-    least_squares_scale,
-    quantize_,
-    refit_weight_scales_,
-)
-from micronet.compress.sparsity import SparsityConfig, WeightMask, freeze_masks_, prune_, update_masks_
+from micronet.compress.parametrizations import ActQuantizer, WeightMask, WeightQuantizer, least_squares_scale
+from micronet.compress.quant import QuantConfig, calibrate_activations_, quantize_, refit_weight_scales_
+from micronet.compress.sparsity import SparsityConfig, freeze_masks_, prune_, update_masks_
 from micronet.compress.state import input_quantizer, is_quantized, weight_mask, weight_quantizer
 from micronet.compress.summary import compression_rows, compression_summary
 

@@ -15,8 +15,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from micronet.compress import state
-from micronet.compress.quant import ActQuantizer, WeightQuantizer, attach_input_quantizer
-from micronet.compress.sparsity import WeightMask
+from micronet.compress.parametrizations import ActQuantizer, WeightMask, WeightQuantizer
+from micronet.compress.quant import attach_input_quantizer
 from micronet.errors import MicronetError
 
 

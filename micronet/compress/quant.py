@@ -1,19 +1,15 @@
-"""Fake quantization of weights and activations, living on the modules.
+"""Fake quantization of weights and activations, living on the modules: ``quantize_`` and its helpers.
 
-* ``WeightQuantizer`` is a parametrization of ``weight`` (registered after any ``WeightMask``, so pruned
-  zeros stay exactly zero): symmetric signed codes in [-2^(b-1), 2^(b-1)-1], one scale per output
-  channel (or per tensor). The scale starts at max|w| / 2^(b-1) and is refined by least squares
-  (alternating codes and the optimal scale for fixed codes; the 2019 winner's method, spec §3.5).
-  Gradients pass straight through (identity), as in the winner's shadow-weight scheme.
-* ``ActQuantizer`` is a module attached as ``conv.input_quantizer`` and applied by a forward pre-hook.
-  Unsigned (post-ReLU) or signed codes; its step is calibrated by max over one batch (faithful to the
-  winner), a percentile, or MSE over several batches, and can then be learned (LSQ).
-Both call the ``micronet::fake_quant`` custom op: fp32 arithmetic under autocast, no host syncs.
+Weights get a ``WeightQuantizer`` parametrization (after any ``WeightMask``, so pruned zeros stay exactly
+zero): symmetric signed codes in [-2^(b-1), 2^(b-1)-1], one scale per output channel (or per tensor),
+started at max|w| / 2^(b-1) and refined by least squares (spec §3.5). Inputs get an ``ActQuantizer``
+attached as ``module.input_quantizer`` and applied by a forward pre-hook, then calibrated. Both classes
+live in :mod:`micronet.compress.parametrizations` and call the ``micronet::fake_quant`` custom op (fp32
+arithmetic under autocast, no host syncs).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -22,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from micronet.compress import state
-from micronet.compress.ops import code_range, fake_quant
+from micronet.compress.parametrizations import ActQuantizer, WeightQuantizer
 from micronet.errors import MicronetError
 
 CALIBRATION_METHODS = ("max", "percentile", "mse")
@@ -67,146 +63,6 @@ class QuantConfig:
             raise MicronetError(f"weight_refit must be 'epoch', 'step' or 'never', got {self.weight_refit!r}")
         if not (0.0 < self.act_percentile <= 100.0):
             raise MicronetError(f"act_percentile must be in (0, 100], got {self.act_percentile}")
-
-
-def _channel_view(t: Tensor, like: Tensor) -> Tensor:
-    return t.reshape((-1,) + (1,) * (like.dim() - 1))
-
-
-@torch.no_grad()
-def least_squares_scale(w: Tensor, bits: int, per_channel: bool = True, iters: int = 100) -> Tensor:
-    """Per-output-channel (or per-tensor) scale minimising ||w - s*q(w/s)||² by alternating refits."""
-    qmin, qmax = code_range(bits, signed=True)
-    rows = w.detach().float().reshape(w.shape[0], -1) if per_channel else w.detach().float().reshape(1, -1)
-    amax = rows.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / (2 ** (bits - 1)), torch.ones_like(amax))
-    codes = torch.clamp(torch.round(rows / scale[:, None]), qmin, qmax)
-    for _ in range(iters):
-        qq = (codes * codes).sum(1)
-        new = torch.where(qq > 0, (rows * codes).sum(1) / qq.clamp_min(1e-30), scale)
-        new = torch.where(new > 0, new, scale)
-        new_codes = torch.clamp(torch.round(rows / new[:, None]), qmin, qmax)
-        done = torch.equal(new_codes, codes)
-        scale, codes = new, new_codes
-        if done:
-            break
-    return scale
-
-
-class WeightQuantizer(nn.Module):
-    """Parametrization ``w -> scale * clamp(round(w / scale))`` with signed ``bits``-bit codes."""
-
-    def __init__(self, weight: Tensor, bits: int, *, per_channel: bool = True, refit_iters: int = 100,
-                 refit: str = "epoch") -> None:
-        super().__init__()
-        self.bits, self.signed, self.per_channel = int(bits), True, bool(per_channel)
-        self.refit_iters, self.refit = int(refit_iters), refit
-        shape = (weight.shape[0],) + (1,) * (weight.dim() - 1) if per_channel else (1,)
-        self.register_buffer("scale", torch.ones(shape, dtype=torch.float32, device=weight.device))
-
-    @property
-    def qrange(self) -> tuple[int, int]:
-        return code_range(self.bits, signed=True)
-
-    @torch.no_grad()
-    def refit_(self, w: Tensor) -> None:
-        """Re-fit the scale to the (masked) dense weight ``w`` by least squares."""
-        s = least_squares_scale(w, self.bits, self.per_channel, self.refit_iters)
-        self.scale.copy_(s.reshape(self.scale.shape))
-
-    def codes(self, w: Tensor) -> Tensor:
-        """Integer codes of ``w`` (float tensor of exact integers)."""
-        qmin, qmax = self.qrange
-        return torch.clamp(torch.round(w.detach().float() / self.scale), qmin, qmax)
-
-    def forward(self, w: Tensor) -> Tensor:
-        qmin, qmax = self.qrange
-        q = fake_quant(w.detach(), self.scale, qmin, qmax).to(w.dtype)
-        return w + (q - w).detach()  # plain straight-through estimator
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}, per_channel={self.per_channel}"
-
-
-class ActQuantizer(nn.Module):
-    """Fake-quantizes a module's input; calibrate with ``calibrating=True`` forwards, then ``finish_calibration_``."""
-
-    def __init__(self, bits: int, *, signed: bool | None = None, method: str = "max", percentile: float = 99.99,
-                 learn_scale: bool = False) -> None:
-        super().__init__()
-        self.bits, self.method, self.percentile, self.learn_scale = int(bits), method, float(percentile), learn_scale
-        self._signed_config = signed
-        self.signed = bool(signed) if signed is not None else False
-        if learn_scale:
-            self.scale = nn.Parameter(torch.ones(()))
-        else:
-            self.register_buffer("scale", torch.ones(()))
-        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
-        self.calibrating = False
-        self._samples: list[Tensor] = []
-        self._min = math.inf
-
-    @property
-    def qrange(self) -> tuple[int, int]:
-        return code_range(self.bits, self.signed)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.calibrating:
-            self._observe(x)
-            return x
-        qmin, qmax = self.qrange
-        scale = self.scale
-        if self.learn_scale and self.training:
-            # LSQ gradient scaling: value s, gradient g*ds, g = 1/sqrt(features * qmax).
-            g = 1.0 / math.sqrt(max(x[0].numel(), 1) * qmax)
-            scale = scale * g + (scale - scale * g).detach()
-        return fake_quant(x, scale, qmin, qmax).to(x.dtype)
-
-    @torch.no_grad()
-    def _observe(self, x: Tensor) -> None:
-        flat = x.detach().float().reshape(-1)
-        self._min = min(self._min, float(flat.min()))
-        if self.method == "max" and self._samples:
-            # Faithful to the 2019 winner: the step comes from one batch only.
-            return
-        if flat.numel() > 262_144:  # keep calibration memory bounded; a strided subsample is deterministic
-            flat = flat[:: math.ceil(flat.numel() / 262_144)]
-        self._samples.append(flat.abs() if self.method != "max" else flat.abs().amax().reshape(1))
-
-    @torch.no_grad()
-    def finish_calibration_(self) -> None:
-        """Set the step from what was observed and leave calibration mode."""
-        self.calibrating = False
-        if not self._samples:
-            raise MicronetError("activation quantizer saw no data during calibration")
-        if self._signed_config is None:
-            self.signed = self._min < 0
-        qmax = self.qrange[1]
-        data = torch.cat(self._samples)
-        if self.method == "max":
-            top = data.max()
-        elif self.method == "percentile":
-            top = torch.quantile(data[: 16_000_000], self.percentile / 100.0)
-        else:
-            top = self._mse_range(data, qmax)
-        scale = (top / qmax) if float(top) > 0 else torch.tensor(1.0)
-        self.scale.data.copy_(scale.reshape(()))
-        self.calibrated.fill_(True)
-        self._samples, self._min = [], math.inf
-
-    def _mse_range(self, data: Tensor, qmax: int) -> Tensor:
-        """Clipping range minimising the quantization MSE over the observed magnitudes (grid search)."""
-        amax = data.max()
-        best, best_err = amax, math.inf
-        for frac in torch.linspace(0.2, 1.0, 41):
-            s = (amax * frac / qmax).clamp_min(1e-12)
-            err = float(((torch.clamp(torch.round(data / s), 0, qmax) * s - data) ** 2).mean())
-            if err < best_err:
-                best, best_err = amax * frac, err
-        return best
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}, signed={self.signed}, method={self.method}, learn_scale={self.learn_scale}"
 
 
 def _apply_input_quantizer(module: nn.Module, args: tuple):

@@ -10,7 +10,6 @@ training; with ``gradient="dense"`` pruned weights still receive gradients (stra
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from micronet.compress import state
+from micronet.compress.parametrizations import WeightMask
 from micronet.errors import MicronetError
 
 
@@ -52,36 +52,6 @@ class SparsityConfig:
             raise MicronetError(f"mask gradient must be 'dense' or 'masked', got {self.gradient!r}")
         if self.block is not None and (len(self.block) != 2 or min(self.block) < 1):
             raise MicronetError(f"block must be two positive integers (out, in), got {self.block}")
-
-
-class WeightMask(nn.Module):
-    """Parametrization ``w -> w * mask``; ``mask`` is a bool buffer of the weight's full shape."""
-
-    def __init__(
-        self,
-        mask: Tensor,
-        *,
-        sparsity: float,
-        group: str,
-        gradient: str = "dense",
-        block: tuple[int, int] | None = None,
-    ) -> None:
-        super().__init__()
-        self.register_buffer("mask", mask.to(torch.bool))
-        self.sparsity, self.group, self.gradient = float(sparsity), group, gradient
-        self.block = tuple(block) if block is not None else None
-        self.frozen = False
-
-    def forward(self, w: Tensor) -> Tensor:
-        m = self.mask.to(w.dtype)
-        if self.gradient == "masked":
-            return w * m
-        # Value w*m, gradient identity: pruned weights keep learning and may regrow before freezing.
-        return w - (w * (1 - m)).detach()
-
-    def extra_repr(self) -> str:
-        density = float(self.mask.float().mean()) if self.mask.numel() else 1.0
-        return f"density={density:.4f}, group={self.group!r}, gradient={self.gradient}, block={self.block}"
 
 
 def _block_scores(w: Tensor, block: tuple[int, int]) -> Tensor:
@@ -184,16 +154,3 @@ def freeze_masks_(model: nn.Module) -> None:
         mask = state.weight_mask(module)
         if mask is not None:
             mask.frozen = True
-
-
-def layer_sparsity(module: nn.Module) -> float:
-    """Fraction of exact zeros in the module's effective weight."""
-    w = module.weight.detach()
-    return 1.0 - float(torch.count_nonzero(w)) / max(w.numel(), 1)
-
-
-def mask_bits(numel: int, shape: Sequence[int], block: tuple[int, int] | None) -> int:
-    """Bits of a bitmask over a tensor: one per element, or one per (out, in) block."""
-    if block is None:
-        return numel
-    return math.ceil(shape[0] / block[0]) * math.ceil(shape[1] / block[1])

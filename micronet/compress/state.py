@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from micronet.compress.integer_modules import IntConv2d, IntLinear, RoundClamp
+from micronet.compress.parametrizations import WeightMask, WeightQuantizer
 from micronet.errors import MicronetError
 
 #: Module kinds that can carry weight compression, by the short names configs use.
@@ -29,15 +31,11 @@ def _parametrizations(module: nn.Module) -> Sequence[nn.Module]:
 
 def weight_mask(module: nn.Module):
     """The module's ``WeightMask`` parametrization, or ``None``."""
-    from micronet.compress.sparsity import WeightMask
-
     return next((p for p in _parametrizations(module) if isinstance(p, WeightMask)), None)
 
 
 def weight_quantizer(module: nn.Module):
     """The module's ``WeightQuantizer`` parametrization, or ``None``."""
-    from micronet.compress.quant import WeightQuantizer
-
     return next((p for p in _parametrizations(module) if isinstance(p, WeightQuantizer)), None)
 
 
@@ -69,8 +67,6 @@ def has_training_form(model: nn.Module) -> bool:
 
 def is_quantized(model: nn.Module) -> bool:
     """True if any weight or activation in the model is quantized."""
-    from micronet.compress.integer_modules import IntConv2d, IntLinear, RoundClamp
-
     for module in model.modules():
         if isinstance(module, IntConv2d | IntLinear | RoundClamp):
             return True
