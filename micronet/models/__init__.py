@@ -21,7 +21,7 @@ from micronet.models.pyramidnet import PyramidNet
 from micronet.models.pyramidskipnet import PyramidSkipNet
 from micronet.models.registry import coerce_option, families, register_family, register_model, resolve, zoo
 from micronet.models.shakedrop import ShakeDrop
-from micronet.models.summary import count_params, dense_macs, forward_macs
+from micronet.models.summary import build_for_sizing, count_params, dense_macs, forward_macs
 from micronet.models.wrn import WideResNet
 
 __all__ = [
@@ -122,9 +122,8 @@ def _describe(names: tuple[str, ...], input_size: tuple[int, int, int], num_clas
     # Cached: the figures depend only on the architecture, and sizing the big models takes seconds.
     rows = []
     for name in names:
-        # A throwaway model on the CPU: init and a batch-1 forward are faster there than on the meta device,
-        # where both run as Python decompositions (about 2x slower for this table).
-        model = create(name, num_classes=num_classes)
+        # A throwaway meta-device model: no memory, no arithmetic (forward_macs stubs convs and linears).
+        model = build_for_sizing(functools.partial(create, name, num_classes=num_classes))
         entry = zoo().get(model.micronet_spec["name"])
         rows.append({
             "name": model.micronet_spec["name"],

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 
 def count_params(model: nn.Module) -> int:
@@ -34,28 +38,77 @@ def _layer_macs(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> int:
 def dense_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> int:
     """Multiply-accumulates of conv, linear and LSTM layers for one image, every block executed.
 
-    Runs a training-mode forward (so gated blocks all run) on a meta-device copy: no arithmetic,
-    and the model's own buffers and RNG state are left untouched.
+    Runs a training-mode forward (so gated blocks all run) on a copy: the model's own buffers and RNG
+    state are left untouched.
     """
-    return forward_macs(copy.deepcopy(model).to("meta"), input_size)
+    with torch.random.fork_rng(devices=[]):
+        return forward_macs(copy.deepcopy(model), input_size)
+
+
+# In-place fillers that initialisation calls (torch.nn.init and reset_parameters end in these).
+_FILLERS = frozenset({"normal_", "uniform_", "zero_", "fill_", "bernoulli_", "random_", "exponential_",
+                      "log_normal_", "cauchy_", "geometric_"})
+
+
+class _SkipFill(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        filler = name in _FILLERS or (getattr(func, "__module__", "") == "torch.nn.init" and name.endswith("_"))
+        if filler and args and isinstance(args[0], torch.Tensor):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def build_for_sizing(factory: Callable[[], nn.Module]) -> nn.Module:
+    """``factory()`` on the meta device with its tensors left unfilled: sizing needs shapes, not values
+    (filling ~100M weights with random numbers was most of the cost of building the big models)."""
+    with torch.device("meta"), _SkipFill():
+        return factory()
+
+
+def _conv_output_shape(conv: nn.Conv2d, x: Tensor) -> tuple[int, ...]:
+    if conv.padding == "same":
+        return (*x.shape[:-3], conv.out_channels, *x.shape[-2:])
+    padding = (0, 0) if conv.padding == "valid" else conv.padding
+    size = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, p, d, k, s in zip(x.shape[-2:], padding, conv.dilation, conv.kernel_size, conv.stride)]
+    return (*x.shape[:-3], conv.out_channels, *size)
 
 
 def forward_macs(shadow: nn.Module, input_size: tuple[int, int, int]) -> int:
-    """`dense_macs` on a throwaway model (modified in place), on whatever device it lives on."""
+    """`dense_macs` on a throwaway model (modified in place, so its values need not even be filled).
+
+    Convolutions and linear layers are replaced by their output shapes (zeros) and BatchNorm by identity:
+    the MACs depend on shapes only, and the arithmetic of a full-size batch-1 forward would dominate.
+    """
     shadow.train()
-    # BatchNorm keeps shapes, and its meta kernel is a slow Python decomposition: leave it out.
-    for name, module in list(shadow.named_modules()):
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            shadow.set_submodule(name, nn.Identity())
     total = 0
 
-    def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+    def conv_shape(module: nn.Conv2d, x: Tensor) -> Tensor:
+        nonlocal total
+        out = x.new_zeros(_conv_output_shape(module, x))
+        total += _layer_macs(module, (x,), out)
+        return out
+
+    def linear_shape(module: nn.Linear, x: Tensor) -> Tensor:
+        nonlocal total
+        out = x.new_zeros((*x.shape[:-1], module.out_features))
+        total += _layer_macs(module, (x,), out)
+        return out
+
+    def lstm_hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         nonlocal total
         total += _layer_macs(module, inputs, output)
 
-    for module in shadow.modules():
-        if isinstance(module, nn.Conv2d | nn.Linear | nn.LSTM):
-            module.register_forward_hook(hook)
+    for name, module in list(shadow.named_modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            shadow.set_submodule(name, nn.Identity())
+        elif isinstance(module, nn.Conv2d):
+            module.forward = functools.partial(conv_shape, module)
+        elif isinstance(module, nn.Linear):
+            module.forward = functools.partial(linear_shape, module)
+        elif isinstance(module, nn.LSTM):
+            module.register_forward_hook(lstm_hook)
     with torch.no_grad():
         device = next((p.device for p in shadow.parameters()), torch.device("cpu"))
         shadow(torch.zeros((1, *input_size), device=device))
