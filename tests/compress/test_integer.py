@@ -82,6 +82,17 @@ def test_bn_recalibration_changes_bn_stats_and_nothing_else(tiny_densenet):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
     assert not model.training
-    # cumulative average: the statistics equal the mean over exactly the batches used
+    # cumulative average over exactly the batches used: the stem BN's input does not depend on any BN, so
+    # capture it and compute the expected statistics by hand (mean of per-batch means and unbiased variances)
     stem_bn = model.block1[0].bn1
+    seen = []
+    handle = stem_bn.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().double()))
+    with torch.no_grad():
+        for x in data[:2]:
+            model(x)
+    handle.remove()
+    means = torch.stack([t.mean(dim=(0, 2, 3)) for t in seen])
+    variances = torch.stack([t.transpose(0, 1).reshape(t.shape[1], -1).var(dim=1, unbiased=True) for t in seen])
+    assert torch.allclose(stem_bn.running_mean.double(), means.mean(0), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(stem_bn.running_var.double(), variances.mean(0), rtol=1e-5, atol=1e-6)
     assert int(stem_bn.num_batches_tracked) == 2

@@ -73,16 +73,50 @@ def test_quantized_activations_take_at_most_16_levels(tiny_densenet):
     assert torch.allclose(out / q.scale, (out / q.scale).round(), atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["percentile", "mse"])
-def test_other_calibration_methods_clip_below_max(method):
-    torch.manual_seed(0)
-    q = ActQuantizer(4, method=method)
+def _calibrated(method: str, batches: list[torch.Tensor], **kw) -> ActQuantizer:
+    q = ActQuantizer(4, method=method, **kw)
     q.calibrating = True
-    for _ in range(3):
-        q(torch.randn(4096).abs() ** 3)  # heavy-tailed
+    for x in batches:
+        q(x)
     q.finish_calibration_()
-    assert 0 < float(q.scale) * 15 < float((torch.randn(4096).abs() ** 3).max()) * 10
+    return q
+
+
+def _heavy_tailed_batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(4096, generator=g, dtype=torch.float64).float().abs() ** 3 for _ in range(3)]
+
+
+def test_max_calibration_takes_the_first_batch_max_only():
+    batches = _heavy_tailed_batches()
+    q = _calibrated("max", batches)
+    assert float(q.scale) == pytest.approx(float(batches[0].max()) / 15, rel=1e-6)  # the winner's one-batch rule
+
+
+def test_percentile_calibration_clips_at_the_percentile_of_every_batch():
+    import numpy as np
+
+    batches = _heavy_tailed_batches()
+    q = _calibrated("percentile", batches, percentile=99.0)
+    expected = np.percentile(np.concatenate([b.numpy() for b in batches]).astype(np.float64), 99.0)
+    assert float(q.scale) * 15 == pytest.approx(expected, rel=1e-4)
+    assert float(q.scale) * 15 < 0.5 * max(float(b.max()) for b in batches)
     assert not q.signed
+
+
+def test_mse_calibration_beats_clipping_at_max():
+    batches = _heavy_tailed_batches()
+    data = torch.cat(batches).double()
+
+    def mse(top: float) -> float:
+        step = top / 15
+        return float(((torch.clamp(torch.round(data / step), 0, 15) * step - data) ** 2).mean())
+
+    q = _calibrated("mse", batches)
+    top, amax = float(q.scale) * 15, float(data.max())
+    best = min(mse(amax * k / 1000) for k in range(100, 1001))  # a finer grid than the calibrator's
+    assert top < 0.8 * amax and mse(top) < 0.8 * mse(amax)
+    assert mse(top) <= 1.02 * best
 
 
 def test_signed_activations_detected():
