@@ -18,8 +18,17 @@ from micronet.export import export_checkpoint
 from micronet.models import describe_models, list_families
 from micronet.scoring import TRACKS, score
 from micronet.scoring.policy import parse_overrides
-from micronet.scoring.projection import DEFAULT_RECIPE, apply_projection, projection_from_recipe
-from micronet.training import STAGES, RunOptions, evaluate_checkpoint, load_recipe, run_all, run_stage
+from micronet.training import (
+    DEFAULT_RECIPE,
+    STAGES,
+    RunOptions,
+    apply_projection,
+    evaluate_checkpoint,
+    load_recipe,
+    projection_from_recipe,
+    run_all,
+    run_stage,
+)
 
 _FORMAT = click.Choice(io.FORMATS)
 _DATASET = click.Choice(["auto", *DATASETS])

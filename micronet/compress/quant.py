@@ -24,16 +24,21 @@ from micronet.errors import MicronetError
 CALIBRATION_METHODS = ("max", "percentile", "mse")
 
 
+#: Allowed bit widths. Codes are symmetric signed [-2^(b-1), 2^(b-1)-1] for weights (and for signed
+#: activations): at 1 bit that is {-1, 0}, which cannot hold a positive value, so 2 bits is the floor.
+MIN_BITS, MAX_BITS = 2, 16
+
+
 def _check_bits(name: str, bits: int | None) -> None:
-    if bits is not None and not (isinstance(bits, int) and 1 <= bits <= 16):
-        raise MicronetError(f"{name} must be an integer in 1..16, got {bits!r}")
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS):
+        raise MicronetError(f"{name} must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     """Which tensors to quantize and how. ``None`` bits leave that part unquantized.
 
-    ``weight_bits`` applies to the selected conv layers, ``fc_weight_bits`` to Linear layers,
+    ``weight_bits`` applies to the selected conv layers, ``fc_weight_bits`` to the classifier the model declares,
     ``act_bits`` to the inputs of the selected convs (the first conv's input, i.e. the image, and the
     classifier's input stay float unless ``quantize_first_input`` / ``quantize_fc_input``).
     """
@@ -112,15 +117,12 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration_data: Iterable[
     convs = state.select_layers(model, ("conv",), config.include, config.exclude)
     fcs = state.select_layers(model, ("fc",), config.include, config.exclude)
     for name, module in convs:
-        if config.weight_bits is not None and isinstance(module, nn.Conv2d):
+        if config.weight_bits is not None:
             attach_weight_quantizer(module, config.weight_bits, per_channel=config.per_channel,
                                     refit_iters=config.refit_iters, refit=config.weight_refit)
-        if config.act_bits is not None and isinstance(module, nn.Conv2d):
-            if name != first or config.quantize_first_input:
-                attach_input_quantizer(module, _act_quantizer(config))
+        if config.act_bits is not None and (name != first or config.quantize_first_input):
+            attach_input_quantizer(module, _act_quantizer(config))
     for _, module in fcs:
-        if not isinstance(module, nn.Linear):
-            continue
         if config.fc_weight_bits is not None:
             attach_weight_quantizer(module, config.fc_weight_bits, per_channel=config.per_channel,
                                     refit_iters=config.refit_iters, refit=config.weight_refit)

@@ -43,14 +43,17 @@ class SparsityConfig:
     block: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        for name, value in [("sparsity", self.sparsity), *self.per_layer.items()]:
-            if not (0.0 <= float(value) < 1.0):
-                raise MicronetError(f"sparsity for {name} must be in [0, 1), got {value}")
+        if not 0.0 <= float(self.sparsity) < 1.0:
+            raise MicronetError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        for name, value in self.per_layer.items():
+            if not 0.0 <= float(value) < 1.0:
+                raise MicronetError(f"per_layer sparsity of {name} must be in [0, 1), got {value}")
         if self.scope not in ("global", "layer"):
             raise MicronetError(f"sparsity scope must be 'global' or 'layer', got {self.scope!r}")
         if self.gradient not in ("dense", "masked"):
             raise MicronetError(f"mask gradient must be 'dense' or 'masked', got {self.gradient!r}")
-        if self.block is not None and (len(self.block) != 2 or min(self.block) < 1):
+        if self.block is not None and (len(self.block) != 2 or not all(
+                isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.block)):
             raise MicronetError(f"block must be two positive integers (out, in), got {self.block}")
 
 

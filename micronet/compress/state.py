@@ -19,8 +19,10 @@ from micronet.compress.integer_modules import IntConv2d, IntLinear, RoundClamp
 from micronet.compress.parametrizations import WeightMask, WeightQuantizer
 from micronet.errors import MicronetError
 
-#: Module kinds that can carry weight compression, by the short names configs use.
-LAYER_KINDS: dict[str, tuple[type[nn.Module], ...]] = {"conv": (nn.Conv2d,), "fc": (nn.Linear,)}
+#: The short layer-kind names configs use: "conv" = every Conv2d except the classifier, "fc" = the classifier
+#: the model declares (see ``classifier_name``). Only Conv2d and Linear modules carry weight compression.
+LAYER_KINDS = ("conv", "fc")
+_WEIGHTED = (nn.Conv2d, nn.Linear)
 
 
 def _parametrizations(module: nn.Module) -> Sequence[nn.Module]:
@@ -75,37 +77,58 @@ def is_quantized(model: nn.Module) -> bool:
     return False
 
 
+def classifier_name(model: nn.Module) -> str | None:
+    """Qualified name of the model's classifier: the one it declares, else the last Linear (third-party models).
+
+    A model declares it as timm models do: a ``classifier_name`` string attribute (every zoo family), or a
+    ``get_classifier()`` method returning the module. "The last Linear" is only a guess for models that declare
+    nothing: on a SkipNet it would be the gate controller's projection.
+    """
+    declared = getattr(model, "classifier_name", None)
+    if isinstance(declared, str):
+        return declared
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        head = get_classifier()
+        name = next((n for n, m in model.named_modules() if m is head), None)
+        if name is not None:
+            return name
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return names[-1] if names else None
+
+
 def select_layers(
     model: nn.Module,
     kinds: Sequence[str] = ("conv",),
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
 ) -> list[tuple[str, nn.Module]]:
-    """Layers of the given kinds, filtered by fnmatch name patterns; unknown patterns are an error."""
+    """Layers of the given kinds, narrowed by fnmatch name patterns; a pattern that matches no layer is an error.
+
+    ``include`` and ``exclude`` only ever narrow the layers of ``kinds``: ``kinds=("conv",)`` never yields the
+    classifier, whatever the patterns say.
+    """
     unknown_kinds = set(kinds) - set(LAYER_KINDS)
     if unknown_kinds:
-        raise MicronetError(f"unknown layer kind(s) {sorted(unknown_kinds)}; valid: {sorted(LAYER_KINDS)}")
-    types = tuple(t for k in kinds for t in LAYER_KINDS[k])
-    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
-    all_names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+        raise MicronetError(f"unknown layer kind(s) {sorted(unknown_kinds)}; valid: {list(LAYER_KINDS)}")
+    weighted = [(n, m) for n, m in model.named_modules() if isinstance(m, _WEIGHTED)]
     for pattern in (*include, *exclude):
-        if not fnmatch.filter(all_names, pattern):
+        if not fnmatch.filter([n for n, _ in weighted], pattern):
             raise MicronetError(f"layer name pattern {pattern!r} matches no conv/linear layer of the model")
-    if include:
-        candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)
-                      and any(fnmatch.fnmatchcase(n, p) for p in include)]
-    return [(n, m) for n, m in candidates if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    head = classifier_name(model)
+
+    def wanted(name: str, module: nn.Module) -> bool:
+        kind = "fc" if name == head else "conv" if isinstance(module, nn.Conv2d) else None
+        return (kind in kinds
+                and (not include or any(fnmatch.fnmatchcase(name, p) for p in include))
+                and not any(fnmatch.fnmatchcase(name, p) for p in exclude))
+
+    return [(n, m) for n, m in weighted if wanted(n, m)]
 
 
 def first_conv_name(model: nn.Module) -> str | None:
     """Name of the first convolution in registration order (the stem of every zoo model)."""
     return next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
-
-
-def classifier_name(model: nn.Module) -> str | None:
-    """Name of the last Linear layer in registration order (the classifier of every zoo model)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return names[-1] if names else None
 
 
 @contextlib.contextmanager

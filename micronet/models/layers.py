@@ -35,7 +35,18 @@ def init_he_fan_out_(model: nn.Module) -> None:
 
 
 class ClassifierNet(nn.Module):
-    """Base of the zoo families: the shared head BN -> ReLU -> global average pool -> Linear ``fc``."""
+    """Base of the zoo families: the shared head BN -> ReLU -> global average pool -> Linear ``fc``.
+
+    The model declares its classifier, as timm models do: ``classifier_name`` is its qualified module name
+    and ``get_classifier()`` the module. Compression (``compress.state.classifier_name``), loaders and the
+    FC stages ask this instead of guessing "the last Linear" (a SkipNet's gate controller has one too).
+    """
+
+    classifier_name: str = "fc"
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier module (the Linear that produces the logits)."""
+        return self.get_submodule(self.classifier_name)
 
     def _build_head(self, channels: int, num_classes: int) -> None:
         self.bn_final = nn.BatchNorm2d(channels)

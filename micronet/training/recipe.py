@@ -9,7 +9,7 @@ Layout of a recipe (see ``micronet/recipes/*.yaml``; every key is optional excep
     seed: 0
     data: {normalization: micronet2019, holdout: 5000, holdout_seed: 0}
     augment: {policy: micronet2019, ops_per_image: 1, crop_padding: 4, pad_fill: mean, flip: true, cutout: 16}
-    train: {...}                    # defaults for every stage (any StageConfig key)
+    train: {...}                    # defaults for every stage (any stage's key; each stage takes its own)
     stages:                         # which stages exist, in pipeline order, with their own settings
       teacher: {epochs: 300, lr: 0.1, warmup_epochs: 5, warmup_start_lr: 0.001, loss: ce}
       prune: {sparsity: 0.75, mask_update_every: 50, mask_update_until: 5000}
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,68 +33,20 @@ from micronet.data import DATASETS, NORMALIZATIONS
 from micronet.errors import MicronetError
 from micronet.training.augment import TORCHVISION_POLICIES, AugmentConfig, load_policy
 from micronet.training.kd import DIRECTIONS, KDConfig
+from micronet.training.stage_specs import FROM_SCRATCH, STAGE_SPECS, STAGES, StageSettings
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
-STAGES = ("teacher", "student", "prune", "quant-act", "quant-weight", "bn-recal", "prune-fc", "quant-fc")
-TRAINING_STAGES = tuple(s for s in STAGES if s != "bn-recal")
-FROM_SCRATCH = ("teacher", "student")
-ACT_CALIBRATIONS = ("max", "percentile", "mse")  # micronet.compress.quant.CALIBRATION_METHODS
 
 
-@dataclass(frozen=True)
-class StageConfig:
-    """Settings of one stage. Which keys a stage accepts is listed in ``STAGE_KEYS``."""
-
-    # optimisation (all training stages)
-    epochs: int = 1
-    batch_size: int = 64
-    lr: float = 0.1
-    warmup_epochs: float = 0.0
-    warmup_start_lr: float = 0.0
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-4
-    grad_clip: float | None = None  # global L2 norm; None = off
-    loss: str = "ce"  # "ce" | "kd"
-    kd: KDConfig = field(default_factory=KDConfig)
-    label_smoothing: float = 0.0
-    teacher_bn: str = "eval"  # "train" reproduces the winner's teacher (batch statistics, spec §1.6)
-    gate_penalty: float = 0.0  # SkipNet: weight of the executed-gates penalty (spec §2.6)
-    select: str = "last"  # "last" epoch or "best" on the held-out split
-    # prune, prune-fc
-    sparsity: float = 0.0
-    scope: str = "global"
-    mask_gradient: str = "dense"
-    mask_update_every: int = 0  # re-select masks every N steps ...
-    mask_update_until: int = 0  # ... while the stage's step counter is below this, then freeze them
-    # quant-act
-    act_bits: int = 4
-    act_calibration: str = "max"
-    calibration_batches: int = 1
-    # quant-weight, quant-fc
-    weight_bits: int = 4
-    per_channel: bool = True
-    weight_refit: str = "epoch"  # least-squares scale refit: "epoch" (winner), "step" or "never"
-    # bn-recal
-    batches: int = 200
+def _defaults(settings: type[StageSettings]) -> dict[str, Any]:
+    """Every key of a settings class with its default value."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(settings)}
 
 
-_OPTIM_KEYS = {
-    "epochs", "batch_size", "lr", "warmup_epochs", "warmup_start_lr", "momentum", "nesterov", "weight_decay",
-    "grad_clip", "loss", "kd", "label_smoothing", "teacher_bn", "gate_penalty", "select",
-}
-_PRUNE_KEYS = {"sparsity", "scope", "mask_gradient", "mask_update_every", "mask_update_until"}
-STAGE_KEYS: dict[str, set[str]] = {
-    "teacher": _OPTIM_KEYS,
-    "student": _OPTIM_KEYS,
-    "prune": _OPTIM_KEYS | _PRUNE_KEYS,
-    "quant-act": _OPTIM_KEYS | {"act_bits", "act_calibration", "calibration_batches"},
-    "quant-weight": _OPTIM_KEYS | {"weight_bits", "per_channel", "weight_refit"},
-    "bn-recal": {"batch_size", "batches"},
-    "prune-fc": _OPTIM_KEYS | _PRUNE_KEYS,
-    "quant-fc": _OPTIM_KEYS | {"weight_bits", "per_channel", "weight_refit"},
-}
-_ALL_STAGE_KEYS = {f.name for f in dataclasses.fields(StageConfig)}
+#: Keys each stage accepts, and every key any stage accepts (what the ``train:`` defaults may set).
+STAGE_KEYS: dict[str, set[str]] = {name: set(_defaults(spec.settings)) for name, spec in STAGE_SPECS.items()}
+_ALL_STAGE_KEYS = set().union(*STAGE_KEYS.values())
 _TOP_KEYS = {"name", "description", "model", "teacher_model", "dataset", "seed", "data", "augment", "train", "stages"}
 _DATA_KEYS = {"normalization", "holdout", "holdout_seed"}
 
@@ -112,7 +64,7 @@ class Recipe:
     holdout: float
     holdout_seed: int
     augment: AugmentConfig | None
-    stages: dict[str, StageConfig]
+    stages: dict[str, StageSettings]
     source: str = ""
 
     @property
@@ -120,7 +72,7 @@ class Recipe:
         """Stages this recipe defines, in pipeline order."""
         return [s for s in STAGES if s in self.stages]
 
-    def stage(self, name: str) -> StageConfig:
+    def stage(self, name: str) -> StageSettings:
         """Settings of stage ``name``; a clear error if the recipe lacks it."""
         if name not in STAGES:
             raise MicronetError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
@@ -201,7 +153,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[s
                 continue
             settings = stages[name] = dict(settings or {})
             for key, value in per_stage.items():
-                if key not in STAGE_KEYS.get(name, set()) or (key == "epochs" and name == "bn-recal"):
+                if key not in STAGE_KEYS.get(name, set()):
                     continue
                 if key == "epochs":  # keep the warm-up the same fraction of the (shorter) stage
                     defaults = raw.get("train") or {}
@@ -260,21 +212,33 @@ def _typed(where: str, value: Any, kind: type, name: str) -> Any:
     return value
 
 
-_DEFAULT_STAGE = StageConfig()
+def _block(where: str, value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise MicronetError(f"{where}: block must be [out, in] (two positive integers) or null, not {value!r}")
+    return tuple(value)
 
 
-def _stage_config(where: str, stage: str, settings: Mapping[str, Any]) -> StageConfig:
+def _stage_config(where: str, stage: str, settings: Mapping[str, Any]) -> StageSettings:
     _check_keys(where, settings, STAGE_KEYS[stage])
+    spec = STAGE_SPECS[stage]
+    defaults = _defaults(spec.settings)
     values: dict[str, Any] = {}
     for key, value in settings.items():
         if key == "kd":
             values[key] = _kd_config(f"{where}.kd", value)
         elif key == "grad_clip":
             values[key] = None if value is None else _typed(where, value, float, key)
+        elif key == "block":
+            values[key] = _block(where, value)
         else:
-            values[key] = _typed(where, value, type(getattr(_DEFAULT_STAGE, key)), key)
-    cfg = StageConfig(**values)
-    _check_stage(where, stage, cfg)
+            values[key] = _typed(where, value, type(defaults[key]), key)
+    cfg = spec.settings(**values)
+    try:
+        cfg.check(stage)
+    except MicronetError as exc:
+        raise MicronetError(f"{where}: {exc}") from None
     return cfg
 
 
@@ -292,57 +256,6 @@ def _kd_config(where: str, value: Any) -> KDConfig:
             raise MicronetError(f"{where}: {name} must be a {'positive' if name == 'temperature' else 'non-negative'}"
                                 f" number, not {v!r}")
     return kd
-
-
-def _check_stage(where: str, stage: str, c: StageConfig) -> None:
-    def bad(msg: str) -> None:
-        raise MicronetError(f"{where}: {msg}")
-
-    if c.batch_size < 1:
-        bad(f"batch_size must be positive, got {c.batch_size}")
-    if stage == "bn-recal":
-        if c.batches < 1:
-            bad(f"batches must be positive, got {c.batches}")
-        return
-    if c.epochs < 1:
-        bad(f"epochs must be at least 1, got {c.epochs}")
-    if c.lr <= 0 or c.warmup_start_lr < 0:
-        bad(f"lr must be positive and warmup_start_lr non-negative, got {c.lr} and {c.warmup_start_lr}")
-    if not 0 <= c.warmup_epochs < c.epochs:
-        bad(f"warmup_epochs ({c.warmup_epochs:g}) must be in [0, epochs) with epochs = {c.epochs}")
-    if not 0 <= c.momentum < 1 or (c.nesterov and c.momentum == 0):
-        bad(f"momentum must be in [0, 1) and positive with nesterov, got {c.momentum}")
-    if c.weight_decay < 0 or (c.grad_clip is not None and c.grad_clip <= 0):
-        bad("weight_decay must be non-negative and grad_clip positive (or null)")
-    if c.loss not in ("ce", "kd"):
-        bad(f"loss must be 'ce' or 'kd', got {c.loss!r}")
-    if stage == "teacher" and c.loss == "kd":
-        bad("the teacher stage cannot distil from itself; use loss: ce")
-    if c.teacher_bn not in ("eval", "train"):
-        bad(f"teacher_bn must be 'eval' or 'train', got {c.teacher_bn!r}")
-    if c.select not in ("last", "best"):
-        bad(f"select must be 'last' or 'best', got {c.select!r}")
-    if not 0 <= c.label_smoothing < 1 or c.gate_penalty < 0:
-        bad("label_smoothing must be in [0, 1) and gate_penalty non-negative")
-    if stage in ("prune", "prune-fc"):
-        if not 0 < c.sparsity < 1:
-            bad(f"sparsity must be in (0, 1) for a pruning stage, got {c.sparsity}")
-        if c.scope not in ("global", "layer") or c.mask_gradient not in ("dense", "masked"):
-            bad("scope must be global|layer and mask_gradient dense|masked")
-        if c.mask_update_every < 0 or c.mask_update_until < 0 or (c.mask_update_until and not c.mask_update_every):
-            bad("mask_update_until needs a positive mask_update_every (both non-negative)")
-    if stage == "quant-act":
-        if not 2 <= c.act_bits <= 16:
-            bad(f"act_bits must be in 2..16, got {c.act_bits}")
-        if c.act_calibration not in ACT_CALIBRATIONS:
-            bad(f"act_calibration must be one of {', '.join(ACT_CALIBRATIONS)}, got {c.act_calibration!r}")
-        if c.calibration_batches < 1:
-            bad(f"calibration_batches must be positive, got {c.calibration_batches}")
-    if stage in ("quant-weight", "quant-fc"):
-        if not 2 <= c.weight_bits <= 16:
-            bad(f"weight_bits must be in 2..16, got {c.weight_bits}")
-        if c.weight_refit not in ("epoch", "step", "never"):
-            bad(f"weight_refit must be epoch|step|never, got {c.weight_refit!r}")
 
 
 def _augment_config(value: Any) -> AugmentConfig | None:
@@ -392,7 +305,7 @@ def parse_recipe(raw: Mapping[str, Any], source: str = "<recipe>") -> Recipe:
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:
         raise MicronetError(f"{where}: 'stages' must map stage names ({', '.join(STAGES)}) to settings")
-    stages: dict[str, StageConfig] = {}
+    stages: dict[str, StageSettings] = {}
     for name in stages_raw:
         if name not in STAGES:
             raise MicronetError(f"{where}: unknown stage {name!r} (stages: {', '.join(STAGES)})")
@@ -409,7 +322,7 @@ def parse_recipe(raw: Mapping[str, Any], source: str = "<recipe>") -> Recipe:
         merged.update(own)
         stages[name] = _stage_config(f"{where} stages.{name}", name, merged)
     for name, cfg in stages.items():
-        if name != "bn-recal" and cfg.select == "best" and not holdout:
+        if getattr(cfg, "select", "last") == "best" and not holdout:
             raise MicronetError(f"{where} stages.{name}: select: best needs a held-out split (data.holdout > 0)")
     if "teacher" in stages and not raw.get("teacher_model"):
         raise MicronetError(f"{where}: a teacher stage needs teacher_model")

@@ -16,6 +16,7 @@ quant-fc       prune-fc                        FC weight quantizer; backbone fro
 A stage reads the previous stage's checkpoint (``--from``) and, for KD, the teacher's; it writes
 ``OUT/<stage>.safetensors`` after every epoch (atomically, with optimizer and RNG state for
 ``--resume``) and once more when done (``complete``), plus ``OUT/<stage>.jsonl``. Only rank 0 writes.
+What each stage compresses, trains and accepts is its spec in ``training/stage_specs.py``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from torch import Tensor, nn
 
 from micronet import compress, models
 from micronet import io as mio
-from micronet.compress import state as cstate
 from micronet.data import ImageSet, detect_layout, get_normalization, load_dataset, split_holdout
 from micronet.errors import MicronetError
 from micronet.training.augment import build_augmentation
@@ -50,14 +50,8 @@ from micronet.training.loop import (
     summarize,
     train_epoch,
 )
-from micronet.training.recipe import FROM_SCRATCH, STAGES, Recipe, StageConfig
-
-FC_STAGES = ("prune-fc", "quant-fc")
-PRUNING_STAGES = {"prune": ("conv",), "prune-fc": ("fc",)}
-# bf16 autocast only where the student is still a float network (spec training.md §6): in the quantized stages
-# bf16 activations would be rounded to 8 significant bits before the quantizer decides its rounding.
-AMP_STAGES = ("teacher", "student", "prune")
-WEIGHT_QUANT_STAGES = {"quant-weight": ("conv",), "quant-fc": ("fc",)}
+from micronet.training.recipe import Recipe
+from micronet.training.stage_specs import STAGE_SPECS, STAGES, StageSettings, TrainSettings
 
 
 @dataclass
@@ -124,14 +118,9 @@ def _canonical_model(spec: str, num_classes: int) -> str:
         return models.create(spec, num_classes=num_classes).micronet_spec["name"]
 
 
-def checkpoint_info(path: Path) -> dict[str, Any]:
-    """Model spec, history and training state of a micronet checkpoint, from its header only."""
-    return mio.read_header(path)
-
-
 def _check_input_checkpoint(path: Path, *, role: str, stage: str, expect_stage: str | None, model: str | None,
                             num_classes: int) -> None:
-    info = checkpoint_info(path)
+    info = mio.read_header(path)
     history = info["history"]
     last = history[-1] if history else {}
     if expect_stage is not None and last.get("stage") != expect_stage:
@@ -153,71 +142,14 @@ def stage_status(path: Path) -> str:
     """``missing``, ``partial`` (resumable) or ``complete`` for a stage checkpoint path."""
     if not Path(path).exists():
         return "missing"
-    training = checkpoint_info(path)["extra"].get("training", {})
+    training = mio.read_header(path)["extra"].get("training", {})
     return "complete" if training.get("complete") else "partial"
 
 
 # ----------------------------------------------------------------------------------------------- stage semantics
-def _build_compression(stage: str, model: nn.Module, cfg: StageConfig,
-                       calibration: Callable[[], list[Tensor]]) -> None:
-    """Attach what ``stage`` adds to the model (run once when the stage starts, not on resume)."""
-    if stage in PRUNING_STAGES:
-        compress.freeze_masks_(model)  # earlier masks stay; only this stage's masks may be refreshed
-        compress.prune_(model, compress.SparsityConfig(cfg.sparsity, scope=cfg.scope, kinds=PRUNING_STAGES[stage],
-                                                       gradient=cfg.mask_gradient))
-        if not cfg.mask_update_until:
-            compress.freeze_masks_(model)
-    elif stage == "quant-act":
-        compress.freeze_masks_(model)
-        qc = compress.QuantConfig(weight_bits=None, act_bits=cfg.act_bits, act_calibration=cfg.act_calibration)
-        compress.quantize_(model, qc, calibration())
-    elif stage in WEIGHT_QUANT_STAGES:
-        compress.freeze_masks_(model)
-        bits = {"conv": (cfg.weight_bits, None), "fc": (None, cfg.weight_bits)}[WEIGHT_QUANT_STAGES[stage][0]]
-        qc = compress.QuantConfig(weight_bits=bits[0], fc_weight_bits=bits[1], act_bits=None,
-                                  per_channel=cfg.per_channel, weight_refit=cfg.weight_refit)
-        compress.quantize_(model, qc)
-
-
-def _trainable_parameters(stage: str, model: nn.Module) -> list[nn.Parameter]:
-    """Parameters the stage optimises; FC stages freeze the backbone (``requires_grad_(False)``)."""
-    if stage in FC_STAGES:
-        model.requires_grad_(False)
-        for _, fc in cstate.select_layers(model, ("fc",)):
-            fc.requires_grad_(True)
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def _step_hook(stage: str, model: nn.Module, cfg: StageConfig) -> Callable[[int, int], None] | None:
-    """Per-step compression maintenance: mask refresh/freeze, or weight-scale refits."""
-    if stage in PRUNING_STAGES and cfg.mask_update_until:
-        def refresh_masks(step: int, batch: int) -> None:
-            if step == cfg.mask_update_until or (batch == 0 and step > cfg.mask_update_until):
-                compress.freeze_masks_(model)  # (re-checked at each epoch start: a resumed run may start later)
-            elif step < cfg.mask_update_until and step > 0 and step % cfg.mask_update_every == 0:
-                compress.update_masks_(model)
-
-        return refresh_masks
-    if stage in WEIGHT_QUANT_STAGES and cfg.weight_refit != "never":
-        layers = [m for _, m in cstate.select_layers(model, WEIGHT_QUANT_STAGES[stage])]
-
-        def refit_scales(step: int, batch: int) -> None:
-            if cfg.weight_refit == "step" or batch == 0:  # "epoch": the winner's refit at each epoch start
-                for layer in layers:
-                    compress.refit_weight_scales_(layer)
-
-        return refit_scales
-    return None
-
-
-def _set_mode(stage: str, model: nn.Module) -> None:
-    # FC stages keep the backbone exactly as recalibrated: BN uses running statistics throughout.
-    model.train(stage not in FC_STAGES)
-
-
-def _loss_function(cfg: StageConfig, forward: nn.Module, model: nn.Module, teacher: nn.Module | None,
+def _loss_function(cfg: TrainSettings, forward: nn.Module, model: nn.Module, teacher: nn.Module | None,
                    rt: Runtime, stage: str) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    student_amp = stage in AMP_STAGES
+    student_amp = STAGE_SPECS[stage].amp
 
     def loss_fn(x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         with rt.autocast(enabled=student_amp):
@@ -236,7 +168,7 @@ def _loss_function(cfg: StageConfig, forward: nn.Module, model: nn.Module, teach
     return loss_fn
 
 
-def _load_teacher(path: Path, cfg: StageConfig, rt: Runtime) -> nn.Module:
+def _load_teacher(path: Path, cfg: TrainSettings, rt: Runtime) -> nn.Module:
     teacher = mio.load(path).model.to(rt.device)
     if rt.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
@@ -260,19 +192,19 @@ def run_stage(stage: str, recipe: Recipe, options: RunOptions, rt: Runtime | Non
     _canonical_model(model_spec, num_classes)  # unknown model names fail here
     resuming = options.resume and path.exists()
     if resuming:
-        written_by = checkpoint_info(path)["extra"].get("training", {}).get("stage")
+        written_by = mio.read_header(path)["extra"].get("training", {}).get("stage")
         if written_by != stage:
             raise MicronetError(f"--resume: {path} was written by stage {written_by!r}, not {stage!r}")
         if stage_status(path) == "complete":
-            return StageResult(stage, path, checkpoint_info(path)["extra"].get("metrics", {}), skipped=True)
-    elif stage not in FROM_SCRATCH:
+            return StageResult(stage, path, mio.read_header(path)["extra"].get("metrics", {}), skipped=True)
+    elif not STAGE_SPECS[stage].from_scratch:
         previous = recipe.previous(stage)
         if options.init_from is None:
             raise MicronetError(f"stage {stage!r} starts from a {previous or 'previous-stage'!r} checkpoint: "
                                 "pass --from FILE (or run `train-stage all`)")
         _check_input_checkpoint(Path(options.init_from), role="--from", stage=stage, expect_stage=previous,
                                 model=model_spec, num_classes=num_classes)
-    if stage != "bn-recal" and cfg.loss == "kd":
+    if cfg.uses_teacher:
         if options.teacher is None:
             raise MicronetError(f"stage {stage!r} distils from a teacher: pass --teacher FILE (or run "
                                 "`train-stage all` with a teacher stage), or set loss: ce")
@@ -283,7 +215,7 @@ def run_stage(stage: str, recipe: Recipe, options: RunOptions, rt: Runtime | Non
     rt.barrier()
     run = _StageRun(stage, cfg, recipe, options, rt, splits, path, resuming)
     try:
-        return run.recalibrate() if stage == "bn-recal" else run.train()
+        return run.recalibrate() if STAGE_SPECS[stage].trains == "bn-statistics" else run.train()
     finally:
         run.log.close()
 
@@ -291,9 +223,10 @@ def run_stage(stage: str, recipe: Recipe, options: RunOptions, rt: Runtime | Non
 class _StageRun:
     """State shared by the parts of one stage run: model, data streams, logging, checkpoint writing."""
 
-    def __init__(self, stage: str, cfg: StageConfig, recipe: Recipe, options: RunOptions, rt: Runtime,
+    def __init__(self, stage: str, cfg: StageSettings, recipe: Recipe, options: RunOptions, rt: Runtime,
                  splits: Splits, path: Path, resuming: bool) -> None:
         self.stage, self.cfg, self.recipe, self.options, self.rt = stage, cfg, recipe, options, rt
+        self.spec = STAGE_SPECS[stage]
         self.splits, self.path = splits, path
         index = STAGES.index(stage)
         self.stage_seed = derive_seed(recipe.seed, index)
@@ -305,7 +238,7 @@ class _StageRun:
             ck = mio.load(path)
             self.model, self.history = ck.model, ck.history[:-1]
             self.training_state, self.resume_tensors = ck.extra.get("training", {}), ck.extra_tensors
-        elif stage in FROM_SCRATCH:
+        elif self.spec.from_scratch:
             self.model, self.history = models.create(model_spec, num_classes=splits.train.num_classes), []
         else:
             ck = mio.load(options.init_from)
@@ -330,8 +263,8 @@ class _StageRun:
         self.entry = {
             "stage": stage, "recipe": recipe.name, "model": model_spec, "settings": dataclasses.asdict(cfg),
             "seed": recipe.seed, "dataset": splits.dataset, "normalization": recipe.normalization,
-            "from": Path(options.init_from).name if options.init_from and stage not in FROM_SCRATCH else None,
-            "teacher": Path(options.teacher).name if options.teacher and cfg.loss == "kd" else None,
+            "from": Path(options.init_from).name if options.init_from and not self.spec.from_scratch else None,
+            "teacher": Path(options.teacher).name if options.teacher and cfg.uses_teacher else None,
             "world_size": rt.world_size,
         }
 
@@ -390,11 +323,11 @@ class _StageRun:
 
     def train(self) -> StageResult:
         """A training stage: build its compression, then the epoch loop with a checkpoint per epoch."""
-        stage, cfg, rt, model = self.stage, self.cfg, self.rt, self.model
+        stage, spec, cfg, rt, model = self.stage, self.spec, self.cfg, self.rt, self.model
         resuming = bool(self.training_state)
         if not resuming:
-            _build_compression(stage, model, cfg, lambda: list(self.shared_batches(cfg.calibration_batches)))
-        params = _trainable_parameters(stage, model)
+            spec.compress_(model, cfg, lambda count: list(self.shared_batches(count)))
+        params = spec.trainable_parameters(model)
         if not params:
             raise MicronetError(f"stage {stage!r}: nothing to train (every parameter is frozen)")
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -418,7 +351,7 @@ class _StageRun:
             forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if rt.compile:
             forward = torch.compile(forward)
-        teacher = _load_teacher(Path(self.options.teacher), cfg, rt) if cfg.loss == "kd" else None
+        teacher = _load_teacher(Path(self.options.teacher), cfg, rt) if cfg.uses_teacher else None
         steps_per_epoch = len(self.train_stream)
         total_steps = cfg.epochs * steps_per_epoch
         warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
@@ -428,7 +361,7 @@ class _StageRun:
             params=params,
             lr=lambda s: lr_at(s, total_steps, warmup_steps, cfg.lr, cfg.warmup_start_lr),
             grad_clip=cfg.grad_clip,
-            before_step=_step_hook(stage, model, cfg),
+            before_step=spec.step_hook(model, cfg),
             after_step=(lambda s: self.options.after_step(s, model)) if self.options.after_step else None,
             describe=stage,
             progress=self.options.progress,
@@ -436,7 +369,7 @@ class _StageRun:
         best_path = self.path.with_name(f"{stage}.best.safetensors")
         metrics: dict[str, Any] = {}
         for epoch in range(start_epoch, cfg.epochs):
-            _set_mode(stage, model)
+            spec.set_mode(model)
             result, step = train_epoch(self.train_stream, epoch, step, ctx, self.normalize, rt)
             rt.sync_buffers(model)
             val = self.evaluate_split(self.splits.val, "val")
@@ -477,7 +410,7 @@ def run_all(recipe: Recipe, options: RunOptions) -> list[StageResult]:
             continue  # the user brought a teacher
         status = stage_status(path)
         if status == "complete":
-            results.append(StageResult(stage, path, checkpoint_info(path)["extra"].get("metrics", {}), skipped=True))
+            results.append(StageResult(stage, path, mio.read_header(path)["extra"].get("metrics", {}), skipped=True))
             continue
         previous = recipe.previous(stage)
         init_from = out / f"{previous}.safetensors" if previous else options.init_from

@@ -159,3 +159,12 @@ def test_summary_lists_layers(tiny_densenet):
     quantize_(tiny_densenet, QuantConfig(), calibration_data=torch.randn(4, 3, 32, 32))
     text = compression_summary(tiny_densenet)
     assert "trans1.conv" in text and "overall conv/linear sparsity" in text
+
+
+@pytest.mark.parametrize("field", ["weight_bits", "act_bits", "fc_weight_bits"])
+def test_bit_widths_are_2_to_16(field):
+    # 1-bit signed codes are {-1, 0}: no positive value, so 2 bits is the floor everywhere (recipes included).
+    for bad in (1, 17, 4.0, True):
+        with pytest.raises(MicronetError, match=f"{field} must be an integer in 2..16"):
+            QuantConfig(**{field: bad})
+    assert getattr(QuantConfig(**{field: 2}), field) == 2 and getattr(QuantConfig(**{field: 16}), field) == 16
