@@ -33,7 +33,8 @@ from torch import nn
 from micronet.compress.integer_modules import ChannelAffine
 from micronet.errors import MicronetError
 from micronet.export import encoding
-from micronet.export.graph import INPUT_NAME, OUTPUT_NAME, BuiltGraph
+from micronet.export.builder import INPUT_NAME, OUTPUT_NAME
+from micronet.export.graph import BuiltGraph
 
 ATOL = 1e-4  # per-logit tolerance of the statistical check
 MIN_WITHIN = 0.99  # fraction of samples that must be within ATOL
@@ -87,7 +88,7 @@ class ParityReport:
 
 def make_session(model: str | Path | bytes, device: str = "cpu"):
     """onnxruntime session on ``device``; for CUDA, asserts the CUDA provider is really in use."""
-    try:
+    try:  # deferred on purpose: onnxruntime is optional (the onnx extras) and only verification needs it
         import onnxruntime as ort
     except ImportError:
         raise MicronetError(
