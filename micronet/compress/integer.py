@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from micronet.compress import state
-from micronet.compress.integer_modules import ChannelAffine, IntConv2d, IntLinear, RoundClamp
+from micronet.compress.integer_modules import ChannelAffine, FoldedAffine, IntConv2d, IntLinear, RoundClamp
 from micronet.errors import MicronetError
 
 _LEAVES = (ChannelAffine, RoundClamp, IntConv2d, IntLinear)
@@ -81,13 +82,15 @@ def detached_copy(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------- pass 1
 
 
-def _bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> ChannelAffine:
+def _bn_affine(bn: nn.modules.batchnorm._BatchNorm, name: str) -> ChannelAffine:
     inv = torch.rsqrt(bn.running_var + bn.eps)
     scale = inv if bn.weight is None else bn.weight.detach() * inv
     shift = -bn.running_mean * scale
     if bn.bias is not None:
         shift = shift + bn.bias.detach()
-    return ChannelAffine(scale, shift)
+    # Charged unfolded, a BatchNorm is the affine it computes: a scale and a shift per channel.
+    origin = FoldedAffine(name, "bn", scales=True, shifts=True, params=2 * bn.num_features)
+    return ChannelAffine(scale, shift, origin=(origin,))
 
 
 def _deploy_layer(layer: nn.Conv2d | nn.Linear) -> nn.Module:
@@ -128,32 +131,33 @@ def _deploy_layer(layer: nn.Conv2d | nn.Linear) -> nn.Module:
 
 
 def _plain_copy(layer: nn.Conv2d | nn.Linear, weight: Tensor, bias: Tensor | None) -> nn.Module:
-    like = {"dtype": weight.dtype, "device": weight.device}
+    # Built on the meta device: a real constructor would spend its time on a random init we overwrite.
     if isinstance(layer, nn.Conv2d):
         new: nn.Module = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
                                    layer.padding, layer.dilation, layer.groups, bias=bias is not None,
-                                   padding_mode=layer.padding_mode, **like)
+                                   padding_mode=layer.padding_mode, device="meta")
     else:
-        new = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, **like)
-    new.weight.data.copy_(weight)
+        new = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
+    # Callers pass freshly computed tensors (or ones of the discarded working copy): no clone needed.
+    new.weight = nn.Parameter(weight.detach(), requires_grad=False)
     if bias is not None:
-        new.bias.data.copy_(bias)
-    return new.requires_grad_(False)
+        new.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return new
 
 
-def _rewrite_modules(module: nn.Module) -> nn.Module:
-    """Pass 1 on ``module`` and its descendants; returns the (possibly replaced) module."""
-    replaced = _rewrite_one(module)
+def _rewrite_modules(module: nn.Module, path: str = "") -> nn.Module:
+    """Pass 1 on ``module`` (at ``path`` in the model) and its descendants; returns the (possibly replaced) module."""
+    replaced = _rewrite_one(module, path)
     if replaced is not module:
         return replaced
     for name, child in list(module.named_children()):
-        new = _rewrite_modules(child)
+        new = _rewrite_modules(child, f"{path}.{name}" if path else name)
         if new is not child:
             setattr(module, name, new)
     return module
 
 
-def _rewrite_one(module: nn.Module) -> nn.Module:
+def _rewrite_one(module: nn.Module, path: str) -> nn.Module:
     if callable(getattr(module, "deploy_module", None)):
         return module.deploy_module()
     if isinstance(module, nn.Conv2d | nn.Linear) and (
@@ -161,7 +165,7 @@ def _rewrite_one(module: nn.Module) -> nn.Module:
     ):
         return _deploy_layer(module)
     if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d) and module.track_running_stats:
-        return _bn_affine(module)
+        return _bn_affine(module, path)
     if isinstance(module, nn.Dropout):
         return nn.Identity()
     return module
@@ -170,9 +174,14 @@ def _rewrite_one(module: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------- pass 2
 
 
-class _Tracer(fx.Tracer):
+class _DeployTracer(fx.Tracer):
+    """fx tracer that keeps the deploy-form modules as leaves."""
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def _merge(module: nn.Module, top: bool = True) -> nn.Module:
@@ -180,29 +189,47 @@ def _merge(module: nn.Module, top: bool = True) -> nn.Module:
 
     The top-level module is replaced by its merged ``GraphModule``. Below a module that does not trace,
     children keep their identity (the parent may call their methods or iterate them): their merged graph
-    becomes their ``forward``, and their own children are merged too, for parents that call those directly.
+    becomes their ``forward`` and every merge is written back into their own module tree (a folded conv
+    replaces the conv, an affine merged away becomes ``Identity``), so methods the parent calls directly
+    (SkipNet's ``block.residual``) run the same merged layers and no layer is held twice.
     """
     if isinstance(module, _LEAVES) or not any(True for _ in module.children()):
         return module
-    try:
-        graph = _Tracer().trace(module)
-    except Exception:  # data-dependent control flow: convert the children instead
-        graph = None
-    if graph is not None:
-        gm = fx.GraphModule(module, graph, module.__class__.__name__)
-        _peephole(gm)
-        if top:
-            return gm
-    for name, child in list(module.named_children()):
-        new = _merge(child, top=False)
-        if new is not child:
-            setattr(module, name, new)
-    # Containers are iterated by such parents (their forward is not what runs), and registering the
-    # graph as a child would add an element to them.
-    if graph is not None and not isinstance(module, nn.Sequential | nn.ModuleList | nn.ModuleDict):
-        module.deploy_graph = gm
-        module.forward = gm.forward
+    # A container below the top is iterated by its parent, never called: only its children matter.
+    graph = None
+    if top or not isinstance(module, _CONTAINERS):
+        try:
+            graph = _DeployTracer().trace(module)
+        except Exception:  # data-dependent control flow: convert the children instead
+            graph = None
+    if graph is None:
+        for name, child in list(module.named_children()):
+            new = _merge(child, top=False)
+            if new is not child:
+                setattr(module, name, new)
+        return module
+    gm = fx.GraphModule(module, graph, module.__class__.__name__)
+    changed = _Peephole(gm).run()
+    if top:
+        return gm
+    for path in changed:
+        try:
+            module.get_submodule(path)
+        except AttributeError:
+            continue  # a module the merge added (a shared layer's merged copy): reachable via the graph
+        new = gm.get_submodule(path) if _has_submodule(gm, path) else nn.Identity()
+        module.set_submodule(path, new)
+    module.deploy_graph = gm
+    module.forward = gm.forward
     return module
+
+
+def _has_submodule(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 _RELU_FUNCS = (F.relu, torch.relu, torch.relu_)
@@ -216,17 +243,18 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
-def _inplace_on_shared_input(gm: fx.GraphModule, relu: fx.Node) -> bool:
-    """An in-place ReLU whose input other nodes also read: bypassing it would change what they see."""
-    inplace = getattr(_module(gm, relu, nn.ReLU), "inplace", False) or relu.target in (torch.relu_, "relu_") \
-        or relu.kwargs.get("inplace", False)
-    src = relu.args[0]
-    return bool(inplace) and isinstance(src, fx.Node) and len(src.users) > 1
-
-
 def _module(gm: fx.GraphModule, node, kind) -> nn.Module | None:
     if isinstance(node, fx.Node) and node.op == "call_module":
         m = gm.get_submodule(node.target)
+        if isinstance(m, kind):
+            return m
+    return None
+
+
+def _called(pp: _Peephole, node, kind) -> nn.Module | None:
+    """The module of kind ``kind`` that ``node`` calls, if it calls one (looked up in the graph's cache)."""
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        m = pp.modules.get(str(node.target))
         if isinstance(m, kind):
             return m
     return None
@@ -242,23 +270,7 @@ def _combine(first: ChannelAffine, second: ChannelAffine) -> ChannelAffine:
         bias = second.bias.expand_as(scale) if bias is None else bias + second.bias
     if bias is not None and bias.numel() < scale.numel():
         bias = bias.expand_as(scale)
-    return ChannelAffine(scale, bias)
-
-
-def _install(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> None:
-    """Point ``node`` at ``module``: in place of its old module (keeping the readable path) when this node is
-    that module's only call site, else under a fresh name (the old module is shared)."""
-    calls = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target)
-    if calls == 1:
-        gm.set_submodule(str(node.target), module)
-        return
-    base = str(node.target).replace(".", "_") + "_merged"
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}{i}"
-    gm.add_submodule(name, module)
-    node.target = name
+    return ChannelAffine(scale, bias, origin=first.origin + second.origin)
 
 
 def _scaled_layer(layer: nn.Module, affine: ChannelAffine) -> nn.Module:
@@ -273,7 +285,96 @@ def _scaled_layer(layer: nn.Module, affine: ChannelAffine) -> nn.Module:
         bias = b.clone() if bias is None else bias + b
     new = _plain_copy(layer, weight, bias)
     new.block = getattr(layer, "block", None)
+    # What the fold absorbed, so an accounting convention can still charge it unfolded (FoldedAffine).
+    new.folded = getattr(layer, "folded", ()) + affine.origin
+    new.bias_folded = getattr(layer, "bias_folded", False) or (
+        layer.bias is None and affine.bias is not None and bool(affine.origin)
+    )
     return new
+
+
+class _Peephole:
+    """One graph's merge state: the call sites of each module path and the paths whose module changed."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.calls: Counter[str] = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+        self.changed: set[str] = set()
+        self.modules: dict[str, nn.Module] = dict(gm.named_modules())
+        # Module path -> number of ops traced through it (a module whose forward is one op can be replaced).
+        self.ops_in: Counter[str] = Counter(
+            next(reversed(n.meta["nn_module_stack"])) for n in gm.graph.nodes if n.meta.get("nn_module_stack")
+        )
+        self.dtype = next((t.dtype for t in gm.parameters() if t.is_floating_point()), None) or next(
+            (t.dtype for t in gm.buffers() if t.is_floating_point()), torch.float32
+        )
+
+    def run(self) -> set[str]:
+        """Apply the rules until none applies; returns the module paths whose module changed or went away."""
+        gm = self.gm
+        # Whole passes in graph order until one changes nothing: each rewrite only touches a node and its
+        # producer, so later nodes of the same pass can still be visited (restarting after every rewrite was
+        # quadratic: seconds on DenseNet-BC-100).
+        changed = True
+        while changed:
+            changed = False
+            for node in list(gm.graph.nodes):
+                if getattr(node, "_erased", False):
+                    continue
+                while any(rule(self, node) for rule in PEEPHOLE_RULES):
+                    changed = True
+                    if getattr(node, "_erased", False):
+                        break
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        return self.changed
+
+    def install(self, node: fx.Node, module: nn.Module) -> None:
+        """Point ``node`` at ``module``: in place of its old module (keeping the readable path) when this node
+        is that module's only call site, else under a fresh name (the old module is shared)."""
+        target = str(node.target)
+        if self.calls[target] == 1:
+            self.gm.set_submodule(target, module)
+            self.modules[target] = module
+            self.changed.add(target)
+            return
+        base = target.replace(".", "_") + "_merged"
+        name, i = base, 0
+        while hasattr(self.gm, name):
+            i += 1
+            name = f"{base}{i}"
+        self.gm.add_submodule(name, module)
+        self.modules[name] = module
+        self.calls[target] -= 1
+        self.calls[name] += 1
+        node.target = name
+
+    def bypass(self, node: fx.Node, replacement: fx.Node) -> None:
+        """Route ``node``'s users to ``replacement`` and erase it."""
+        node.replace_all_uses_with(replacement)
+        self.erase(node)
+
+    def erase(self, node: fx.Node) -> None:
+        """Erase ``node``; a module left with no call site has been merged away."""
+        if node.op == "call_module":
+            target = str(node.target)
+            self.calls[target] -= 1
+            if self.calls[target] == 0:
+                self.changed.add(target)
+        self.gm.graph.erase_node(node)
+
+
+# Peephole rules: ``rule(peephole, node) -> bool`` rewrites the graph around ``node`` and says whether it did;
+# tried in registration order at every node until none applies.
+PeepholeRule = Callable[[_Peephole, fx.Node], bool]
+PEEPHOLE_RULES: list[PeepholeRule] = []
+
+
+def peephole_rule(fn: PeepholeRule) -> PeepholeRule:
+    """Decorator: register a peephole rule (tried after the ones registered before it)."""
+    PEEPHOLE_RULES.append(fn)
+    return fn
 
 
 def _constant_factor(node: fx.Node) -> tuple[fx.Node, float] | None:
@@ -296,80 +397,112 @@ def _constant_factor(node: fx.Node) -> tuple[fx.Node, float] | None:
     return None
 
 
-def _try_rules(gm: fx.GraphModule, node: fx.Node) -> bool:
+@peephole_rule
+def constant_scale_to_affine(pp: _Peephole, node: fx.Node) -> bool:
+    """x * c, x / c: a scalar affine that can merge with its neighbours (e.g. eval-mode ShakeDrop)."""
     factor = _constant_factor(node)
-    if factor is not None:  # e.g. eval-mode ShakeDrop: a scalar affine that can merge with its neighbours
-        src, value = factor
-        name = f"scale_{node.name}"
-        dtype = next((t.dtype for t in gm.state_dict().values() if t.is_floating_point()), torch.float32)
-        gm.add_submodule(name, ChannelAffine(torch.tensor([value], dtype=dtype)))
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(name, (src,))
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        return True
-    affine = _module(gm, node, ChannelAffine)
-    if affine is not None:
-        if bool((affine.scale == 1).all()) and affine.bias is None:
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-            return True
-        src = node.args[0]
-        # affine ∘ affine
-        first = _module(gm, src, ChannelAffine)
-        if first is not None and len(src.users) == 1:
-            _install(gm, src, _combine(first, affine))
-            node.replace_all_uses_with(src)
-            gm.graph.erase_node(node)
-            return True
-        # float conv/linear ∘ affine (BN folding): only when the conv feeds nothing else
-        layer = _module(gm, src, (nn.Conv2d, nn.Linear))
-        if layer is not None and len(src.users) == 1:
-            _install(gm, src, _scaled_layer(layer, affine))
-            node.replace_all_uses_with(src)
-            gm.graph.erase_node(node)
-            return True
-        # producer ∘ relu ∘ positive bias-free affine: move the scale before the ReLU
-        if (isinstance(src, fx.Node) and _is_relu(gm, src) and len(src.users) == 1 and affine.bias is None
-                and bool((affine.scale > 0).all())):
-            producer = src.args[0]
-            first = _module(gm, producer, ChannelAffine)
-            layer = _module(gm, producer, (nn.Conv2d, nn.Linear))
-            if first is not None and len(producer.users) == 1:
-                _install(gm, producer, _combine(first, affine))
-            elif layer is not None and len(producer.users) == 1:
-                _install(gm, producer, _scaled_layer(layer, affine))
-            else:
-                return False
-            node.replace_all_uses_with(src)
-            gm.graph.erase_node(node)
-            return True
+    if factor is None:
         return False
-    quant = _module(gm, node, RoundClamp)
-    if quant is not None and quant.qmin >= 0:
-        src = node.args[0]
-        if isinstance(src, fx.Node) and _is_relu(gm, src) and not _inplace_on_shared_input(gm, src):
-            node.args = (src.args[0], *node.args[1:])
-            if not src.users:
-                gm.graph.erase_node(src)
-            return True
-    return False
+    src, value = factor
+    stack = node.meta.get("nn_module_stack") or {}
+    owner = next(reversed(stack)) if stack else ""
+    affine = ChannelAffine(torch.tensor([value], dtype=pp.dtype),
+                           origin=(FoldedAffine(owner or node.name, "affine", True, False, 0),))
+    parent = owner.rpartition(".")[0]
+    if owner and pp.ops_in[owner] == 1 and owner not in pp.calls and (not parent or _has_submodule(pp.gm, parent)):
+        # The module's whole forward is this scaling: the affine takes its place (and its path).
+        pp.gm.set_submodule(owner, affine)
+        pp.modules[owner] = affine
+        pp.changed.add(owner)
+        name = owner
+    else:
+        name = f"scale_{node.name}"
+        pp.gm.add_submodule(name, affine)
+    pp.modules[name] = affine
+    pp.calls[name] += 1
+    with pp.gm.graph.inserting_before(node):
+        new = pp.gm.graph.call_module(name, (src,))
+    pp.bypass(node, new)
+    return True
 
 
-def _peephole(gm: fx.GraphModule) -> None:
-    # Whole passes in graph order until one changes nothing: each rewrite only touches a node and its
-    # producer, so later nodes of the same pass can still be visited (restarting after every rewrite was
-    # quadratic: seconds on DenseNet-BC-100).
-    changed = True
-    while changed:
-        changed = False
-        for node in list(gm.graph.nodes):
-            if getattr(node, "_erased", False):
-                continue
-            while _try_rules(gm, node):
-                changed = True
-                if getattr(node, "_erased", False):
-                    break
-    gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
+@peephole_rule
+def drop_identity_affine(pp: _Peephole, node: fx.Node) -> bool:
+    """An affine with scale 1 and no bias does nothing."""
+    affine = _called(pp, node, ChannelAffine)
+    if affine is None or affine.bias is not None or not bool((affine.scale == 1).all()):
+        return False
+    pp.bypass(node, node.args[0])
+    return True
+
+
+@peephole_rule
+def merge_affines(pp: _Peephole, node: fx.Node) -> bool:
+    """affine ∘ affine -> affine, when the first feeds nothing else."""
+    affine = _called(pp, node, ChannelAffine)
+    src = node.args[0] if node.args else None
+    first = _called(pp, src, ChannelAffine)
+    if affine is None or first is None or len(src.users) != 1:
+        return False
+    pp.install(src, _combine(first, affine))
+    pp.bypass(node, src)
+    return True
+
+
+@peephole_rule
+def fold_affine_into_layer(pp: _Peephole, node: fx.Node) -> bool:
+    """float conv/linear ∘ affine -> conv/linear with folded weights and bias (BN folding), when the layer
+    feeds nothing else."""
+    affine = _called(pp, node, ChannelAffine)
+    src = node.args[0] if node.args else None
+    layer = _called(pp, src, (nn.Conv2d, nn.Linear))
+    if affine is None or layer is None or len(src.users) != 1:
+        return False
+    pp.install(src, _scaled_layer(layer, affine))
+    pp.bypass(node, src)
+    return True
+
+
+@peephole_rule
+def move_scale_before_relu(pp: _Peephole, node: fx.Node) -> bool:
+    """producer ∘ relu ∘ positive bias-free affine -> (producer ∘ affine) ∘ relu: relu(s·x) = s·relu(x)."""
+    affine = _called(pp, node, ChannelAffine)
+    if affine is None or affine.bias is not None or not bool((affine.scale > 0).all()):
+        return False
+    src = node.args[0]
+    if not (isinstance(src, fx.Node) and _is_relu(pp.gm, src) and len(src.users) == 1):
+        return False
+    producer = src.args[0]
+    first = _called(pp, producer, ChannelAffine)
+    layer = _called(pp, producer, (nn.Conv2d, nn.Linear))
+    if first is not None and len(producer.users) == 1:
+        pp.install(producer, _combine(first, affine))
+    elif layer is not None and len(producer.users) == 1:
+        pp.install(producer, _scaled_layer(layer, affine))
+    else:
+        return False
+    pp.bypass(node, src)
+    return True
+
+
+def _inplace_on_shared_input(gm: fx.GraphModule, relu: fx.Node) -> bool:
+    """An in-place ReLU whose input other nodes also read: bypassing it would change what they see."""
+    inplace = getattr(_module(gm, relu, nn.ReLU), "inplace", False) or relu.target in (torch.relu_, "relu_") \
+        or relu.kwargs.get("inplace", False)
+    src = relu.args[0]
+    return bool(inplace) and isinstance(src, fx.Node) and len(src.users) > 1
+
+
+@peephole_rule
+def clamp_absorbs_relu(pp: _Peephole, node: fx.Node) -> bool:
+    """relu ∘ RoundClamp(qmin >= 0) -> RoundClamp: the clamp at 0 is the ReLU."""
+    quant = _called(pp, node, RoundClamp)
+    src = node.args[0] if node.args else None
+    if quant is None or quant.qmin < 0 or not isinstance(src, fx.Node) or not _is_relu(pp.gm, src):
+        return False
+    if _inplace_on_shared_input(pp.gm, src):
+        return False
+    node.args = (src.args[0], *node.args[1:])
+    if not src.users:
+        pp.erase(src)
+    return True

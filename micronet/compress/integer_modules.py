@@ -10,9 +10,14 @@ This is the representation the scorer counts and the ONNX exporter writes. Read 
 * ``ChannelAffine``: buffers ``scale`` (shape ``[C]`` or ``[1]``) and optional ``bias``; computes
   ``y[:, c] = scale[c] * x[:, c] + bias[c]``.
 * ``RoundClamp``: ``qmin``, ``qmax``, ``bits``; output codes are integers in ``[qmin, qmax]``.
+* A float ``nn.Conv2d`` / ``nn.Linear`` that absorbed affines (BN folding) carries ``folded`` (the
+  :class:`FoldedAffine` records of what it absorbed) and ``bias_folded`` (its bias exists only because a
+  folded affine shifted), so that an accounting convention may still charge them as separate layers.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +30,22 @@ def _as_float(t: Tensor) -> Tensor:
     """A detached copy, float32 unless already floating point (a float64 model stays float64)."""
     t = t.detach().clone()
     return t if torch.is_floating_point(t) else t.to(torch.float32)
+
+
+@dataclass(frozen=True)
+class FoldedAffine:
+    """An affine of the training form that the deploy form merged away, as it ran before merging.
+
+    ``kind`` is "bn" for a BatchNorm, "affine" for a constant or per-channel scale; ``scales``/``shifts``
+    say whether it multiplied and added per element; ``params`` is how many values it stored (a BatchNorm
+    2C, a Python constant 0).
+    """
+
+    name: str
+    kind: str
+    scales: bool
+    shifts: bool
+    params: int
 
 
 class IntConv2d(nn.Module):
@@ -83,10 +104,14 @@ class IntLinear(nn.Module):
 
 
 class ChannelAffine(nn.Module):
-    """Per-channel affine ``y = scale[c] * x + bias[c]`` over dimension 1 (a scalar when C == 1)."""
+    """Per-channel affine ``y = scale[c] * x + bias[c]`` over dimension 1 (a scalar when C == 1).
 
-    def __init__(self, scale: Tensor, bias: Tensor | None = None) -> None:
+    ``origin`` lists the training-form affines (BatchNorms, constant scales) merged into this one.
+    """
+
+    def __init__(self, scale: Tensor, bias: Tensor | None = None, origin: tuple[FoldedAffine, ...] = ()) -> None:
         super().__init__()
+        self.origin = tuple(origin)
         self.register_buffer("scale", _as_float(scale).reshape(-1))
         if bias is not None:
             bias = _as_float(bias).reshape(-1)

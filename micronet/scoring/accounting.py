@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from micronet.scoring.costs import FREE_OPS, RULES, Cost, CostContext, ParamUse, storage_bits
 from micronet.scoring.policy import Policy
 from micronet.scoring.report import LayerRow
+from micronet.scoring.rules import FREE_OPS, RULES, Cost, CostContext
+from micronet.scoring.storage import ParamUse, storage_bits
 from micronet.scoring.trace import QUANTIZERS, Trace
 
 
@@ -68,7 +69,7 @@ def account(traces: list[Trace], policy: Policy, param_traces: list[Trace] | tup
 
     for trace in [*traces, *param_traces]:
         ops_count = trace not in param_traces
-        ctx = CostContext.build(policy, trace)
+        ctx = CostContext(policy, trace)
         for rec in trace.records:
             if ops_count and (rec.op in QUANTIZERS or any(r.info.codes and r.static for r in rec.inputs)):
                 quantized = True
@@ -80,10 +81,10 @@ def account(traces: list[Trace], policy: Policy, param_traces: list[Trace] | tup
                 free["bookkeeping " + rec.op] = free.get("bookkeeping " + rec.op, 0) + 1
                 continue
             rule = RULES.get(rec.op)
-            cost = rule(rec, ctx) if rule is not None else None
-            if cost is None:
+            result = rule(rec, ctx) if rule is not None else None
+            if result is None:
                 if not ops_count:
-                    pass
+                    kind = "data"
                 elif rec.op in FREE_OPS:
                     free[rec.op] = free.get(rec.op, 0) + 1
                     kind = "data"
@@ -101,25 +102,24 @@ def account(traces: list[Trace], policy: Policy, param_traces: list[Trace] | tup
                     kind = "unknown"
                 uses = [ctx.param(r, module=rec.module) for r in rec.inputs if r.static and r.info.stored]
                 if uses:
-                    charge_params(row_for(rec.module, kind if ops_count else "data", None), uses)
+                    charge_params(row_for(rec.module, kind, None), uses)
                 continue
-            ctx.kinds[rec.index] = cost.kind
-            key = row_for(rec.module, cost.kind, cost)
-            totals = raw[key]
-            if not ops_count:
-                totals = [0, 0, 0, 0]  # parameters only
-            totals[0] += cost.mults
-            totals[1] += cost.adds
-            totals[2] += cost.mult_bitops
-            totals[3] += cost.add_bitops
-            row = rows[key]
-            if cost.weight_numel is not None and trace is traces[0]:
-                row.weight_numel += cost.weight_numel
-                row.weight_nnz += cost.weight_nnz or 0
-            uses = cost.params
-            if uses is None:
-                uses = [ctx.param(r, module=rec.module) for r in rec.inputs if r.static and r.info.stored]
-            charge_params(key, uses)
+            for cost in result if isinstance(result, list) else [result]:
+                key = row_for(cost.module if cost.module is not None else rec.module, cost.kind, cost)
+                if ops_count:
+                    totals = raw[key]
+                    totals[0] += cost.mults
+                    totals[1] += cost.adds
+                    totals[2] += cost.mult_bitops
+                    totals[3] += cost.add_bitops
+                row = rows[key]
+                if cost.weight_numel is not None and trace is traces[0]:
+                    row.weight_numel += cost.weight_numel
+                    row.weight_nnz += cost.weight_nnz or 0
+                uses = cost.params
+                if uses is None:
+                    uses = [ctx.param(r, module=rec.module) for r in rec.inputs if r.static and r.info.stored]
+                charge_params(key, uses)
 
     for key, row in rows.items():
         mults, adds, mult_bitops, add_bitops = raw[key]

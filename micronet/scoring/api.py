@@ -10,20 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from micronet.compress import deploy_form
-from micronet.compress.state import has_training_form, model_device, preserved_modes
+from micronet.compress.state import model_device, preserved_modes
 from micronet.errors import MicronetError
 from micronet.scoring.accounting import account
 from micronet.scoring.policy import Policy, Track, get_track, resolve_policy
 from micronet.scoring.report import ScoreReport
 from micronet.scoring.trace import Trace, trace_model
-
-
-def _scoring_target(model: nn.Module) -> tuple[nn.Module, bool]:
-    """The module to trace: ``compress.deploy_form(model)`` for a compressed training-form model, else the
-    model itself (float models: BN folding is then done by the cost rules). Returns (module, converted)."""
-    if not has_training_form(model):
-        return model, False
-    return deploy_form(model), True
 
 
 @contextlib.contextmanager
@@ -114,13 +106,10 @@ def score(
     """
     pol = resolve_policy(policy, overrides)
     trk = get_track(track)
-    target, converted = _scoring_target(model)
+    # Every model, float or compressed, is scored as it deploys: its integer form, BN folded (a deep copy,
+    # so resetting gate counters and the train-mode parameter trace leave the caller's model alone).
+    target = deploy_form(model)
     dynamic = is_dynamic(target)
-    if dynamic and not converted:
-        # Averaging resets gate counters and the parameter trace runs in train mode: work on a copy.
-        from micronet.compress.integer import detached_copy
-
-        target = detached_copy(target)
     n = samples if samples is not None else (16 if dynamic else 1)
     if n < 1:
         raise MicronetError("--samples must be at least 1")
@@ -159,7 +148,7 @@ def score(
             "use --policy official"
         )
     notes = []
-    if converted:
+    if has_training_form(model):
         notes.append("scored the integer deploy form (compress.deploy_form) of the model")
     report = ScoreReport(
         pol,

@@ -8,7 +8,7 @@ validating every field at this boundary so the cost rules can trust it.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +53,10 @@ class Policy:
     mask: str = "if_sparse"
     # Ops per element for an activation quantizer (round + clamp) on a dynamic tensor, at its input width.
     quantizer_ops: int = 1
-    # BatchNorm (and any scalar/per-channel affine) whose input is a float conv/linear output with no other
-    # consumer: folded into it (scale free, shift = bias: C params, +1 add per output when the conv had
-    # no bias), or unfolded (BN: 1 mult + 1 add per element and 2C params; affines priced as they run).
+    # BatchNorm (and any constant scale) that the deploy form (compress.deploy_form) folded into the float
+    # conv/linear before it: charged folded (scale free, shift = bias: C params, +1 add per output when the
+    # conv had no bias), or unfolded (BN: 1 mult + 1 add per element and 2C params; a constant scale 1 mult
+    # per element), as the separate layers they were in the training form.
     bn: str = "fold"
     # The 16-bit freebie (spec a.3/a.4): only for models with no quantization at all.
     freebie: bool = False
@@ -131,7 +132,6 @@ class Track:
     baseline_params: int
     baseline_ops: int
     baseline_model: str = ""
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 TRACKS: dict[str, Track] = {

@@ -204,14 +204,6 @@ def _swap(a: Any, ref_of: dict[int, TensorRef]) -> Any:
     return a
 
 
-def _scalar_bits(x: Any, float_bits: int) -> int:
-    if isinstance(x, bool):
-        return 1
-    if isinstance(x, int):
-        return range_bits(min(x, 0), max(x, 0))
-    return float_bits
-
-
 class TensorMap:
     """Tensor -> TensorInfo keyed by identity for the duration of one trace.
 
@@ -269,24 +261,23 @@ class ModuleStack:
         self._handles, self._stack = [], []
 
 
-class _Recorder(TorchDispatchMode):
+class _OpRecorder(TorchDispatchMode):
     """Dispatch mode that records ops and propagates TensorInfo (the tracing core)."""
 
     def __init__(
         self,
-        tracer: ModuleStack,
+        modules: ModuleStack,
         trace: Trace,
         infos: TensorMap,
         float_bits: int,
-        root_name: str,
         uids: itertools.count,
     ) -> None:
         super().__init__()
-        self.tracker, self.trace, self.infos = tracer, trace, infos
-        self.float_bits, self.root_name, self.uids = float_bits, root_name, uids
+        self.modules, self.trace, self.infos = modules, trace, infos
+        self.float_bits, self.uids = float_bits, uids
 
     def _module_path(self) -> str:
-        return self.tracker.current
+        return self.modules.current
 
     def _info(self, t: Tensor) -> TensorInfo:
         info = self.infos.get(t)
@@ -448,7 +439,7 @@ def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits
     _register_model_tensors(model, infos, trace, float_bits, uids)
     uid = next(uids)
     infos[inputs] = TensorInfo(uid, input_bits, static=False, codes=input_bits < 16, signed=False, origin=uid)
-    tracker = ModuleStack(model)
-    with torch.no_grad(), tracker, _Recorder(tracker, trace, infos, float_bits, type(model).__name__, uids):
+    modules = ModuleStack(model)
+    with torch.no_grad(), modules, _OpRecorder(modules, trace, infos, float_bits, uids):
         trace.output = model(inputs)
     return trace

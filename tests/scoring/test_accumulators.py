@@ -8,7 +8,7 @@ from torch import nn
 
 from micronet.compress.integer_modules import IntConv2d, RoundClamp
 from micronet.scoring import accumulate, adder_tree_bitadds, score
-from micronet.scoring.costs import fixed_bound_width, tree_final_width
+from micronet.scoring.accumulators import fixed_bound_width, tree_final_width
 
 
 def test_worked_example_nnz_108():

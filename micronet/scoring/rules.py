@@ -1,4 +1,4 @@
-"""Per-op cost rules: small pure functions from a traced op record to multiplies, adds and parameters.
+"""Per-op cost rules: pure functions from a traced op record to multiplies, adds and parameters.
 
 Rules are registered by aten schema name (``@register("aten::convolution")``), in the manner of
 ``torch.utils.flop_counter``. A rule returns a :class:`Cost` with raw counts (per traced batch) and
@@ -19,105 +19,28 @@ Conventions (spec scoring.md b.1, c):
 * activation quantizer (round + clamp) on a dynamic tensor: ``policy.quantizer_ops`` per element at its
   input width (mult bucket), no parameters (its step is folded into the preceding affine);
 * data movement (cat, view, pad, slicing, copies) is free and listed under ``free_ops``.
+
+The scorer traces the deploy form (``compress.deploy_form``), where BatchNorm is already folded into the
+float conv/linear before it. Under ``bn="unfold"`` the conv/linear rule charges what that layer absorbed
+(its ``folded`` records) as the separate layers it was, and leaves out the bias the folding created.
+A rule reads its record and a read-only :class:`CostContext` and returns its costs; it changes nothing.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from micronet.compress.integer_modules import ChannelAffine
+from micronet.scoring.accumulators import INT_ACCUMULATORS, accumulate, accumulator_float_bits
 from micronet.scoring.policy import Policy
+from micronet.scoring.storage import ParamUse, block_of, block_rows, stored_sparse
 from micronet.scoring.trace import DATA_MOVEMENT, OpRecord, TensorRef, Trace
-
-INT_ACCUMULATORS = ("int_fixed_bound", "int_tree_final", "int_tree_final_cap16", "adder_tree")
-
-
-# --------------------------------------------------------------------------------------------------
-# Accumulator formulas (spec c.3), pure functions of integers.
-
-
-@lru_cache(maxsize=4096)
-def adder_tree_bitadds(nnz: int, first_width: int) -> int:
-    """Bit-adds of a pairwise adder tree over ``nnz`` products; level j adds are ``first_width + j`` wide."""
-    total, m, width = 0, nnz, first_width
-    while m > 1:
-        total += (m // 2) * width
-        m = (m + 1) // 2
-        width += 1
-    return total
-
-
-def product_width(act_bits: int, weight_bits: int, act_signed: bool) -> int:
-    """Width of one activation x weight product (signed weights; one bit less when both are signed)."""
-    return act_bits + weight_bits - (1 if act_signed else 0)
-
-
-def fixed_bound_width(act_bits: int, weight_bits: int, dense_k: int, act_signed: bool) -> int:
-    """Fixed accumulator width from the worst-case bound M = max|a| * max|w| * K: floor(log2 M) + 1.
-
-    The bound is the winner's (spec c.3 item 3, largest positive weight code 2^(b_w-1) - 1, dense K, no
-    extra sign bit), with the weight width used for the weight factor; it gives W = 16 for 4x4 bits, K=432.
-    """
-    a_max = 2 ** (act_bits - 1) - 1 if act_signed else 2**act_bits - 1
-    w_max = 2 ** (weight_bits - 1) - 1
-    return max((a_max * w_max * dense_k).bit_length(), 1)
-
-
-def tree_final_width(
-    max_nnz: int, act_bits: int, weight_bits: int, act_signed: bool, cap: int | None = None
-) -> int:
-    """Final adder-tree width of the densest kernel: product width + ceil(log2 max_nnz), optionally capped."""
-    width = product_width(act_bits, weight_bits, act_signed) + max(max_nnz - 1, 0).bit_length()
-    return min(width, cap) if cap is not None else width
-
-
-def accumulate(
-    mode: str, nnz: list[int], dense_k: int, act_bits: int, weight_bits: int, act_signed: bool
-) -> tuple[int, int]:
-    """(adds, bit-adds) of one output position summed over output channels with ``nnz[c]`` nonzeros."""
-    adds = sum(n - 1 for n in nnz if n > 1)
-    if mode == "fp32":
-        return adds, adds * 32
-    if mode == "fp16_true":
-        return adds, adds * 16
-    if mode == "int_fixed_bound":
-        return adds, adds * fixed_bound_width(act_bits, weight_bits, dense_k, act_signed)
-    if mode in ("int_tree_final", "int_tree_final_cap16"):
-        cap = 16 if mode == "int_tree_final_cap16" else None
-        return adds, adds * tree_final_width(max(nnz, default=0), act_bits, weight_bits, act_signed, cap)
-    if mode == "adder_tree":
-        w0 = product_width(act_bits, weight_bits, act_signed)
-        return adds, sum(adder_tree_bitadds(n, w0) for n in nnz)
-    raise ValueError(f"unknown accumulator {mode!r}")
-
-
-def accumulator_float_bits(mode: str) -> int:
-    """Width of a bias add performed inside the accumulator (32 unless the accumulation is real FP16)."""
-    return 16 if mode == "fp16_true" else 32
-
-
-# --------------------------------------------------------------------------------------------------
-# Cost records.
-
-
-@dataclass
-class ParamUse:
-    """A stored tensor charged as parameters: ``numel`` values at ``bits``; ``sparse`` ones may use a mask."""
-
-    key: Any
-    name: str
-    numel: int
-    bits: int
-    value: Tensor | None = None
-    sparse: bool = False
-    block: tuple[int, int] | None = None
-    nnz: int | None = None  # nonzeros, when the rule already counted them
 
 
 @dataclass
@@ -135,6 +58,7 @@ class Cost:
     weight_nnz: int | None = None
     weight_bits: int | None = None
     input_bits: int | None = None
+    module: str | None = None  # the row's module path when not the op's own (an unfolded BN's original path)
 
     def mul(self, count: int, bits: int) -> Cost:
         """Add ``count`` multiplies (or other non-add ops) at ``bits``."""
@@ -149,32 +73,12 @@ class Cost:
         return self
 
 
-@dataclass
+@dataclass(frozen=True)
 class CostContext:
-    """What rules may consult besides their record: the policy and the trace's producer/consumer graph."""
+    """What rules may consult besides their record: the policy and the trace (its modules and stored tensors)."""
 
     policy: Policy
     trace: Trace
-    producers: dict[int, OpRecord] = field(default_factory=dict)
-    consumers: dict[int, int] = field(default_factory=dict)
-    kinds: dict[int, str] = field(default_factory=dict)  # record index -> cost kind
-    # Folding (policy.bn == "fold"): tensor uid -> the float conv/linear record whose output it still is
-    # up to foldable affines, and the roots that already have a bias.
-    fold_root: dict[int, OpRecord] = field(default_factory=dict)
-    root_has_bias: set[int] = field(default_factory=set)
-    root_float: set[int] = field(default_factory=set)
-
-    @classmethod
-    def build(cls, policy: Policy, trace: Trace) -> CostContext:
-        """Index which record produced each tensor and how many ops consume it."""
-        ctx = cls(policy, trace)
-        for rec in trace.records:
-            for ref in rec.inputs:
-                ctx.consumers[ref.uid] = ctx.consumers.get(ref.uid, 0) + 1
-            for ref in rec.outputs:
-                ctx.producers[ref.uid] = rec
-        return ctx
-
     def operand_bits(self, ref: TensorRef | Any) -> int:
         """Width of an elementwise operand: a tensor's bits, or a Python scalar's (float -> float_bits)."""
         if isinstance(ref, TensorRef):
@@ -190,35 +94,6 @@ class CostContext:
         if ref.info.codes or self.policy.gemm_input_bits is None:
             return ref.bits
         return self.policy.gemm_input_bits
-
-    def fold(self, rec: OpRecord, x: TensorRef, kind: str, scales: bool, shifts: bool) -> Cost | None:
-        """Cost of an affine op folded into the conv/linear producing ``x``, or None if it cannot fold.
-
-        Folding needs ``x`` to have no other consumer; a scale also needs float weights (integer codes
-        cannot absorb it). A shift becomes the conv's bias: +1 add per output and C parameters, once.
-        """
-        root = self.fold_root.get(x.uid)
-        if self.policy.bn != "fold" or root is None or self.consumers.get(x.uid, 0) != 1:
-            return None
-        if scales and root.index not in self.root_float:
-            return None
-        out = rec.outputs[0]
-        cost = Cost(kind, shape=out.shape, params=[])
-        if shifts and root.index not in self.root_has_bias:
-            self.root_has_bias.add(root.index)
-            mode = self.policy.accumulator_for(self.kinds.get(root.index) != "conv")
-            cost.add(out.numel, accumulator_float_bits(mode))
-            channels = out.shape[1] if len(out.shape) > 1 else out.shape[0]
-            cost.params = [
-                ParamUse(
-                    ("folded bias", root.module),
-                    f"{root.module}:folded bias",
-                    channels,
-                    self.policy.float_bits,
-                )
-            ]
-        self.fold_root[out.uid] = root
-        return cost
 
     def key_of(self, ref: TensorRef) -> str:
         """Stable identity of the stored tensor a ref views (its name), the same across traces."""
@@ -238,85 +113,19 @@ class CostContext:
             stored.bits,
             stored.value,
             sparse,
-            _block_of(owner),
+            block_of(owner),
         )
 
 
-def _block_of(module: Any) -> tuple[int, int] | None:
-    """Mask block shape of a layer: the Int layer's ``block`` or the training form's WeightMask.block."""
-    if module is None:
-        return None
-    block = getattr(module, "block", None)
-    if block is None:
-        parametrizations = getattr(module, "parametrizations", None)
-        chain = getattr(parametrizations, "weight", None) if parametrizations is not None else None
-        for p in chain or []:
-            if getattr(p, "block", None) is not None:
-                block = p.block
-    return tuple(block) if block is not None else None
-
-
-def _sparse_layout(use: ParamUse) -> tuple[int, int, int]:
-    """(stored values, mask bits, total bits) of ``use`` stored as nonzeros + bitmask (element or block)."""
-    value = use.value
-    if use.block is not None and value.dim() >= 2:
-        nonzero_values, mask_bits = _block_counts(value, use.block)
-    else:
-        nonzero_values = use.nnz if use.nnz is not None else int(value.count_nonzero())
-        mask_bits = use.numel
-    return nonzero_values, mask_bits, nonzero_values * use.bits + mask_bits
-
-
-def stored_sparse(use: ParamUse, mask: str) -> bool:
-    """Whether the policy stores this tensor as nonzeros + bitmask (only then may its zeros be skipped)."""
-    if not use.sparse or use.value is None or use.numel == 0:
-        return False
-    if mask == "always":
-        return True
-    nonzero_values, _, sparse_bits = _sparse_layout(use)
-    if mask == "if_sparse":
-        return nonzero_values < use.numel
-    return sparse_bits < use.numel * use.bits  # cheapest
-
-
-def storage_bits(use: ParamUse, mask: str) -> tuple[int, int, int]:
-    """(total bits, stored values, mask bits) of one stored tensor under the policy's mask mode."""
-    if stored_sparse(use, mask):
-        nonzero_values, mask_bits, bits = _sparse_layout(use)
-        return bits, nonzero_values, mask_bits
-    return use.numel * use.bits, use.numel, 0
-
-
-def _block_rows(value: Tensor, block: tuple[int, int]) -> tuple[list[int], int]:
-    """(values stored per output row, number of blocks) for an (out, in) block mask.
-
-    As in ``micronet.compress.sparsity``: a block spans ``bo`` output x ``bi`` input channels and all
-    kernel taps, one mask bit each; edge blocks are smaller. Every value of a kept block is stored (and
-    multiplied: no mask says where its zeros are).
-    """
-    bo, bi = block
-    o, i = value.shape[0], value.shape[1]
-    taps = value.numel() // (o * i)
-    v = value.reshape(o, i, taps)
-    po, pi = -o % bo, -i % bi
-    if po or pi:
-        v = torch.nn.functional.pad(v, (0, 0, 0, pi, 0, po))
-    nb_o, nb_i = v.shape[0] // bo, v.shape[1] // bi
-    live = v.reshape(nb_o, bo, nb_i, bi, taps).ne(0).any(dim=4).any(dim=3).any(dim=1).tolist()
-    per_block_row = [sum(min(bi, i - b * bi) * taps for b in range(nb_i) if live[a][b]) for a in range(nb_o)]
-    return [per_block_row[c // bo] for c in range(o)], nb_o * nb_i
-
-
-def _block_counts(value: Tensor, block: tuple[int, int]) -> tuple[int, int]:
-    """(values stored in nonzero blocks, number of blocks) for an (out, in) block mask."""
-    rows, n_blocks = _block_rows(value, block)
-    return sum(rows), n_blocks
+    def module(self, rec: OpRecord) -> Any:
+        """The module that ran ``rec`` (None for the root's functional ops when the root is not traced)."""
+        return self.trace.modules.get(rec.module)
 
 
 # --------------------------------------------------------------------------------------------------
 # Registry.
 
-Rule = Callable[[OpRecord, CostContext], "Cost | None"]
+Rule = Callable[[OpRecord, "CostContext"], "Cost | list[Cost] | None"]
 RULES: dict[str, Rule] = {}
 
 FREE_OPS = frozenset(DATA_MOVEMENT) | {
@@ -371,9 +180,18 @@ def _gemm(
     dense_k: int,
     positions: int,
     linear: bool,
-) -> Cost:
-    """Shared dot-product costing of conv and linear (nnz[c] nonzeros per output channel)."""
+) -> list[Cost]:
+    """Shared dot-product costing of conv and linear (nnz[c] nonzeros per output channel), plus, under
+    ``bn="unfold"``, the affines the layer absorbed, charged as the layers they were."""
     policy = ctx.policy
+    layer = ctx.module(rec)
+    folded = tuple(getattr(layer, "folded", ())) if isinstance(layer, nn.Conv2d | nn.Linear) else ()
+    # A bias that exists only because a folded BN shifted: charged on the BN's own row (folded), or not at
+    # all when the BN is charged unfolded instead.
+    folded_bias = bias if folded and getattr(layer, "bias_folded", False) and isinstance(bias, TensorRef) else None
+    extra = _unfolded_affines(ctx, rec, folded) if policy.bn == "unfold" else []
+    if folded_bias is not None:
+        bias = None
     a_bits, w_bits = ctx.gemm_bits(x), ctx.gemm_bits(w)
     mode = policy.accumulator_for(linear)
     if mode in INT_ACCUMULATORS and not (x.info.codes and w.info.codes):
@@ -389,24 +207,47 @@ def _gemm(
                 if not stored_sparse(use, policy.mask):
                     nnz = [dense_k] * len(nnz)  # stored dense: its zeros are stored and multiplied
                 elif use.block is not None and use.value is not None and use.value.dim() >= 2:
-                    nnz = _block_rows(use.value, use.block)[0]  # kept blocks are stored and multiplied whole
+                    nnz = block_rows(use.value, use.block)[0]  # kept blocks are stored and multiplied whole
             params.append(use)
     cost.mul(sum(nnz) * positions, max(a_bits, w_bits))
     adds, bitops = accumulate(mode, nnz, dense_k, a_bits, w_bits, a_signed)
     cost.adds += adds * positions
     cost.add_bitops += bitops * positions
+    biased_outputs = sum(1 for n in nnz if n > 0) * positions
     if isinstance(bias, TensorRef):
-        cost.add(sum(1 for n in nnz if n > 0) * positions, accumulator_float_bits(mode))
+        cost.add(biased_outputs, accumulator_float_bits(mode))
     cost.params = params
-    out = rec.outputs[0]
-    ctx.fold_root[out.uid] = rec
-    if isinstance(bias, TensorRef):
-        ctx.root_has_bias.add(rec.index)
-    if not w.info.codes:
-        ctx.root_float.add(rec.index)
     cost.weight_numel = dense_k * len(nnz)
     cost.weight_nnz = sum(nnz)
-    return cost
+    if folded_bias is not None and policy.bn == "fold":
+        shifter = next((f for f in folded if f.shifts), folded[0])
+        bias_cost = Cost(f"{shifter.kind}_folded", shape=rec.outputs[0].shape, module=shifter.name, params=[])
+        bias_cost.add(biased_outputs, accumulator_float_bits(mode))
+        if folded_bias.static and folded_bias.info.stored:
+            bias_cost.params = [ctx.param(folded_bias, module=rec.module)]
+        extra.append(bias_cost)
+    return [cost, *extra]
+
+
+def _unfolded_affines(ctx: CostContext, rec: OpRecord, records: tuple) -> list[Cost]:
+    """The affines folded into a layer (deploy_form's ``folded`` records) charged as separate layers on its
+    output: 1 mult per element if it scaled, 1 add if it shifted, its stored values as parameters."""
+    out = rec.outputs[0]
+    policy = ctx.policy
+    width = max(out.bits, policy.float_bits)
+    costs = []
+    for folded in records:
+        cost = Cost(folded.kind, shape=out.shape, input_bits=out.bits, module=folded.name, params=[])
+        if folded.scales:
+            cost.mul(out.numel, width)
+        if folded.shifts:
+            cost.add(out.numel, _first(policy.affine_add_bits, policy.add_bits, width))
+        if folded.params:
+            cost.params = [
+                ParamUse(("unfolded", folded.name), f"{folded.name}:scale,shift", folded.params, policy.float_bits)
+            ]
+        costs.append(cost)
+    return costs
 
 
 def _nnz_rows(value: Tensor, rows: int) -> list[int]:
@@ -462,15 +303,12 @@ def addmm_cost(rec: OpRecord, ctx: CostContext) -> Cost:
     "aten::native_batch_norm", "aten::_native_batch_norm_legit_no_training", "aten::_native_batch_norm_legit"
 )
 def batch_norm_cost(rec: OpRecord, ctx: CostContext) -> Cost:
-    """BatchNorm: folded into a single-consumer float conv/linear as a bias, else a per-channel affine."""
+    """BatchNorm left in the traced model (deploy_form turns eval BNs into affines): a per-channel affine."""
     x, weight, bias = rec.args[0], rec.args[1], rec.args[2]
     running = rec.args[3] if len(rec.args) > 3 and isinstance(rec.args[3], TensorRef) else weight
     channels = x.shape[1] if len(x.shape) > 1 else x.shape[0]
     anchor = next((r for r in (running, weight, bias) if isinstance(r, TensorRef)), x)
     policy = ctx.policy
-    folded = ctx.fold(rec, x, "bn_folded", scales=True, shifts=True)
-    if folded is not None:
-        return folded
     cost = Cost("bn", shape=x.shape, input_bits=x.bits)
     width = max(x.bits, policy.float_bits)
     cost.mul(x.numel, width)
@@ -481,15 +319,6 @@ def batch_norm_cost(rec: OpRecord, ctx: CostContext) -> Cost:
         )
     ]
     return cost
-
-
-def _is_channelwise(operand: Any, out_shape: tuple[int, ...]) -> bool:
-    """A Python scalar, or a static tensor that varies at most along dimension 1 of the output."""
-    if not isinstance(operand, TensorRef):
-        return True
-    shape = operand.shape
-    offset = len(out_shape) - len(shape)
-    return all(d == 1 for i, d in enumerate(shape) if i + offset != 1)
 
 
 def _first(*values: int | None) -> int:
@@ -514,22 +343,11 @@ def _binary(rec: OpRecord, ctx: CostContext, multiplicative: bool) -> Cost | Non
         if multiplicative:
             return cost.mul(n, width)
         return cost.add(n, _first(policy.add_bits, width))
-    static = b if dynamic and dynamic[0] is a else a
-    # Foldable: x*s, x/s, x+s, x-s, s+x, s*x with a scalar or per-channel s (not s/x, and s-x negates x).
-    foldable = (
-        len(dynamic) == 1
-        and _is_channelwise(static, out.shape)
-        and not (rec.op.startswith("aten::div") and dynamic[0] is b)
-    )
-    if foldable:
-        # x - c only shifts; c - x (the tensor as the subtrahend; rsub's operands are swapped above) flips the sign.
-        negates = rec.op.startswith(("aten::sub", "aten::rsub")) and dynamic[0] is b
-        folded = ctx.fold(
-            rec, dynamic[0], "affine_folded", scales=multiplicative or negates, shifts=not multiplicative
-        )
-        if folded is not None:
-            return folded
-    cost = Cost("affine", shape=out.shape, input_bits=dynamic[0].bits if dynamic else width)
+    # A scale or shift by a constant: a BatchNorm's when it runs inside a ChannelAffine that was one.
+    module = ctx.module(rec)
+    origin = module.origin if isinstance(module, ChannelAffine) else ()
+    kind = "bn" if origin and all(o.kind == "bn" for o in origin) else "affine"
+    cost = Cost(kind, shape=out.shape, input_bits=dynamic[0].bits if dynamic else width)
     if multiplicative:
         return cost.mul(n, width)
     return cost.add(n, _first(policy.affine_add_bits, policy.add_bits, width))

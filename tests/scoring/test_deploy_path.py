@@ -1,0 +1,79 @@
+"""One deploy path: the scorer counts compress.deploy_form(model) for every model, float or compressed."""
+
+from fractions import Fraction
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from micronet.compress import deploy_form
+from micronet.models import create
+from micronet.scoring import score
+from tests.compress.conftest import TINY, randomize_bn_
+from tests.scoring.nets import no_exact_zeros_
+
+
+def _tiny(family: str) -> nn.Module:
+    torch.manual_seed(0)
+    return no_exact_zeros_(randomize_bn_(create(TINY[family]).eval()))
+
+
+@pytest.mark.parametrize("bn", ["fold", "unfold"])
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_a_float_model_scores_as_its_deploy_form(family, bn):
+    model = _tiny(family)
+    direct, deployed = score(model, bn=bn, samples=2), score(deploy_form(model), bn=bn, samples=2)
+    assert direct.params == deployed.params
+    assert direct.ops == deployed.ops
+
+
+def test_skipnet_deploy_form_holds_each_layer_once():
+    # Regression: the old fold_bn kept every block's original convs next to their folded copies, and the
+    # scorer's train-mode parameter trace (which calls block.residual) charged both sets.
+    model = _tiny("pyramidskipnet")
+    deployed = deploy_form(model)
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert sum(isinstance(m, nn.Conv2d) for m in deployed.modules()) == convs
+    assert sum(p.numel() for p in deployed.parameters()) <= sum(p.numel() for p in model.parameters())
+    # SkipNet's training path calls block.residual directly: it must run the merged layers, not stale ones.
+    block = model.layer2[1]
+    y = torch.randn(2, block.in_channels, 16, 16)
+    assert torch.allclose(deployed.layer2[1].residual(y), block.residual(y), atol=1e-5)
+
+
+class ConvBN(nn.Module):
+    """conv3x3 (no bias) -> BN -> ReLU -> global pool -> FC: BN folds into the conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_bn_policy_charges_the_folded_bn_by_hand_count():
+    model = no_exact_zeros_(randomize_bn_(ConvBN().eval()))
+    h = w = 8
+    out = 8 * h * w
+    conv_macs, fc_macs = 27 * out, 8 * 5
+    # ops in 32-bit units: conv n mults + (n-1) adds per output, relu 1 per element, mean (HW-1) adds + 1
+    # mult per channel, FC 8 mults + 7 adds + bias per output.
+    common = conv_macs + (26 * out) + out + 8 * (h * w - 1) + 8 + fc_macs + 5 * 7 + 5
+    folded, unfolded = score(model, input_size=8), score(model, input_size=8, bn="unfold")
+    assert folded.ops == common + out  # the BN shift became the conv's bias: 1 add per output
+    assert folded.params == 27 * 8 + 8 + 8 * 5 + 5  # conv, folded bias, FC
+    assert unfolded.ops == common + 2 * out  # BN: 1 mult + 1 add per element
+    assert unfolded.params == 27 * 8 + 2 * 8 + 8 * 5 + 5  # BN as scale + shift
+    assert {r.kind for r in folded.layers if r.name == "bn"} == {"bn_folded"}
+    assert {r.kind for r in unfolded.layers if r.name == "bn"} == {"bn"}
+
+
+@pytest.mark.parametrize("family", ["wrn", "densenet"])
+def test_conv_and_fc_macs_match_torch_flop_counter(family):
+    model = _tiny(family)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, 32, 32))
+    kinds = score(model).by_kind()
+    assert kinds["conv"]["mults_raw"] + kinds["linear"]["mults_raw"] == Fraction(counter.get_total_flops(), 2)
