@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from micronet.compress import deploy_form
-from micronet.compress.state import model_device, preserved_modes
+from micronet.compress.state import has_training_form, model_device, preserved_modes
 from micronet.errors import MicronetError
 from micronet.scoring.accounting import account
 from micronet.scoring.policy import Policy, Track, get_track, resolve_policy
