@@ -3,6 +3,7 @@
 from micronet.data.datasets import (
     DATASETS,
     ImageSet,
+    dataset_stats,
     detect_layout,
     load_dataset,
     split_holdout,
@@ -22,7 +23,7 @@ from micronet.data.normalization import (
 )
 
 __all__ = [
-    "DATASETS", "NORMALIZATIONS", "TRAIN_STATS", "ImageSet", "Normalization", "detect_layout", "get_normalization",
-    "host_to_device", "load_dataset", "normalization_from_record", "normalization_record", "split_holdout",
-    "subsample", "test_images", "train_stats", "training_split",
+    "DATASETS", "NORMALIZATIONS", "TRAIN_STATS", "ImageSet", "Normalization", "dataset_stats", "detect_layout",
+    "get_normalization", "host_to_device", "load_dataset", "normalization_from_record", "normalization_record",
+    "split_holdout", "subsample", "test_images", "train_stats", "training_split",
 ]

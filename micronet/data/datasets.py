@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from micronet.data.cifar102 import LAYOUTS
-from micronet.data.normalization import Normalization, get_normalization
+from micronet.data.normalization import Normalization, get_normalization, train_stats
 from micronet.data.readers import read_pickle
 from micronet.errors import MicronetError
 
@@ -224,7 +225,8 @@ def subsample(data: ImageSet, count: int, seed: int = 0) -> ImageSet:
 
 
 def training_split(root: str | Path, dataset: str = "auto", *, subsample_to: int = 0, subsample_seed: int = 0,
-                   holdout: float = 0, holdout_seed: int = 0, download: bool = False) -> tuple[ImageSet, ImageSet | None]:
+                   holdout: float = 0, holdout_seed: int = 0,
+                   download: bool = False) -> tuple[ImageSet, ImageSet | None]:
     """The images a recipe trains on and its held-out split: the train split, stratified-subsampled to
     ``subsample_to`` images (0: all), then ``holdout`` held out (0: none). ``train-stats`` come from the first."""
     full = load_dataset(root, "train", dataset, download)
@@ -233,6 +235,23 @@ def training_split(root: str | Path, dataset: str = "auto", *, subsample_to: int
     if not holdout:
         return full, None
     return split_holdout(full, holdout, holdout_seed)
+
+
+def dataset_stats(root: str | Path, dataset: str = "auto", *, subsample_to: int = 0, subsample_seed: int = 0,
+                  holdout: float = 0, holdout_seed: int = 0) -> dict[str, Any]:
+    """Split sizes and the ``train-stats`` normalisation (from the images trained on only) of a dataset."""
+    layout = detect_layout(root, dataset)
+    full = load_dataset(root, "train", layout)
+    train = subsample(full, subsample_to, subsample_seed) if subsample_to else full
+    held = 0
+    if holdout:
+        train, val = split_holdout(train, holdout, holdout_seed)
+        held = len(val)
+    test = load_dataset(root, "test", layout)
+    norm = train_stats(train.images)
+    return {"dataset": layout, "data_root": str(root), "train_split_images": len(full), "train_images": len(train),
+            "holdout_images": held, "test_images": len(test), "classes": full.num_classes,
+            "mean": list(norm.mean), "std": list(norm.std)}
 
 
 def test_images(root: str | Path, samples: int, normalization: str | Normalization = "cifar100",
