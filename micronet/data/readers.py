@@ -159,6 +159,9 @@ def as_labels(where: str, value: Any, count: int, num_classes: int) -> Tensor:
     if isinstance(value, list | tuple):
         if not all(isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_) for v in value):
             raise MicronetError(f"{where}: labels must be integers")
+        bad = [int(v) for v in value if not 0 <= int(v) < num_classes]  # before int64: 2**70 would overflow
+        if bad:
+            raise MicronetError(f"{where}: labels outside 0..{num_classes - 1} (found {min(bad)}..{max(bad)})")
         value = np.asarray(value, dtype=np.int64) if value else np.zeros(0, dtype=np.int64)
     if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu":
         kind = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
