@@ -12,7 +12,7 @@ from tabulate import tabulate
 from torch import nn
 
 from micronet import __version__, io
-from micronet.data import DATASETS
+from micronet.data import DATASETS, dataset_stats
 from micronet.errors import MicronetError
 from micronet.export import export_checkpoint
 from micronet.models import describe_models, list_families
@@ -173,6 +173,8 @@ def _score_target(checkpoint: str | None, model: str | None, format: str, recipe
 @click.option("--batch-size", type=int, help="Per-process batch size of every stage run.")
 @click.option("--lr", type=float, help="Peak learning rate of every stage run.")
 @click.option("--dataset", type=_DATASET, help="Dataset layout.")
+@click.option("--subsample", type=click.IntRange(1), help="Train on a stratified subset of N training images.")
+@click.option("--subsample-seed", type=int, help="Seed of the --subsample draw (default: the recipe's, else 0).")
 @click.option("--seed", type=int, help="Override the recipe's seed.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override any recipe key, e.g. stages.quant-fc.weight_bits=6 (repeatable).")
@@ -184,12 +186,14 @@ def _score_target(checkpoint: str | None, model: str | None, format: str, recipe
 @click.option("--tensorboard", is_flag=True, help="Also write TensorBoard scalars under OUT/tensorboard.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def train_stage_command(stage, recipe, data_root, out_dir, init_from, teacher, resume, model, teacher_model, epochs,
-                        batch_size, lr, dataset, seed, sets, device, use_compile, no_amp, workers, download,
-                        tensorboard, no_progress) -> None:
+                        batch_size, lr, dataset, subsample, subsample_seed, seed, sets, device, use_compile, no_amp,
+                        workers, download, tensorboard, no_progress) -> None:
     """Run one compression stage, or `all` of them in order (resumable), as the recipe says."""
     overrides = {"model": model, "teacher_model": teacher_model, "epochs": epochs, "batch_size": batch_size,
                  "lr": lr, "dataset": dataset, "seed": seed, "stages_only": None if stage == "all" else [stage]}
-    spec = load_recipe(recipe, overrides, sets)
+    data_sets = [f"data.{key}={value}" for key, value in (("subsample", subsample), ("subsample_seed", subsample_seed))
+                 if value is not None]
+    spec = load_recipe(recipe, overrides, [*data_sets, *sets])
     options = RunOptions(
         data_root=Path(data_root), out=Path(out_dir or Path("runs") / spec.name),
         init_from=Path(init_from) if init_from else None, teacher=Path(teacher) if teacher else None,
@@ -214,14 +218,57 @@ def train_stage_command(stage, recipe, data_root, out_dir, init_from, teacher, r
 @click.option("--half", is_flag=True, help="Evaluate in fp16 (weights and inputs).")
 @click.option("--batch-size", type=int, default=500, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--also-on", "also_on", multiple=True, metavar="NAME[=DIR]",
+              help="Also evaluate on this dataset's test set (same classes) and report the accuracy drop with its "
+                   "95% interval; under --data-root unless =DIR is given (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_command(checkpoint, data_root, dataset, fmt, model, normalization, half, batch_size, device,
+def eval_command(checkpoint, data_root, dataset, fmt, model, normalization, half, batch_size, device, also_on,
                  as_json) -> None:
-    """Top-1/top-5 accuracy of a checkpoint on the test set."""
+    """Top-1/top-5 accuracy of a checkpoint on the test set (and on others with --also-on)."""
     r = evaluate_checkpoint(checkpoint, data_root, dataset=dataset, format=fmt, model=model,
-                            normalization=normalization, half=half, device=device, batch_size=batch_size)
+                            normalization=normalization, half=half, device=device, batch_size=batch_size,
+                            also_on=also_on)
     if as_json:
         click.echo(json.dumps(r, sort_keys=True))
-    else:
-        click.echo(f"{r['checkpoint']} ({r['format']}, {r['normalization']} inputs{', fp16' if half else ''}): "
-                   f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  on {r['images']} test images")
+        return
+    click.echo(f"{r['checkpoint']} ({r['format']}, {r['normalization']} inputs{', fp16' if half else ''}): "
+               f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  on {r['images']} test images")
+    if "also_on" in r:
+        rows = [(r["dataset"], r["images"], r["top1"], r["top5"], "", "")]
+        for o in r["also_on"]:
+            d1, d5 = o["drop"]["top1"], o["drop"]["top5"]
+            rows.append((o["dataset"], o["images"], o["top1"], o["top5"],
+                         f"{d1['drop']:+.2f} [{d1['ci95'][0]:+.2f}, {d1['ci95'][1]:+.2f}]",
+                         f"{d5['drop']:+.2f} [{d5['ci95'][0]:+.2f}, {d5['ci95'][1]:+.2f}]"))
+        click.echo(tabulate(rows, headers=["test set", "images", "top-1 %", "top-5 %", "top-1 drop [95% CI]",
+                                           "top-5 drop [95% CI]"], floatfmt=".2f"))
+        click.echo(f"drop = first set - this set, in points; interval: {r['drop_method']}")
+
+
+@main.group("data")
+def data_group() -> None:
+    """Datasets: inspect what --data-root holds."""
+
+
+@data_group.command("stats")
+@click.option("--data-root", required=True, type=click.Path(file_okay=False), help="Dataset folder.")
+@click.option("--dataset", type=_DATASET, default="auto", show_default=True)
+@click.option("--subsample", type=click.IntRange(1), help="Stratified subset of N training images first.")
+@click.option("--subsample-seed", type=int, default=0, show_default=True)
+@click.option("--holdout", type=float, default=0, show_default=True,
+              help="Hold out this fraction (<1) or count of training images, as a recipe's data.holdout does.")
+@click.option("--holdout-seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def data_stats_command(data_root, dataset, subsample, subsample_seed, holdout, holdout_seed, as_json) -> None:
+    """train-stats normalisation (per-channel mean and population std of x/255 on the training split only)."""
+    r = dataset_stats(data_root, dataset, subsample_to=subsample or 0, subsample_seed=subsample_seed,
+                      holdout=holdout, holdout_seed=holdout_seed)
+    if as_json:
+        click.echo(json.dumps(r, sort_keys=True))
+        return
+    click.echo(f"{r['dataset']} under {r['data_root']}: {r['train_images']} training images used "
+               f"({r['train_split_images']} in the train split), {r['holdout_images']} held out, "
+               f"{r['test_images']} test images, {r['classes']} classes")
+    click.echo(tabulate([("mean", *r["mean"]), ("std", *r["std"])], headers=["train-stats", "R", "G", "B"],
+                        floatfmt=".8f"))
+

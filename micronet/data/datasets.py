@@ -6,6 +6,8 @@ Layouts found under ``--data-root`` (auto-detected, or forced with ``dataset=``)
 * ``cifar10``: ``cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}``.
 * ``folder``: ``training_set/<class>/*.png`` and ``test_set/<class>/*.png`` (classes sorted by name;
   PNG/JPEG/BMP, all of one size).
+* the CIFAR-10.2 study's sets (``cifar102``, ``cifar101``, ``cifar101_v4``, ``cifar10_10k``, ``cifar10_30k``,
+  ``cifar102_30k``): their published npz / npy / Python-2 pickle files (:mod:`micronet.data.cifar102`).
 
 Images stay uint8 ``N×3×H×W`` tensors end to end; :class:`~micronet.data.Normalization` turns a batch into
 float on its device. Pickles go through a restricted unpickler: no code in a data file ever runs.
@@ -13,18 +15,20 @@ float on its device. Pickles go through a restricted unpickler: no code in a dat
 
 from __future__ import annotations
 
-import io as _io
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from micronet.data.normalization import get_normalization
+from micronet.data.cifar102 import LAYOUTS
+from micronet.data.normalization import Normalization, get_normalization, train_stats
+from micronet.data.readers import read_pickle
 from micronet.errors import MicronetError
 
-DATASETS = ("cifar100", "cifar10", "folder")
+# The original three first (auto-detection tries them in this order), then the CIFAR-10.2 study's sets.
+DATASETS = ("cifar100", "cifar10", "folder", *LAYOUTS)
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 _CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 
@@ -54,34 +58,9 @@ class ImageSet:
         return ImageSet(self.images.to(device), self.labels.to(device), self.classes)
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickler that builds only what CIFAR batches contain (dicts, lists, numpy arrays): no code runs."""
-
-    _ALLOWED = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),  # protocol-5 pickles of arrays
-        ("numpy._core.numeric", "_frombuffer"),
-        ("_codecs", "encode"),  # protocol-2 pickles written by Python 3 store bytes this way
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
-
-
 def _read_pickle(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            obj = _ArrayUnpickler(_io.BytesIO(f.read()), encoding="latin1").load()
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise MicronetError(f"cannot read CIFAR batch {path}: {exc}") from None
-    if not isinstance(obj, dict) or "data" not in obj and "fine_label_names" not in obj and "label_names" not in obj:
+    obj = read_pickle(path)
+    if "data" not in obj and "fine_label_names" not in obj and "label_names" not in obj:
         raise MicronetError(f"{path} is not a CIFAR python batch (expected a dict with 'data' and labels)")
     return obj
 
@@ -149,17 +128,21 @@ def _expected_files(dataset: str) -> list[str]:
         return ["cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"]
     if dataset == "cifar10":
         return [f"cifar-10-batches-py/{f}" for f in (*_CIFAR10_TRAIN, "test_batch", "batches.meta")]
+    if dataset in LAYOUTS:
+        return LAYOUTS[dataset].expected()
     return ["training_set/<class>/", "test_set/<class>/"]
 
 
 def _layout_present(root: Path, dataset: str) -> bool:
     if dataset == "folder":
         return (root / "training_set").is_dir() and (root / "test_set").is_dir()
+    if dataset in LAYOUTS:
+        return LAYOUTS[dataset].present(root)
     return all((root / f).is_file() for f in _expected_files(dataset))
 
 
 def detect_layout(root: str | Path, dataset: str = "auto") -> str:
-    """Which dataset layout ``root`` holds (``cifar100``, ``cifar10`` or ``folder``); raises if none."""
+    """Which dataset layout ``root`` holds (one of ``DATASETS``, tried in that order); raises if none."""
     root = Path(root)
     if dataset not in ("auto", *DATASETS):
         raise MicronetError(f"unknown dataset {dataset!r}; choose auto, {', '.join(DATASETS)}")
@@ -172,7 +155,9 @@ def detect_layout(root: str | Path, dataset: str = "auto") -> str:
     if dataset == "auto":
         raise MicronetError(
             f"{root} holds no dataset: expected cifar-100-python/{{train,test,meta}}, "
-            "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}, or training_set/ + test_set/"
+            "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}, training_set/ + test_set/, "
+            "or the CIFAR-10.2 study's files (cifar102_{train,test}.npz, cifar10.1_v6_{data,labels}.npy, "
+            "NAME_{train,test}_py27)"
         )
     missing = [f for f in _expected_files(dataset) if not (root / f.split("<")[0]).exists()]
     raise MicronetError(f"{root} is not a {dataset} root: missing {', '.join(missing)}")
@@ -193,6 +178,8 @@ def load_dataset(root: str | Path, split: str, dataset: str = "auto", download: 
         except Exception as exc:  # network errors come in many types; report them as one line
             raise MicronetError(f"downloading {dataset} into {root} failed: {exc}") from None
     layout = detect_layout(root, dataset)
+    if layout in LAYOUTS:
+        return ImageSet(*LAYOUTS[layout].load(root, split))
     return _load_folder(root, split) if layout == "folder" else _load_cifar(root, layout, split)
 
 
@@ -215,7 +202,60 @@ def split_holdout(data: ImageSet, holdout: float, seed: int = 0) -> tuple[ImageS
     return data.subset(train), data.subset(val)
 
 
-def test_images(root: str | Path, samples: int, normalization: str = "cifar100", dataset: str = "auto") -> Tensor:
+def subsample(data: ImageSet, count: int, seed: int = 0) -> ImageSet:
+    """A stratified random subset of exactly ``count`` images (how the study's 10k/30k sets were drawn).
+
+    Each class keeps its share of ``count`` (largest remainders get the odd images), drawn with ``seed``.
+    """
+    n = len(data)
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= n:
+        raise MicronetError(f"subsample must be an image count in 1..{n}, got {count!r}")
+    sizes = torch.bincount(data.labels, minlength=data.num_classes).tolist()
+    exact = [count * s / n for s in sizes]
+    quota = [int(e) for e in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda c: (quota[c] - exact[c], c))
+    for c in by_remainder[: count - sum(quota)]:
+        quota[c] += 1
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c, k in enumerate(quota):
+        members = torch.nonzero(data.labels == c).flatten()
+        chosen.append(members[torch.randperm(len(members), generator=g)[:k]])
+    return data.subset(torch.sort(torch.cat(chosen)).values)
+
+
+def training_split(root: str | Path, dataset: str = "auto", *, subsample_to: int = 0, subsample_seed: int = 0,
+                   holdout: float = 0, holdout_seed: int = 0,
+                   download: bool = False) -> tuple[ImageSet, ImageSet | None]:
+    """The images a recipe trains on and its held-out split: the train split, stratified-subsampled to
+    ``subsample_to`` images (0: all), then ``holdout`` held out (0: none). ``train-stats`` come from the first."""
+    full = load_dataset(root, "train", dataset, download)
+    if subsample_to:
+        full = subsample(full, subsample_to, subsample_seed)
+    if not holdout:
+        return full, None
+    return split_holdout(full, holdout, holdout_seed)
+
+
+def dataset_stats(root: str | Path, dataset: str = "auto", *, subsample_to: int = 0, subsample_seed: int = 0,
+                  holdout: float = 0, holdout_seed: int = 0) -> dict[str, Any]:
+    """Split sizes and the ``train-stats`` normalisation (from the images trained on only) of a dataset."""
+    layout = detect_layout(root, dataset)
+    full = load_dataset(root, "train", layout)
+    train = subsample(full, subsample_to, subsample_seed) if subsample_to else full
+    held = 0
+    if holdout:
+        train, val = split_holdout(train, holdout, holdout_seed)
+        held = len(val)
+    test = load_dataset(root, "test", layout)
+    norm = train_stats(train.images)
+    return {"dataset": layout, "data_root": str(root), "train_split_images": len(full), "train_images": len(train),
+            "holdout_images": held, "test_images": len(test), "classes": full.num_classes,
+            "mean": list(norm.mean), "std": list(norm.std)}
+
+
+def test_images(root: str | Path, samples: int, normalization: str | Normalization = "cifar100",
+                dataset: str = "auto") -> Tensor:
     """The first ``samples`` test-set images under ``root`` as a normalised float batch (for verification,
     dynamic-network op averaging and the like)."""
     data = load_dataset(root, "test", dataset)

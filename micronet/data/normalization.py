@@ -1,9 +1,12 @@
-"""Image normalisation: per-channel ``(x/255 - mean)/std`` presets, applied to uint8 batches on their device."""
+"""Image normalisation: per-channel ``(x/255 - mean)/std`` presets, or ``train-stats`` computed from a training
+set, applied to uint8 batches on their device."""
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,9 +58,66 @@ NORMALIZATIONS: dict[str, Normalization] = {
 }
 
 
-def get_normalization(name: str) -> Normalization:
-    """Look up a normalization preset by name."""
+TRAIN_STATS = "train-stats"
+
+
+def train_stats(images: Tensor, chunk: int = 4096) -> Normalization:
+    """``train-stats``: per-channel mean and population std of ``x/255`` over a uint8 ``N×3×H×W`` set.
+
+    Sums of ``x`` and ``x²`` are exact integers (int64, chunked), so the figures do not depend on the order
+    or the batch size, and equal numpy's ``mean``/``std`` (ddof 0) of ``x/255`` up to float64 rounding.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
+        raise MicronetError(f"train-stats needs a non-empty uint8 N×3×H×W image set, got {tuple(images.shape)}")
+    s1 = torch.zeros(3, dtype=torch.int64)
+    s2 = torch.zeros(3, dtype=torch.int64)
+    for start in range(0, images.shape[0], chunk):
+        x = images[start : start + chunk].to(device="cpu", dtype=torch.int64)
+        s1 += x.sum(dim=(0, 2, 3))
+        s2 += (x * x).sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = [int(a) / count / 255.0 for a in s1]
+    # Var = E[x²] − E[x]², computed from the exact integer sums: n·S2 − S1² is exact in Python ints.
+    var = [(count * int(b) - int(a) ** 2) / count**2 / 255.0**2 for a, b in zip(s1, s2, strict=True)]
+    if min(var) <= 0:
+        raise MicronetError("train-stats: a colour channel is constant over the training set (std 0)")
+    return Normalization(TRAIN_STATS, tuple(mean), tuple(math.sqrt(v) for v in var))  # type: ignore[arg-type]
+
+
+def normalization_record(norm: Normalization) -> dict[str, Any]:
+    """What a checkpoint stores about its normalisation: the name and the actual numbers."""
+    return {"name": norm.name, "mean": list(norm.mean), "std": list(norm.std), "extra_divisor": norm.extra_divisor}
+
+
+def normalization_from_record(name: Any, record: Any, where: str) -> Normalization:
+    """The normalisation a checkpoint recorded: a preset by ``name``, or ``train-stats`` from its numbers."""
+    if not isinstance(name, str):
+        raise MicronetError(f"{where}: normalization must be a name, got {type(name).__name__}")
+    if name != TRAIN_STATS:
+        return get_normalization(name)
+    if not isinstance(record, dict):
+        raise MicronetError(f"{where}: train-stats normalization without its recorded mean/std")
+    values: dict[str, tuple[float, ...]] = {}
+    for key in ("mean", "std"):
+        v = record.get(key)
+        if (not isinstance(v, list) or len(v) != 3
+                or not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+            raise MicronetError(f"{where}: normalization {key} must be three finite numbers, got {v!r}")
+        values[key] = tuple(float(x) for x in v)
+    if min(values["std"]) <= 0:
+        raise MicronetError(f"{where}: normalization std must be positive, got {list(values['std'])}")
+    return Normalization(TRAIN_STATS, values["mean"], values["std"])  # type: ignore[arg-type]
+
+
+def get_normalization(name: str | Normalization) -> Normalization:
+    """Look up a normalization preset by name (a Normalization passes through unchanged)."""
+    if isinstance(name, Normalization):
+        return name
+    if name == TRAIN_STATS:
+        raise MicronetError("train-stats normalization is computed from a training set; it has no fixed numbers "
+                            "(use the checkpoint's recorded ones, or micronet data stats)")
     try:
         return NORMALIZATIONS[name]
     except KeyError:
-        raise MicronetError(f"unknown normalization {name!r}; choose one of {', '.join(NORMALIZATIONS)}") from None
+        raise MicronetError(f"unknown normalization {name!r}; choose one of {', '.join(NORMALIZATIONS)}, "
+                            f"{TRAIN_STATS}") from None

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from micronet import models
 from micronet.compress.state import classifier_name
-from micronet.data import test_images
+from micronet.data import Normalization, get_normalization, normalization_from_record, test_images
 from micronet.errors import MicronetError
 from micronet.io.checkpoint import load, load_into, load_state_dict_file, read_header, read_metadata
 from micronet.io.riair2019 import build_riair2019, looks_like_riair2019
@@ -76,22 +76,27 @@ def load_model(path: str | Path, format: str = "auto", model: str | None = None,
     return load_into(_model_for_state(model, state), state, source=str(path))
 
 
-def checkpoint_normalization(path: str | Path, format: str = "auto") -> str:
-    """Normalization preset a checkpoint expects: recorded in micronet checkpoints, the legacy double /255
-    scaling for the 2019 winner's file (spec riair2019-format.md), CIFAR-100 statistics otherwise."""
+def checkpoint_normalization(path: str | Path, format: str = "auto") -> Normalization:
+    """Normalization a checkpoint expects: recorded in micronet checkpoints (a preset's name, or for
+    ``train-stats`` the training set's mean/std numbers), the legacy double /255 scaling for the 2019 winner's
+    file (spec riair2019-format.md), CIFAR-100 statistics otherwise."""
     fmt = detect_format(path) if format == "auto" else format
     if fmt == "riair2019":
-        return "riair2019"
+        return get_normalization("riair2019")
     if fmt == "micronet":
-        return read_header(path)["extra"].get("normalization", "cifar100")
-    return "cifar100"
+        extra = read_header(path)["extra"]
+        if not isinstance(extra, dict):
+            raise MicronetError(f"{path}: checkpoint metadata 'extra' is not a mapping")
+        return normalization_from_record(extra.get("normalization", "cifar100"), extra.get("normalization_stats"),
+                                         str(path))
+    return get_normalization("cifar100")
 
 
 def checkpoint_test_images(path: str | Path | None, root: str | Path, samples: int, format: str = "auto",
                            dataset: str = "auto") -> Tensor:
     """The first ``samples`` test images under ``root``, normalised as the checkpoint at ``path`` expects
     (CIFAR-100 statistics when there is no checkpoint)."""
-    norm = checkpoint_normalization(path, format) if path is not None else "cifar100"
+    norm = checkpoint_normalization(path, format) if path is not None else get_normalization("cifar100")
     return test_images(root, samples, norm, dataset)
 
 

@@ -7,7 +7,7 @@ Layout of a recipe (see ``micronet/recipes/*.yaml``; every key is optional excep
     teacher_model: densenet172_k30  # what the `teacher` stage trains
     dataset: cifar100               # cifar100 | cifar10 | folder | auto
     seed: 0
-    data: {normalization: micronet2019, holdout: 5000, holdout_seed: 0}
+    data: {normalization: micronet2019, holdout: 5000, holdout_seed: 0}   # or train-stats; subsample: N
     augment: {policy: micronet2019, ops_per_image: 1, crop_padding: 4, pad_fill: mean, flip: true, cutout: 16}
     train: {...}                    # defaults for every stage (any stage's key; each stage takes its own)
     stages:                         # which stages exist, in pipeline order, with their own settings
@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from micronet.data import DATASETS, NORMALIZATIONS
+from micronet.data import DATASETS, NORMALIZATIONS, TRAIN_STATS
 from micronet.errors import MicronetError
 from micronet.training.augment import TORCHVISION_POLICIES, AugmentConfig, load_policy
 from micronet.training.kd import DIRECTIONS, KDConfig
@@ -48,7 +48,7 @@ def _defaults(settings: type[StageSettings]) -> dict[str, Any]:
 STAGE_KEYS: dict[str, set[str]] = {name: set(_defaults(spec.settings)) for name, spec in STAGE_SPECS.items()}
 _ALL_STAGE_KEYS = set().union(*STAGE_KEYS.values())
 _TOP_KEYS = {"name", "description", "model", "teacher_model", "dataset", "seed", "data", "augment", "train", "stages"}
-_DATA_KEYS = {"normalization", "holdout", "holdout_seed"}
+_DATA_KEYS = {"normalization", "holdout", "holdout_seed", "subsample", "subsample_seed"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,8 @@ class Recipe:
     augment: AugmentConfig | None
     stages: dict[str, StageSettings]
     source: str = ""
+    subsample: int = 0  # train on a stratified subset of this many training images (0: all of them)
+    subsample_seed: int = 0
 
     @property
     def chain(self) -> list[str]:
@@ -290,11 +292,14 @@ def parse_recipe(raw: Mapping[str, Any], source: str = "<recipe>") -> Recipe:
         raise MicronetError(f"{where}: data must be a mapping")
     _check_keys(f"{where} data", data, _DATA_KEYS)
     normalization = data.get("normalization", "cifar100")
-    if normalization not in NORMALIZATIONS:
-        raise MicronetError(f"{where}: data.normalization must be one of {', '.join(NORMALIZATIONS)}")
+    if normalization not in (*NORMALIZATIONS, TRAIN_STATS):
+        raise MicronetError(f"{where}: data.normalization must be one of {', '.join(NORMALIZATIONS)}, {TRAIN_STATS}")
     holdout = _typed(where, data.get("holdout", 0), float, "data.holdout")
     if holdout < 0:
         raise MicronetError(f"{where}: data.holdout must be non-negative")
+    subsample = _typed(where, data.get("subsample", 0), int, "data.subsample")
+    if subsample < 0:
+        raise MicronetError(f"{where}: data.subsample must be a non-negative image count (0: all)")
     dataset = raw.get("dataset", "auto")
     if dataset not in ("auto", *DATASETS):
         raise MicronetError(f"{where}: dataset must be auto or one of {', '.join(DATASETS)}, not {dataset!r}")
@@ -339,4 +344,6 @@ def parse_recipe(raw: Mapping[str, Any], source: str = "<recipe>") -> Recipe:
         augment=_augment_config(raw.get("augment")),
         stages=stages,
         source=source,
+        subsample=subsample,
+        subsample_seed=_typed(where, data.get("subsample_seed", 0), int, "data.subsample_seed"),
     )

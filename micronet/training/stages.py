@@ -32,7 +32,17 @@ from torch import Tensor, nn
 
 from micronet import compress, models
 from micronet import io as mio
-from micronet.data import ImageSet, detect_layout, get_normalization, load_dataset, split_holdout
+from micronet.data import (
+    TRAIN_STATS,
+    ImageSet,
+    Normalization,
+    detect_layout,
+    get_normalization,
+    load_dataset,
+    normalization_record,
+    train_stats,
+    training_split,
+)
 from micronet.errors import MicronetError
 from micronet.training.augment import build_augmentation
 from micronet.training.batches import BatchStream, derive_seed
@@ -105,12 +115,19 @@ def load_splits(recipe: Recipe, options: RunOptions) -> Splits:
         dataset = "cifar100" if dataset == "auto" else dataset
         load_dataset(options.data_root, "test", dataset, download=True)
     layout = detect_layout(options.data_root, dataset)  # fails early, saying what was expected
-    full = load_dataset(options.data_root, "train", layout, options.download)
+    train, val = training_split(options.data_root, layout, subsample_to=recipe.subsample,
+                                subsample_seed=recipe.subsample_seed, holdout=recipe.holdout,
+                                holdout_seed=recipe.holdout_seed, download=options.download)
     test = load_dataset(options.data_root, "test", layout)
-    if full.num_classes != test.num_classes:
-        raise MicronetError(f"{options.data_root}: train has {full.num_classes} classes but test {test.num_classes}")
-    train, val = split_holdout(full, recipe.holdout, recipe.holdout_seed) if recipe.holdout else (full, None)
+    if train.num_classes != test.num_classes:
+        raise MicronetError(f"{options.data_root}: train has {train.num_classes} classes but test {test.num_classes}")
     return Splits(train, val, test, layout)
+
+
+def stage_normalization(recipe: Recipe, splits: Splits) -> Normalization:
+    """The recipe's preset, or ``train-stats`` computed on the images the stage trains on (never val/test)."""
+    return train_stats(splits.train.images) if recipe.normalization == TRAIN_STATS \
+        else get_normalization(recipe.normalization)
 
 
 def _canonical_model(spec: str, num_classes: int) -> str:
@@ -247,7 +264,7 @@ class _StageRun:
         if rt.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
-        self.normalize = get_normalization(recipe.normalization)
+        self.normalize = stage_normalization(recipe, splits)
         # On a GPU the whole dataset lives there and is augmented there; on CPU it stays in host memory.
         self.data_device = rt.device if rt.device.type == "cuda" else torch.device("cpu")
         train = splits.train.to(self.data_device)
@@ -304,6 +321,7 @@ class _StageRun:
             if optimizer is not None:
                 tensors, training["optimizer"] = resume_state(optimizer)
             extra = {"normalization": self.recipe.normalization, "dataset": self.splits.dataset,
+                     "normalization_stats": normalization_record(self.normalize),
                      "training": training, "metrics": metrics}
             mio.save(self.path, self.model, history=self.history + [record], metrics=metrics, extra=extra,
                      extra_tensors=tensors)

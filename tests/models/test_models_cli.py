@@ -11,6 +11,9 @@ EXPECTED_PARAMS = {
     "densenet172_k30": 12_232_300,
     "pyramidnet272_a200": 26_288_692,
     "pyramidskipnet272_a200": 26_642_613,
+    "shakeshake26_2x32d": 2_934_772,  # 100 classes; tests/models/test_shakeshake.py has the 10-class counts
+    "shakeshake26_2x96d": 26_227_572,
+    "shakeshake26_2x112d": 35_680_852,
     "wrn28_10": 36_536_884,
 }
 

@@ -11,13 +11,16 @@ ZOO_PARAMS = {
     "densenet172_k30": 12_232_300,
     "pyramidnet272_a200": 26_288_692,
     "pyramidskipnet272_a200": 26_642_613,
+    "shakeshake26_2x32d": 2_934_772,  # 100 classes; tests/models/test_shakeshake.py has the 10-class counts
+    "shakeshake26_2x96d": 26_227_572,
+    "shakeshake26_2x112d": 35_680_852,
     "wrn28_10": 36_536_884,
 }
 
 
 def test_list_models_is_the_zoo():
     assert list_models() == list(ZOO_PARAMS)
-    assert list_families() == ["densenet_bc", "pyramidnet", "pyramidskipnet", "wrn"]
+    assert list_families() == ["densenet_bc", "pyramidnet", "pyramidskipnet", "shakeshake", "wrn"]
 
 
 @pytest.mark.parametrize("name", list(ZOO_PARAMS))

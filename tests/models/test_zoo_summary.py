@@ -34,7 +34,7 @@ def test_dense_macs_leaves_the_model_untouched():
 def test_describe_models_matches_the_spec():
     rows = {row["name"]: row for row in describe_models()}
     assert list(rows) == ["densenet100_k12", "densenet172_k30", "pyramidnet272_a200", "pyramidskipnet272_a200",
-                          "wrn28_10"]
+                          "shakeshake26_2x32d", "shakeshake26_2x96d", "shakeshake26_2x112d", "wrn28_10"]
     assert rows["densenet100_k12"]["params"] == 800_032
     assert round(rows["densenet100_k12"]["macs"] / 1e6, 1) == 288.0  # spec §2.1
     assert round(rows["densenet172_k30"]["macs"] / 1e9, 2) == 4.41
