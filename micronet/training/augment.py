@@ -589,10 +589,9 @@ class PolicyAugment:
                     if name == "Cutout":
                         cy = (row * h).to(torch.int64).clamp_(max=h - 1)
                         cx = (col * w).to(torch.int64).clamp_(max=w - 1)
-                        y = cutout_at(x, m_k, cy, cx, MEAN_COLOUR)
+                        x = _where_chosen(x, chosen, functools.partial(cutout_at, fill=MEAN_COLOUR), m_k, cy, cx)
                     else:
-                        y = KERNELS[name](x, m_k)
-                    x = torch.where(chosen.view(-1, 1, 1, 1), y, x)
+                        x = _where_chosen(x, chosen, KERNELS[name], m_k)
         return x
 
     def _warp_step(self, x: Tensor, op: Tensor, m: Tensor, geometric: list[int]) -> Tensor:
@@ -606,7 +605,27 @@ class PolicyAugment:
             m_k = torch.where(chosen, m, 0.0)
             matrices = torch.where(chosen.view(-1, 1, 1), MATRICES[self._op_names[k]](m_k, h, w), matrices)
             moved |= chosen
-        return torch.where(moved.view(-1, 1, 1, 1), warp(x, matrices, self.fill), x)
+        return _where_chosen(x, moved, functools.partial(warp, fill=self.fill), matrices)
+
+
+SUBSET_ON_CPU = True  # False runs the CUDA strategy on the CPU too (tests prove both give the same batches)
+
+
+def _where_chosen(x: Tensor, chosen: Tensor, fn: Callable[..., Tensor], *per_image: Tensor) -> Tensor:
+    """``fn(x, *per_image)`` for the chosen images, ``x`` for the others; ``fn`` treats images independently.
+
+    On CUDA ``fn`` runs on the whole batch and ``torch.where`` keeps the chosen results: wasted arithmetic is far
+    cheaper than reading the choice back to the host. On the CPU there is no device to wait for, so only the
+    chosen images are computed (several times faster for a policy of many ops). The results are identical.
+    """
+    if x.device.type != "cpu" or not SUBSET_ON_CPU:
+        return torch.where(chosen.view(-1, 1, 1, 1), fn(x, *per_image), x)
+    idx = chosen.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return x
+    out = x.clone()
+    out[idx] = fn(x[idx], *(t[idx] for t in per_image))
+    return out
 
 
 class TorchvisionPolicy:

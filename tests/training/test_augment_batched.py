@@ -12,6 +12,7 @@ Two independent references:
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -22,6 +23,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from micronet.data import ImageSet
+from micronet.training import augment
 from micronet.training.augment import MEAN_COLOUR, OPS, Augmentation, AugmentConfig, PolicyAugment, parse_policy
 from micronet.training.batches import BatchStream
 
@@ -195,22 +197,29 @@ class _HostSyncOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _fast_aa_shaped(tmp_path) -> str:
+    names = sorted(set(MAGNITUDES) | {"Cutout"})
+    rng = np.random.default_rng(0)
+    subs = [[[names[rng.integers(len(names))], float(rng.random()), float(rng.random())] for _ in range(2)]
+            for _ in range(40)]
+    path = tmp_path / "fa.json"
+    path.write_text(json.dumps(subs))
+    return str(path)
+
+
 @pytest.mark.parametrize("policy", ["micronet2019", "fast-aa-shaped"])
-def test_whole_pipeline_reads_nothing_back_from_the_batch(policy, tmp_path):
-    # On CUDA each of these ops would be a host synchronisation; the CPU test proves there are none to find.
-    if policy == "fast-aa-shaped":
-        names = sorted(set(MAGNITUDES) | {"Cutout"})
-        rng = np.random.default_rng(0)
-        subs = [[[names[rng.integers(len(names))], float(rng.random()), float(rng.random())] for _ in range(2)]
-                for _ in range(40)]
-        path = tmp_path / "fa.json"
-        path.write_text(__import__("json").dumps(subs))
-        policy = str(path)
+def test_the_cuda_strategy_reads_nothing_back_and_gives_the_same_batches(policy, tmp_path, monkeypatch):
+    # On CUDA each recorded op would be a host synchronisation; the whole-batch strategy (what CUDA runs) has none,
+    # and gives exactly the batches of the CPU strategy (which computes only the images that drew an op).
+    policy = _fast_aa_shaped(tmp_path) if policy == "fast-aa-shaped" else policy
     aug = Augmentation(AugmentConfig(policy=policy, ops_per_image=2, cutout=16))
+    on_cpu = aug(test_images(), torch.Generator().manual_seed(0))
+    monkeypatch.setattr(augment, "SUBSET_ON_CPU", False)
     mode = _HostSyncOps()
     with mode:
-        aug(test_images(), torch.Generator().manual_seed(0))
+        whole_batch = aug(test_images(), torch.Generator().manual_seed(0))
     assert mode.seen == []
+    assert torch.equal(whole_batch, on_cpu)
 
 
 def test_augmented_batch_is_a_pure_function_of_seed_epoch_rank_and_index():
