@@ -30,22 +30,24 @@ with the mean colour (both originals do). Shipped policies live in ``micronet/tr
 and load by name (``micronet2019``).
 
 Geometric ops follow PIL's conventions as used by both originals: shear about the top-left corner with
-coefficient ``s`` (torchvision takes degrees: ``atan(s)``), translate ``+v`` moves content by ``-v``
-pixels; nearest-neighbour sampling (a few pixels on shear edges round differently from PIL).
+coefficient ``s`` (a shear angle of ``atan(s)``), translate ``+v`` moves content by ``-v`` pixels;
+nearest-neighbour sampling (a few pixels on shear edges round differently from PIL). Every op runs on the
+whole batch with per-image magnitudes, on the batch's device, without host synchronisation: geometric ops as
+one ``grid_sample`` warp with per-image matrices (torchvision's grid arithmetic, so results equal
+``TF.affine``/``TF.rotate``), colour ops as batched tensor maths (Equalize from batched histograms).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2 as v2
-import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from micronet.data import host_to_device
@@ -57,9 +59,21 @@ Fill = tuple[int, int, int]
 
 # ----------------------------------------------------------------------------------------------- ops
 # An op maps (uint8 batch, magnitude, fill colour, generator) -> uint8 batch. Magnitudes arrive resolved
-# (pixels, degrees, factors, bits, thresholds) and signed; ops with no magnitude ignore it.
-OpFn = Callable[[Tensor, float, Fill, torch.Generator], Tensor]
+# (pixels, degrees, factors, bits, thresholds) and signed; ops with no magnitude ignore it. A magnitude is
+# a float (the whole batch) or a length-B tensor (one per image). Every op is batched and built from device
+# tensors only: no ``.item()``, no branching on tensor values, no per-call host tensors, so on CUDA a batch
+# is augmented without a single host synchronisation.
+Magnitude = float | Tensor
+OpFn = Callable[[Tensor, Magnitude, Fill, torch.Generator], Tensor]
 OPS: dict[str, OpFn] = {}
+# The batched kernels behind OPS, which PolicyAugment calls with per-image magnitudes:
+# geometric ops as (m [B] float64, height, width) -> inverse affine matrices [B, 2, 3] (one warp for all of them),
+# the others as (uint8 batch, m [B] float64) -> uint8 batch.
+MATRICES: dict[str, Callable[[Tensor, int, int], Tensor]] = {}
+KERNELS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
+# The magnitude at which an op changes nothing (images that skip an op get it, so no kernel sees garbage).
+NEUTRAL = {"ShearX": 0.0, "ShearY": 0.0, "TranslateX": 0.0, "TranslateY": 0.0, "Rotate": 0.0, "Solarize": 256.0,
+           "Posterize": 8.0, "Contrast": 1.0, "Color": 1.0, "Brightness": 1.0, "Sharpness": 1.0, "Cutout": 0.0}
 
 
 def _register(name: str) -> Callable[[OpFn], OpFn]:
@@ -70,103 +84,232 @@ def _register(name: str) -> Callable[[OpFn], OpFn]:
     return deco
 
 
-def _affine(x: Tensor, fill: Fill, **kw) -> Tensor:
-    args = {"angle": 0.0, "translate": [0.0, 0.0], "scale": 1.0, "shear": [0.0, 0.0], **kw}
-    return TF.affine(x, fill=list(fill), **args)
+def _per_image(m: Magnitude, x: Tensor) -> Tensor:
+    """``m`` as a float64 length-B tensor on x's device (a float is filled there: no host copy)."""
+    if isinstance(m, Tensor):
+        return m.to(device=x.device, dtype=torch.float64).expand(x.shape[0])
+    return torch.full((x.shape[0],), float(m), dtype=torch.float64, device=x.device)
 
 
-@_register("ShearX")
-def shear_x(x: Tensor, m: float, fill: Fill, g: torch.Generator) -> Tensor:
+def _geometric(name: str, matrix: Callable[[Tensor, int, int], Tensor]) -> None:
+    MATRICES[name] = matrix
+
+    def op(x: Tensor, m: Magnitude, fill: Fill, g: torch.Generator) -> Tensor:
+        return warp(x, matrix(_per_image(m, x), x.shape[-2], x.shape[-1]), fill)
+
+    op.__doc__ = matrix.__doc__
+    _register(name)(op)
+
+
+def _kernel(name: str) -> Callable[[Callable[[Tensor, Tensor], Tensor]], Callable[[Tensor, Tensor], Tensor]]:
+    def deco(kernel: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+        KERNELS[name] = kernel
+
+        def op(x: Tensor, m: Magnitude, fill: Fill, g: torch.Generator) -> Tensor:
+            return kernel(x, _per_image(m, x))
+
+        op.__doc__ = kernel.__doc__
+        _register(name)(op)
+        return kernel
+
+    return deco
+
+
+# --- geometric ops: one inverse affine matrix per image, sampled in a single nearest-neighbour warp
+def inverse_affine(angle: Tensor, shear_x: Tensor, shear_y: Tensor, tx: Tensor, ty: Tensor, cx: float,
+                   cy: float) -> Tensor:
+    """Per-image output→input matrices ``[B, 2, 3]`` (float64), torchvision's ``_get_inverse_affine_matrix``.
+
+    Angles in radians, shear as angles (radians), translation in pixels, centre relative to the image centre;
+    the same formula torchvision evaluates in Python floats, here batched on the device.
+    """
+    cos_sy = torch.cos(shear_y)
+    tan_sx = torch.tan(shear_x)
+    a = torch.cos(angle - shear_y) / cos_sy
+    b = -(a * tan_sx + torch.sin(angle))
+    c = torch.sin(angle - shear_y) / cos_sy
+    d = torch.cos(angle) - c * tan_sx
+    m0, m1, m3, m4 = d, -b, -c, a
+    m2 = cx - m0 * (cx + tx) - m1 * (cy + ty)
+    m5 = cy - m3 * (cx + tx) - m4 * (cy + ty)
+    return torch.stack([m0, m1, m2, m3, m4, m5], 1).view(-1, 2, 3)
+
+
+def _shear_x(m: Tensor, h: int, w: int) -> Tensor:
     """PIL ``(1, m, 0, 0, 1, 0)`` affine: rows slide horizontally in proportion to their height."""
-    return _affine(x, fill, shear=[math.degrees(math.atan(m)), 0.0], center=[0.0, 0.0])
+    zero = torch.zeros_like(m)
+    return inverse_affine(zero, torch.atan(m), zero, zero, zero, -w * 0.5, -h * 0.5)
 
 
-@_register("ShearY")
-def shear_y(x: Tensor, m: float, fill: Fill, g: torch.Generator) -> Tensor:
+def _shear_y(m: Tensor, h: int, w: int) -> Tensor:
     """PIL ``(1, 0, 0, m, 1, 0)`` affine."""
-    return _affine(x, fill, shear=[0.0, math.degrees(math.atan(m))], center=[0.0, 0.0])
+    zero = torch.zeros_like(m)
+    return inverse_affine(zero, zero, torch.atan(m), zero, zero, -w * 0.5, -h * 0.5)
 
 
-@_register("TranslateX")
-def translate_x(x: Tensor, m: float, fill: Fill, g: torch.Generator) -> Tensor:
+def _translate_x(m: Tensor, h: int, w: int) -> Tensor:
     """PIL ``(1, 0, m, 0, 1, 0)``: content moves ``m`` pixels to the left."""
-    return _affine(x, fill, translate=[-m, 0.0])
+    zero = torch.zeros_like(m)
+    return inverse_affine(zero, zero, zero, -m, zero, 0.0, 0.0)
 
 
-@_register("TranslateY")
-def translate_y(x: Tensor, m: float, fill: Fill, g: torch.Generator) -> Tensor:
+def _translate_y(m: Tensor, h: int, w: int) -> Tensor:
     """PIL ``(1, 0, 0, 0, 1, m)``: content moves ``m`` pixels up."""
-    return _affine(x, fill, translate=[0.0, -m])
+    zero = torch.zeros_like(m)
+    return inverse_affine(zero, zero, zero, zero, -m, 0.0, 0.0)
 
 
-@_register("Rotate")
-def rotate(x: Tensor, m: float, fill: Fill, g: torch.Generator) -> Tensor:
+def _rotate(m: Tensor, h: int, w: int) -> Tensor:
     """Rotate by ``m`` degrees counter-clockwise about the centre (PIL ``rotate``)."""
-    return TF.rotate(x, m, fill=list(fill))
+    zero = torch.zeros_like(m)
+    return inverse_affine(torch.deg2rad(-m), zero, zero, zero, zero, 0.0, 0.0)
 
 
-@_register("AutoContrast")
-def autocontrast(x: Tensor, m: float, fill: Fill, g: torch.Generator) -> Tensor:
+for _name, _matrix in (("ShearX", _shear_x), ("ShearY", _shear_y), ("TranslateX", _translate_x),
+                       ("TranslateY", _translate_y), ("Rotate", _rotate)):
+    _geometric(_name, _matrix)
+
+
+@functools.lru_cache(maxsize=16)
+def _base_grid(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Pixel-centre coordinates ``[1, H·W, 3]`` about the image centre and the ``[w/2, h/2]`` divisor, per device."""
+    grid = torch.empty(1, h, w, 3, device=device)
+    grid[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=device))
+    grid[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=device).unsqueeze(-1))
+    grid[..., 2].fill_(1)
+    half = torch.full((2,), 0.5 * w, device=device)
+    half[1].fill_(0.5 * h)
+    return grid.view(1, h * w, 3), half
+
+
+def warp(x: Tensor, matrices: Tensor, fill: Fill) -> Tensor:
+    """Resample each image through its own inverse affine matrix (``[B, 2, 3]``), nearest neighbour.
+
+    The grid arithmetic is torchvision's (float32 grid from pixel centres, normalised after the matrix), so
+    results equal ``TF.affine``/``TF.rotate`` pixel for pixel; pixels from outside the image become ``fill``.
+    """
+    b, c, h, w = x.shape
+    base, half = _base_grid(h, w, x.device)
+    theta = matrices.to(torch.float32).transpose(1, 2) / half
+    grid = base.expand(b, -1, -1).bmm(theta).view(b, h, w, 2)
+    # A ones channel sampled with the image marks the pixels that came from inside it.
+    img = torch.cat([x.to(torch.float32), torch.ones_like(x[:, :1], dtype=torch.float32)], 1)
+    out = F.grid_sample(img, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    out = torch.where(out[:, c:] < 0.5, _colour(fill, torch.float32, x.device), out[:, :c])
+    return out.round_().to(x.dtype)
+
+
+# --- colour ops: per-image magnitudes broadcast as [B, 1, 1, 1]
+def _col(m: Tensor) -> Tensor:
+    return m.view(-1, 1, 1, 1)
+
+
+def _blend(x: Tensor, degenerate: Tensor, factor: Tensor) -> Tensor:
+    """``factor·x + (1 − factor)·degenerate``, clamped and truncated to uint8 (torchvision's ``_blend``)."""
+    ratio = _col(factor)
+    out = (x.to(torch.float32) * ratio.to(torch.float32)).addcmul_(degenerate, (1.0 - ratio).to(torch.float32))
+    return out.clamp_(0, 255).to(x.dtype)
+
+
+def _grey(x: Tensor) -> Tensor:
+    """ITU-R 601 luma ``[B, 1, H, W]`` (float, floored), as torchvision's colour ops compute it for uint8."""
+    r, g, b = x.unbind(1)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).floor_().unsqueeze(1)  # torchvision's rounding
+
+
+@_kernel("AutoContrast")
+def autocontrast(x: Tensor, m: Tensor) -> Tensor:
     """Stretch each channel to the full 0..255 range."""
-    return TF.autocontrast(x)
+    xf = x.to(torch.float32)
+    low, high = xf.amin((-2, -1), keepdim=True), xf.amax((-2, -1), keepdim=True)
+    flat = high == low
+    inv_scale = torch.where(flat, 1.0, (high - low) * (1.0 / 255))
+    return ((xf - torch.where(flat, 0.0, low)) / inv_scale).clamp_(0, 255).to(x.dtype)
 
 
-@_register("Invert")
-def invert(x: Tensor, m: float, fill: Fill, g: torch.Generator) -> Tensor:
+@_kernel("Invert")
+def invert(x: Tensor, m: Tensor) -> Tensor:
     """255 − x."""
-    return TF.invert(x)
+    return x.bitwise_not()
 
 
-@_register("Equalize")
-def equalize(x: Tensor, m: float, fill: Fill, g: torch.Generator) -> Tensor:
-    """Per-channel histogram equalization."""
-    return TF.equalize(x)
+@_kernel("Equalize")
+def equalize(x: Tensor, m: Tensor) -> Tensor:
+    """Per-channel histogram equalization with PIL's lookup table, from batched histograms.
+
+    PIL (``ImageOps.equalize``): ``step = (pixels − count of the largest value present) // 255``;
+    ``lut[v] = (step // 2 + #pixels below v) // step``; a channel with ``step == 0`` is left unchanged.
+    """
+    b, c, h, w = x.shape
+    flat = x.reshape(b * c, h * w).to(torch.int64)
+    hist = torch.zeros(b * c, 256, dtype=torch.int64, device=x.device).scatter_add_(1, flat, torch.ones_like(flat))
+    below = hist.cumsum(1) - hist  # pixels strictly below each value
+    top = flat.amax(1, keepdim=True)
+    step = (h * w - hist.gather(1, top)) // 255
+    lut = ((below + step // 2) // step.clamp(min=1)).clamp_(0, 255)
+    out = lut.gather(1, flat)
+    return torch.where(step > 0, out, flat).to(x.dtype).view(b, c, h, w)
 
 
-@_register("Solarize")
-def solarize(x: Tensor, m: float, fill: Fill, g: torch.Generator) -> Tensor:
-    """Invert every pixel value ≥ ``m`` (PIL ``ImageOps.solarize``)."""
-    return TF.solarize(x, float(m))
+@_kernel("Solarize")
+def solarize(x: Tensor, m: Tensor) -> Tensor:
+    """Invert every pixel value ≥ ``m`` (PIL ``ImageOps.solarize``; 256 changes nothing)."""
+    return torch.where(x >= _col(m), x.bitwise_not(), x)
 
 
-@_register("Posterize")
-def posterize(x: Tensor, m: float, fill: Fill, g: torch.Generator) -> Tensor:
+@_kernel("Posterize")
+def posterize(x: Tensor, m: Tensor) -> Tensor:
     """Keep the ``m`` most significant bits of each pixel."""
-    return TF.posterize(x, int(m))
+    drop = 8 - m.to(torch.int64).clamp(0, 8)
+    mask = (255 >> drop) << drop  # the top (8 - drop) bits set
+    return x & _col(mask).to(x.dtype)
 
 
-@_register("Contrast")
-def contrast(x: Tensor, m: float, fill: Fill, g: torch.Generator) -> Tensor:
+@_kernel("Contrast")
+def contrast(x: Tensor, m: Tensor) -> Tensor:
     """Blend with the mean grey level by factor ``m`` (1 = unchanged)."""
-    return TF.adjust_contrast(x, m)
+    return _blend(x, _grey(x).mean((-3, -2, -1), keepdim=True), m)
 
 
-@_register("Color")
-def color(x: Tensor, m: float, fill: Fill, g: torch.Generator) -> Tensor:
+@_kernel("Color")
+def color(x: Tensor, m: Tensor) -> Tensor:
     """Blend with the greyscale image by factor ``m`` (PIL ``ImageEnhance.Color``)."""
-    return TF.adjust_saturation(x, m)
+    return _blend(x, _grey(x), m)
 
 
-@_register("Brightness")
-def brightness(x: Tensor, m: float, fill: Fill, g: torch.Generator) -> Tensor:
+@_kernel("Brightness")
+def brightness(x: Tensor, m: Tensor) -> Tensor:
     """Scale pixel values by ``m``."""
-    return TF.adjust_brightness(x, m)
+    return (x.to(torch.float32) * _col(m).to(torch.float32)).clamp_(0, 255).to(x.dtype)
 
 
-@_register("Sharpness")
-def sharpness(x: Tensor, m: float, fill: Fill, g: torch.Generator) -> Tensor:
-    """Blend with a smoothed copy by factor ``m`` (PIL ``ImageEnhance.Sharpness``)."""
-    return TF.adjust_sharpness(x, m)
+@functools.lru_cache(maxsize=16)
+def _smooth_kernel(channels: int, device: torch.device) -> Tensor:
+    """PIL's SMOOTH filter ``[[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13`` per channel, built once per device."""
+    kernel = torch.full((3, 3), 1.0 / 13.0, device=device)
+    kernel[1, 1].fill_(5.0 / 13.0)
+    return kernel.expand(channels, 1, 3, 3)
+
+
+@_kernel("Sharpness")
+def sharpness(x: Tensor, m: Tensor) -> Tensor:
+    """Blend with a smoothed copy by factor ``m`` (PIL ``ImageEnhance.Sharpness``; border pixels unchanged)."""
+    c = x.shape[1]
+    out = x.to(torch.float32)
+    blurred = F.conv2d(out, _smooth_kernel(c, x.device), groups=c).round_()
+    inner = out[..., 1:-1, 1:-1]
+    inner.add_((blurred - inner) * (1.0 - _col(m)).to(torch.float32))
+    return out.clamp_(0, 255).to(x.dtype)
 
 
 @_register("Cutout")
-def cutout_op(x: Tensor, m: float, fill: Fill, g: torch.Generator) -> Tensor:
+def cutout_op(x: Tensor, m: Magnitude, fill: Fill, g: torch.Generator) -> Tensor:
     """A ``m``×``m`` patch of the mean colour at a uniform random centre, clipped at the border."""
-    return cutout(x, int(m), g, MEAN_COLOUR)
+    return cutout(x, m, g, MEAN_COLOUR)
 
 
 @_register("Identity")
-def identity(x: Tensor, m: float, fill: Fill, g: torch.Generator) -> Tensor:
+def identity(x: Tensor, m: Magnitude, fill: Fill, g: torch.Generator) -> Tensor:
     """No change."""
     return x
 
@@ -174,26 +317,33 @@ def identity(x: Tensor, m: float, fill: Fill, g: torch.Generator) -> Tensor:
 @functools.lru_cache(maxsize=64)
 def _colour(fill: Fill, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A fill colour as a ``1×3×1×1`` tensor, made once per device (no copy per batch)."""
-    return torch.tensor(fill, dtype=dtype).view(1, 3, 1, 1).to(device)
+    return host_to_device(torch.tensor(fill, dtype=dtype).view(1, 3, 1, 1), device)
 
 
-def cutout(x: Tensor, size: int, g: torch.Generator, fill: Fill = MEAN_COLOUR) -> Tensor:
+def cutout(x: Tensor, size: Magnitude, g: torch.Generator, fill: Fill = MEAN_COLOUR) -> Tensor:
     """Fixed-size Cutout: one ``size``×``size`` patch per image, centre uniform over the image, clipped.
 
     Rows ``[cy - size//2, cy - size//2 + size)`` (and the same for columns) are filled, so the patch is
     exactly ``size`` wide unless it crosses the border. torchvision's RandomErasing samples an area and
-    aspect ratio instead, which is a different augmentation.
+    aspect ratio instead, which is a different augmentation. ``size`` may be one per image (a tensor).
     """
-    if size <= 0:
+    if not isinstance(size, Tensor) and int(size) <= 0:
         return x
     b, _, h, w = x.shape
     cy = host_to_device(torch.randint(h, (b,), generator=g), x.device)
     cx = host_to_device(torch.randint(w, (b,), generator=g), x.device)
-    top, left = cy - size // 2, cx - size // 2
+    return cutout_at(x, _per_image(size, x), cy, cx, fill)
+
+
+def cutout_at(x: Tensor, size: Tensor, cy: Tensor, cx: Tensor, fill: Fill = MEAN_COLOUR) -> Tensor:
+    """Cutout with given per-image sizes (truncated to whole pixels) and centres (all length-B device tensors)."""
+    h, w = x.shape[-2:]
+    side = size.to(torch.int64)
+    top, left = cy - side // 2, cx - side // 2
     rows = torch.arange(h, device=x.device)
     cols = torch.arange(w, device=x.device)
-    in_rows = (rows[None] >= top[:, None]) & (rows[None] < top[:, None] + size)
-    in_cols = (cols[None] >= left[:, None]) & (cols[None] < left[:, None] + size)
+    in_rows = (rows[None] >= top[:, None]) & (rows[None] < (top + side)[:, None])
+    in_cols = (cols[None] >= left[:, None]) & (cols[None] < (left + side)[:, None])
     patch = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
     return torch.where(patch, _colour(fill, x.dtype, x.device), x)
 
@@ -362,8 +512,11 @@ def load_policy(name_or_path: str | Path) -> Policy:
 class PolicyAugment:
     """Apply a Policy to a uint8 batch: ``ops_per_image`` sub-policies drawn per image, in sequence.
 
-    Images that drew the same op at the same signed magnitude are transformed together, so the
-    winner's 15-op policy costs at most ~30 batched calls per draw, on CPU or GPU.
+    Fully batched and free of host synchronisation: the policy becomes small per-device tables (op, probability,
+    magnitude, signed) indexed by each image's drawn sub-policy; at every op position the geometric ops of all
+    images share one warp with per-image matrices, and each other op of the policy runs once on the whole batch
+    with per-image magnitudes, kept only where an image drew it. All draws for a batch are one ``torch.rand``
+    from the generator (copied to the device once), so a batch is a pure function of images and generator.
     """
 
     def __init__(self, policy: Policy, ops_per_image: int = 1, fill: Fill | None = None) -> None:
@@ -372,31 +525,107 @@ class PolicyAugment:
         self.policy, self.ops_per_image = policy, ops_per_image
         self.fill = policy.fill if fill is None else fill
         self._magnitude = LEVEL_CONVENTIONS[policy.levels]
+        self._tables: dict[tuple[torch.device, int], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        names = sorted({op.name for sub in policy.subpolicies for op in sub})
+        self._op_names = ["Identity", *names]  # index 0: the padding of short sub-policies
+        self._longest = max(len(s) for s in policy.subpolicies)
+        self._active = functools.lru_cache(maxsize=8)(self._active_ops)
+
+    def _policy_tables(self, device: torch.device, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``[S, J]`` op index, probability, unsigned magnitude and signed flag, built once per device and width."""
+        key = (device, width)
+        if key not in self._tables:
+            subs, longest = self.policy.subpolicies, self._longest
+            op = torch.zeros(len(subs), longest, dtype=torch.int64)
+            prob = torch.zeros(len(subs), longest, dtype=torch.float64)
+            mag = torch.zeros(len(subs), longest, dtype=torch.float64)
+            signed = torch.zeros(len(subs), longest, dtype=torch.bool)
+            for s, sub in enumerate(subs):
+                for j, entry in enumerate(sub):
+                    op[s, j] = self._op_names.index(entry.name)
+                    prob[s, j] = entry.probability
+                    mag[s, j] = self._magnitude(entry.name, entry.level, width)
+                    signed[s, j] = entry.name in _SIGNED
+            self._tables[key] = tuple(host_to_device(t, device) for t in (op, prob, mag, signed))  # type: ignore
+        return self._tables[key]
+
+    def _active_ops(self, width: int) -> list[int]:
+        """Indices of the ops that can change an image (Color/Brightness at factor 1.0 never do: skipped)."""
+        active = []
+        for k, name in enumerate(self._op_names):
+            levels = [op.level for sub in self.policy.subpolicies for op in sub if op.name == name and op.probability]
+            neutral = NEUTRAL.get(name)
+            if name == "Identity" or not levels:
+                continue
+            if neutral is not None and all(self._magnitude(name, lv, width) == neutral for lv in levels):
+                continue
+            active.append(k)
+        return active
 
     def __call__(self, x: Tensor, g: torch.Generator) -> Tensor:
-        b, width = x.shape[0], x.shape[-1]
-        subs = self.policy.subpolicies
-        longest = max(len(s) for s in subs)
-        choice = torch.randint(len(subs), (b, self.ops_per_image), generator=g).tolist()
-        coin = torch.rand(b, self.ops_per_image, longest, generator=g).tolist()
-        sign = torch.randint(2, (b, self.ops_per_image, longest), generator=g).tolist()
-        out = x.clone()
-        for d in range(self.ops_per_image):
+        b, _, h, w = x.shape
+        depth, longest = self.ops_per_image, self._longest
+        op_table, prob_table, mag_table, signed_table = self._policy_tables(x.device, w)
+        # Per image and draw: [choice, then (coin, sign, centre row, centre column) per op position].
+        u = host_to_device(torch.rand(b, depth, 1 + 4 * longest, generator=g, dtype=torch.float64), x.device)
+        subs = len(self.policy.subpolicies)
+        choice = (u[..., 0] * subs).to(torch.int64).clamp_(max=subs - 1)
+        active = self._active(w)
+        geometric = [k for k in active if self._op_names[k] in MATRICES]
+        others = [k for k in active if self._op_names[k] not in MATRICES]
+        for d in range(depth):
             for j in range(longest):
-                groups: dict[tuple[str, float], list[int]] = {}
-                for i in range(b):
-                    sub = subs[choice[i][d]]
-                    if j >= len(sub) or coin[i][d][j] >= sub[j].probability:
-                        continue
-                    op = sub[j]
-                    m = self._magnitude(op.name, op.level, width)
-                    if op.name in _SIGNED and sign[i][d][j]:
-                        m = -m
-                    groups.setdefault((op.name, m), []).append(i)
-                for (name, m), members in groups.items():
-                    idx = host_to_device(torch.tensor(members), x.device)
-                    out[idx] = OPS[name](out[idx], m, self.fill, g)
-        return out
+                coin, sign, row, col = u[:, d, 1 + 4 * j : 5 + 4 * j].unbind(1)
+                s = choice[:, d]
+                applied = coin < prob_table[s, j]
+                op = torch.where(applied, op_table[s, j], 0)
+                m = torch.where(signed_table[s, j] & (sign < 0.5), -mag_table[s, j], mag_table[s, j])
+                if geometric:
+                    x = self._warp_step(x, op, m, geometric)
+                for k in others:
+                    name = self._op_names[k]
+                    chosen = op == k
+                    m_k = torch.where(chosen, m, NEUTRAL.get(name, 0.0))
+                    if name == "Cutout":
+                        cy = (row * h).to(torch.int64).clamp_(max=h - 1)
+                        cx = (col * w).to(torch.int64).clamp_(max=w - 1)
+                        x = _where_chosen(x, chosen, functools.partial(cutout_at, fill=MEAN_COLOUR), m_k, cy, cx)
+                    else:
+                        x = _where_chosen(x, chosen, KERNELS[name], m_k)
+        return x
+
+    def _warp_step(self, x: Tensor, op: Tensor, m: Tensor, geometric: list[int]) -> Tensor:
+        """One warp for every image that drew a geometric op at this position (identity matrix for the rest)."""
+        h, w = x.shape[-2:]
+        zero = torch.zeros_like(m)
+        matrices = inverse_affine(zero, zero, zero, zero, zero, 0.0, 0.0)  # identity
+        moved = torch.zeros_like(op, dtype=torch.bool)
+        for k in geometric:
+            chosen = op == k
+            m_k = torch.where(chosen, m, 0.0)
+            matrices = torch.where(chosen.view(-1, 1, 1), MATRICES[self._op_names[k]](m_k, h, w), matrices)
+            moved |= chosen
+        return _where_chosen(x, moved, functools.partial(warp, fill=self.fill), matrices)
+
+
+SUBSET_ON_CPU = True  # False runs the CUDA strategy on the CPU too (tests prove both give the same batches)
+
+
+def _where_chosen(x: Tensor, chosen: Tensor, fn: Callable[..., Tensor], *per_image: Tensor) -> Tensor:
+    """``fn(x, *per_image)`` for the chosen images, ``x`` for the others; ``fn`` treats images independently.
+
+    On CUDA ``fn`` runs on the whole batch and ``torch.where`` keeps the chosen results: wasted arithmetic is far
+    cheaper than reading the choice back to the host. On the CPU there is no device to wait for, so only the
+    chosen images are computed (several times faster for a policy of many ops). The results are identical.
+    """
+    if x.device.type != "cpu" or not SUBSET_ON_CPU:
+        return torch.where(chosen.view(-1, 1, 1, 1), fn(x, *per_image), x)
+    idx = chosen.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return x
+    out = x.clone()
+    out[idx] = fn(x[idx], *(t[idx] for t in per_image))
+    return out
 
 
 class TorchvisionPolicy:
