@@ -215,6 +215,32 @@ def split_holdout(data: ImageSet, holdout: float, seed: int = 0) -> tuple[ImageS
     return data.subset(train), data.subset(val)
 
 
+def stratified_splits(labels: Tensor, splits: int, fraction: float, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
+    """``splits`` stratified shuffle splits of ``labels`` into sorted ``(keep, held_out)`` index pairs.
+
+    Each split draws its own per-class permutation (seeded by ``seed`` and the split number) and holds out
+    ``round(fraction·class size)`` images of every class, like scikit-learn's StratifiedShuffleSplit: the
+    held-out parts of different splits may overlap (Fast AutoAugment's K folds, D_A = ``fraction``).
+    """
+    if splits < 1:
+        raise MicronetError(f"splits must be at least 1, got {splits}")
+    if not 0 < fraction < 1:
+        raise MicronetError(f"the held-out fraction must be in (0, 1), got {fraction}")
+    classes = torch.unique(labels)
+    result = []
+    for k in range(splits):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + k)  # independent, reproducible per split
+        keep, held = [], []
+        for c in classes.tolist():
+            members = torch.nonzero(labels == c).flatten()
+            members = members[torch.randperm(len(members), generator=g)]
+            n_held = int(round(len(members) * fraction))
+            held.append(members[:n_held])
+            keep.append(members[n_held:])
+        result.append((torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(held)).values))
+    return result
+
+
 def test_images(root: str | Path, samples: int, normalization: str = "cifar100", dataset: str = "auto") -> Tensor:
     """The first ``samples`` test-set images under ``root`` as a normalised float batch (for verification,
     dynamic-network op averaging and the like)."""
