@@ -9,8 +9,8 @@ import torch
 
 from micronet.data import ImageSet
 
-CLASSES = 6
-STEP_DEGREES = 18.0  # class c: gratings at +-c·18° from horizontal; a mirror maps +a to -a (same class)
+CLASSES = 4
+STEP_DEGREES = 30.0  # class c: gratings at +-c·30° from horizontal; a mirror maps +a to -a (same class)
 LABEL_DESTROYING = ("Rotate", "ShearX", "ShearY")
 TINY_MODEL = "densenet_bc:depth=10,growth=6"
 

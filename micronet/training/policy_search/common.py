@@ -217,7 +217,7 @@ def any_of_views_accuracy(model: nn.Module, data: ImageSet, augment: Augment | N
                           normalize: Normalization, rt: Runtime, batch_size: int = 500) -> float:
     """Fast AutoAugment's reward: the fraction of images classified correctly in at least one of ``views``
     augmented copies (the official search's max over views), in [0, 1]."""
-    return float(_views_correct(model, data, augment, views, seed, normalize, rt, batch_size).float().mean())
+    return float(_views_correct(model, data, augment, views, seed, normalize, rt, batch_size).double().mean())
 
 
 def save_model(path: Path, model: nn.Module, extra: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from the number of trials already complete, so an interrupted and a straight run
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,25 @@ def remove_duplicates(subs: list[list[list]]) -> list[list[list]]:
     return kept
 
 
-def _study(optuna, storage: str, split: int, round_: int):
+def _storage(optuna, out: Path):
+    """optuna's SQLite storage in ``out/search.db``, in WAL mode without an fsync per commit.
+
+    optuna commits every suggested parameter; with SQLite's default (an fsync per commit) that cost more
+    than scoring a trial on a small CPU run. WAL + synchronous=NORMAL survives a killed process (what
+    --resume is for) and lets one process per GPU share the file on one machine.
+    """
+    path = str((out / "search.db").resolve())
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(path, timeout=120)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    return optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs={"creator": connect})
+
+
+def _study(optuna, storage, split: int, round_: int):
     return optuna.create_study(storage=storage, study_name=f"split{split}-round{round_}", direction="maximize",
                                load_if_exists=True)
 
@@ -105,7 +124,7 @@ def search_fastaa(data: ImageSet, settings: SearchSettings, out: Path, rt: Runti
     chosen = list(range(settings.splits)) if splits_subset is None else sorted(set(splits_subset))
     if any(not 0 <= k < settings.splits for k in chosen):
         raise MicronetError(f"--splits-subset must name splits in 0..{settings.splits - 1}, got {splits_subset}")
-    storage = f"sqlite:///{(out / 'search.db').resolve()}"
+    storage = _storage(optuna, out)
     log = out / "trials.jsonl"
     baseline = baseline_augmentation(settings)
     parts = stratified_splits(data.labels, settings.splits, settings.holdout, settings.seed)
@@ -121,6 +140,10 @@ def search_fastaa(data: ImageSet, settings: SearchSettings, out: Path, rt: Runti
         held = data.subset(held_idx)
         for r in range(settings.rounds):
             study = _study(optuna, storage, k, r)
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                # Left running by an interrupted process (one process owns a split): TPE must not see it,
+                # so the resumed search proposes exactly what an uninterrupted one would have.
+                study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             done = len(_complete(optuna, study))
             bar = tqdm(total=settings.trials, initial=done, desc=f"split {k} round {r + 1}/{settings.rounds}",
                        disable=not progress, leave=False, dynamic_ncols=True)
@@ -145,7 +168,7 @@ def search_fastaa(data: ImageSet, settings: SearchSettings, out: Path, rt: Runti
 def collect_fastaa(settings: SearchSettings, out: Path, *, searched_on: str) -> Path:
     """Concatenate the top-N trials of every finished split and round into ``out/policy.json``."""
     optuna = _optuna()
-    storage = f"sqlite:///{(out / 'search.db').resolve()}"
+    storage = _storage(optuna, out)
     subs: list[list[list]] = []
     kept: list[dict[str, Any]] = []
     finished = []
@@ -159,15 +182,17 @@ def collect_fastaa(settings: SearchSettings, out: Path, *, searched_on: str) -> 
             trials = _complete(optuna, study)
             if len(trials) < settings.trials:
                 break
-            rounds.append(sorted(trials, key=lambda t: (-t.value, t.number))[: settings.top])
+            # Trials are named by their place among the completed ones (what the log calls "trial"): an
+            # interrupted, failed trial shifts optuna's numbers but not these.
+            ranked = sorted(enumerate(sorted(trials, key=lambda t: t.number)), key=lambda it: (-it[1].value, it[0]))
+            rounds.append(ranked[: settings.top])
         if len(rounds) < settings.rounds:
             continue
         finished.append(k)
         for r, best in enumerate(rounds):
-            for t in best:
-                trial_subs = remove_duplicates(decode(t.params, settings))
-                subs.extend(trial_subs)
-                kept.append({"split": k, "round": r, "trial": t.number, "top1": t.value})
+            for index, t in best:
+                subs.extend(remove_duplicates(decode(t.params, settings)))
+                kept.append({"split": k, "round": r, "trial": index, "top1": t.value})
     if not subs:
         raise MicronetError(f"{out}: no split has finished its trials yet; nothing to write")
     metadata = {"method": "fastaa", "sampler": settings.sampler, "dataset": searched_on, "model": settings.model,
