@@ -108,6 +108,7 @@ def ppo_search(reward_fn: RewardFn, settings: SearchSettings, out: Path, *, prog
 
     policy = PairPolicy()
     optimizer = torch.optim.Adam(policy.parameters(), lr=settings.ppo_lr)
+    out.mkdir(parents=True, exist_ok=True)
     state_path, log = out / STATE_FILE, out / "loops.jsonl"
     if state_path.is_file():
         tensors = load_file(str(state_path))
