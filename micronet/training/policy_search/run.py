@@ -22,6 +22,8 @@ def search(data_root: str | Path, out: str | Path, settings: SearchSettings, *, 
     settings.validate()
     if splits_subset is not None and settings.method != "fastaa":
         raise MicronetError("--splits-subset applies to --method fastaa only")
+    if splits_subset is not None and any(not 0 <= k < settings.splits for k in splits_subset):
+        raise MicronetError(f"--splits-subset must name splits in 0..{settings.splits - 1}, got {splits_subset}")
     out = Path(out)
     layout = detect_layout(data_root, dataset)
     data = load_dataset(data_root, "train", layout)
