@@ -133,6 +133,8 @@ def equalize(x: Tensor, m: float, fill: Fill, g: torch.Generator) -> Tensor:
 @_register("Solarize")
 def solarize(x: Tensor, m: float, fill: Fill, g: torch.Generator) -> Tensor:
     """Invert every pixel value ≥ ``m`` (PIL ``ImageOps.solarize``)."""
+    if m > 255:  # Fast AA's range reaches 256 (nothing inverted); torchvision rejects thresholds above 255
+        return x
     return TF.solarize(x, float(m))
 
 

@@ -97,6 +97,11 @@ def test_each_fast_aa_op_maps_its_level_as_the_spec_table_says(op, level, value,
     assert best <= edge_share, (op, best)
 
 
+def test_solarize_at_the_top_of_its_range_inverts_nothing():
+    # level 1 -> threshold 256 (spec §4.2 range [0, 256]): PIL inverts no pixel; a search can propose it
+    assert torch.equal(_apply("Solarize", 1.0)[0], _tensor(ImageOps.solarize(_pil(hand_image()), 256)))
+
+
 def test_cutout_level_maps_to_a_fraction_of_the_image_size():
     # spec: side = level · 0.2 · 32 px, truncated; level 0.5 -> 3 px, filled with (125, 123, 114)
     out = _apply("Cutout", 0.5, n=64)
