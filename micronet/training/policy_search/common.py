@@ -246,7 +246,7 @@ def write_policy(path: Path, subpolicies: list[list[list]], *, name: str, search
     if weights is not None:
         obj["weights"] = weights
     parse_policy(json.loads(json.dumps(obj)), name)  # what we write must load
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes sharing OUT (one per GPU) may race
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
     os.replace(tmp, path)
     return path
