@@ -78,6 +78,7 @@ def _snapshot(path):
     (["--holdout", "1.5"], "--holdout"),
     (["--splits-subset", "7"], "--splits-subset must name splits in 0..1"),
     (["--trials", "3", "--resume"], "settings differ (trials)"),
+    (["--model", "resnet9000"], "unknown model 'resnet9000'"),
 ])
 def test_bad_search_input_is_one_line_and_changes_nothing(searched, data_root, extra, message):
     before = _snapshot(searched)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from micronet import models
 from micronet.data import detect_layout, get_normalization, load_dataset
 from micronet.errors import MicronetError
 from micronet.training.loop import setup_runtime
@@ -28,6 +29,7 @@ def search(data_root: str | Path, out: str | Path, settings: SearchSettings, *, 
     layout = detect_layout(data_root, dataset)
     data = load_dataset(data_root, "train", layout)
     normalize = get_normalization(settings.normalization)
+    models.create(settings.model, num_classes=data.num_classes)  # an unknown --model fails before any file is written
     rt = setup_runtime(device, amp=None, channels_last=False)
     if rt.distributed:
         raise MicronetError("the search runs one process per device; spread splits with --splits-subset instead "
