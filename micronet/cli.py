@@ -29,6 +29,8 @@ from micronet.training import (
     run_all,
     run_stage,
 )
+from micronet.training.augment import load_policy
+from micronet.training.policy_search import SearchSettings, plot_policy, policy_summary, search
 
 _FORMAT = click.Choice(io.FORMATS)
 _DATASET = click.Choice(["auto", *DATASETS])
@@ -185,15 +187,17 @@ def _score_target(checkpoint: str | None, model: str | None, format: str, recipe
 @click.option("--download", is_flag=True, help="Download CIFAR into --data-root if it is missing.")
 @click.option("--tensorboard", is_flag=True, help="Also write TensorBoard scalars under OUT/tensorboard.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--strict-track", is_flag=True,
+              help="Refuse an augmentation policy searched on another dataset than the track (default: warn).")
 def train_stage_command(stage, recipe, data_root, out_dir, init_from, teacher, resume, model, teacher_model, epochs,
                         batch_size, lr, dataset, subsample, subsample_seed, seed, sets, device, use_compile, no_amp,
-                        workers, download, tensorboard, no_progress) -> None:
+                        workers, download, tensorboard, no_progress, strict_track) -> None:
     """Run one compression stage, or `all` of them in order (resumable), as the recipe says."""
     overrides = {"model": model, "teacher_model": teacher_model, "epochs": epochs, "batch_size": batch_size,
                  "lr": lr, "dataset": dataset, "seed": seed, "stages_only": None if stage == "all" else [stage]}
     data_sets = [f"data.{key}={value}" for key, value in (("subsample", subsample), ("subsample_seed", subsample_seed))
                  if value is not None]
-    spec = load_recipe(recipe, overrides, [*data_sets, *sets])
+    spec = load_recipe(recipe, overrides, [*data_sets, *sets], strict_track=strict_track)
     options = RunOptions(
         data_root=Path(data_root), out=Path(out_dir or Path("runs") / spec.name),
         init_from=Path(init_from) if init_from else None, teacher=Path(teacher) if teacher else None,
@@ -272,3 +276,99 @@ def data_stats_command(data_root, dataset, subsample, subsample_seed, holdout, h
     click.echo(tabulate([("mean", *r["mean"]), ("std", *r["std"])], headers=["train-stats", "R", "G", "B"],
                         floatfmt=".8f"))
 
+
+@main.group("augment", cls=_Group)
+def augment_group() -> None:
+    """Search augmentation policies on your data (Fast AutoAugment, AWS AutoAugment, random) and inspect them."""
+
+
+_DEFAULTS = SearchSettings()
+
+
+@augment_group.command("search")
+@click.option("--data-root", required=True, type=click.Path(file_okay=False), help="Dataset folder (train split).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Search folder.")
+@click.option("--method", default="fastaa", show_default=True, help="fastaa or aws.")
+@click.option("--sampler", default="tpe", show_default=True,
+              help="fastaa: tpe (Fast AutoAugment) or random (the random-search baseline).")
+@click.option("--model", default=_DEFAULTS.model, show_default=True, help="Zoo model or FAMILY:key=value spec.")
+@click.option("--dataset", type=_DATASET, default="auto", show_default=True)
+@click.option("--normalization", default=_DEFAULTS.normalization, show_default=True)
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
+@click.option("--epochs", type=int, default=_DEFAULTS.epochs, show_default=True,
+              help="Epochs of each split model (fastaa) or of the shared model (aws).")
+@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
+@click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True)
+@click.option("--splits", type=int, default=_DEFAULTS.splits, show_default=True, help="fastaa: K.")
+@click.option("--holdout", type=float, default=_DEFAULTS.holdout, show_default=True,
+              help="Held-out fraction: D_A (fastaa) or the validation split (aws).")
+@click.option("--trials", type=int, default=_DEFAULTS.trials, show_default=True, help="fastaa: B per split and round.")
+@click.option("--rounds", type=int, default=_DEFAULTS.rounds, show_default=True, help="fastaa: T.")
+@click.option("--policies-per-trial", type=int, default=_DEFAULTS.policies_per_trial, show_default=True)
+@click.option("--ops", type=int, default=_DEFAULTS.ops, show_default=True, help="Ops per sub-policy (fastaa).")
+@click.option("--top", type=int, default=_DEFAULTS.top, show_default=True, help="fastaa: N trials kept per round.")
+@click.option("--views", type=int, default=_DEFAULTS.views, show_default=True, help="fastaa: V (any-of-V reward).")
+@click.option("--startup-trials", type=int, default=_DEFAULTS.startup_trials, show_default=True)
+@click.option("--loops", type=int, default=_DEFAULTS.loops, show_default=True, help="aws: PPO updates.")
+@click.option("--episodes", type=int, default=_DEFAULTS.episodes, show_default=True, help="aws: pairs per update.")
+@click.option("--finetune-epochs", type=int, default=_DEFAULTS.finetune_epochs, show_default=True)
+@click.option("--ppo-epochs", type=int, default=_DEFAULTS.ppo_epochs, show_default=True)
+@click.option("--max-kl", type=float, default=_DEFAULTS.max_kl, show_default=True)
+@click.option("--keep", type=int, default=_DEFAULTS.keep, show_default=True, help="aws: pairs written (0: all).")
+@click.option("--splits-subset", help="fastaa: comma-separated splits this process runs (one process per GPU).")
+@click.option("--searched-on", help="Dataset name recorded in the policy (default: the detected layout).")
+@click.option("--resume", is_flag=True, help="Continue the search in --out (same settings required).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def augment_search_command(data_root, out_dir, method, sampler, model, dataset, normalization, seed, epochs,
+                           batch_size, lr, splits, holdout, trials, rounds, policies_per_trial, ops, top, views,
+                           startup_trials, loops, episodes, finetune_epochs, ppo_epochs, max_kl, keep, splits_subset,
+                           searched_on, resume, device, no_progress) -> None:
+    """Search an augmentation policy on the training split; writes OUT/policy.json (train-stage reads it).
+
+    Several GPUs: run one process per split, e.g. `CUDA_VISIBLE_DEVICES=k micronet augment search ...
+    --splits-subset k` (same --out for all; the first creates it, the others add --resume), then once more
+    with --resume and no subset to write the policy of all splits.
+    """
+    settings = SearchSettings(
+        method=method, sampler=sampler, model=model, normalization=normalization, seed=seed, epochs=epochs,
+        batch_size=batch_size, lr=lr, splits=splits, holdout=holdout, trials=trials, rounds=rounds,
+        policies_per_trial=policies_per_trial, ops=ops, top=top, views=views, startup_trials=startup_trials,
+        loops=loops, episodes=episodes, finetune_epochs=finetune_epochs, ppo_epochs=ppo_epochs, max_kl=max_kl,
+        keep=keep)
+    subset = None
+    if splits_subset:
+        try:
+            subset = [int(x) for x in splits_subset.split(",")]
+        except ValueError:
+            raise MicronetError(f"--splits-subset expects comma-separated split numbers, got {splits_subset!r}"
+                                ) from None
+    path = search(data_root, out_dir, settings, dataset=dataset, resume=resume, device=device, splits_subset=subset,
+                  searched_on=searched_on, progress=not no_progress)
+    click.echo(f"policy written to {path}  (use: --set augment.policy={path})")
+
+
+@augment_group.command("show")
+@click.argument("policy")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw the summary as a PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def augment_show_command(policy: str, plot_path: str | None, as_json: bool) -> None:
+    """Summarise a policy file or shipped policy: op shares, probability and level histograms."""
+    summary = policy_summary(load_policy(policy))
+    if plot_path:
+        plot_policy(summary, plot_path)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{summary['name']}: {summary['subpolicies']} sub-policies of {summary['ops_per_subpolicy']} ops, "
+               f"{summary['levels']} levels, searched on {summary['searched_on'] or 'unknown'}"
+               f"{', weighted' if summary['weighted'] else ''}")
+    bins = ["0-.2", ".2-.4", ".4-.6", ".6-.8", ".8-1"]
+    rows = [(name, r["count"], f"{100 * r['share']:.1f}%", " ".join(f"{c:>3}" for c in r["probability"]),
+             " ".join(f"{c:>3}" for c in r["level"])) for name, r in summary["ops"].items()]
+    click.echo(tabulate(rows, headers=["op", "count", "share", f"probability {' '.join(bins)}",
+                                       f"level {' '.join(bins)}"]))
+
+
+if __name__ == "__main__":  # python -m micronet.cli
+    main()

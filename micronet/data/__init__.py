@@ -7,6 +7,7 @@ from micronet.data.datasets import (
     detect_layout,
     load_dataset,
     split_holdout,
+    stratified_splits,
     subsample,
     test_images,
     training_split,
@@ -25,5 +26,5 @@ from micronet.data.normalization import (
 __all__ = [
     "DATASETS", "NORMALIZATIONS", "TRAIN_STATS", "ImageSet", "Normalization", "dataset_stats", "detect_layout",
     "get_normalization", "host_to_device", "load_dataset", "normalization_from_record", "normalization_record",
-    "split_holdout", "subsample", "test_images", "train_stats", "training_split",
+    "split_holdout", "stratified_splits", "subsample", "test_images", "train_stats", "training_split",
 ]

@@ -189,16 +189,7 @@ def split_holdout(data: ImageSet, holdout: float, seed: int = 0) -> tuple[ImageS
     fraction = holdout if holdout < 1 else holdout / max(n, 1)
     if not 0 <= fraction < 1:
         raise MicronetError(f"holdout {holdout} leaves no training images out of {n}")
-    g = torch.Generator().manual_seed(seed)
-    train_idx, val_idx = [], []
-    for c in range(data.num_classes):
-        members = torch.nonzero(data.labels == c).flatten()
-        members = members[torch.randperm(len(members), generator=g)]
-        k = int(round(len(members) * fraction))
-        val_idx.append(members[:k])
-        train_idx.append(members[k:])
-    train = torch.sort(torch.cat(train_idx)).values
-    val = torch.sort(torch.cat(val_idx)).values
+    train, val = _stratified_split(data.labels, fraction, torch.Generator().manual_seed(seed))
     return data.subset(train), data.subset(val)
 
 
@@ -252,6 +243,36 @@ def dataset_stats(root: str | Path, dataset: str = "auto", *, subsample_to: int 
     return {"dataset": layout, "data_root": str(root), "train_split_images": len(full), "train_images": len(train),
             "holdout_images": held, "test_images": len(test), "classes": full.num_classes,
             "mean": list(norm.mean), "std": list(norm.std)}
+
+
+def stratified_splits(labels: Tensor, splits: int, fraction: float, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
+    """``splits`` stratified shuffle splits of ``labels`` into sorted ``(keep, held_out)`` index pairs.
+
+    Each split draws its own per-class permutation (seeded by ``seed`` and the split number) and holds out
+    ``round(fraction·class size)`` images of every class, like scikit-learn's StratifiedShuffleSplit: the
+    held-out parts of different splits may overlap (Fast AutoAugment's K folds, D_A = ``fraction``).
+    """
+    if splits < 1:
+        raise MicronetError(f"splits must be at least 1, got {splits}")
+    if not 0 < fraction < 1:
+        raise MicronetError(f"the held-out fraction must be in (0, 1), got {fraction}")
+    # independent, reproducible per split
+    return [_stratified_split(labels, fraction, torch.Generator().manual_seed(seed * 1_000_003 + k))
+            for k in range(splits)]
+
+
+def _stratified_split(labels: Tensor, fraction: float, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Sorted ``(keep, held_out)`` indices: ``round(fraction·class size)`` random images of each class held out."""
+    keep, held = [], []
+    for c in range(int(labels.max()) + 1 if len(labels) else 0):
+        members = torch.nonzero(labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        n_held = int(round(len(members) * fraction))
+        held.append(members[:n_held])
+        keep.append(members[n_held:])
+    if not keep:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    return torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(held)).values
 
 
 def test_images(root: str | Path, samples: int, normalization: str | Normalization = "cifar100",

@@ -19,6 +19,12 @@ or an object that also states the level convention and the fill colour of geomet
 
     {"levels": "tf-autoaugment", "fill": "mean", "policy": [[["Rotate", 0.5, 1]], ...]}
 
+Optional keys of the object form: ``weights`` (one non-negative number per sub-policy: sub-policies are
+then drawn in proportion to them instead of uniformly, as AWS AutoAugment's learned distribution is
+applied), ``searched_on`` (the dataset the policy was searched on: the MicroNet rules forbid using a
+policy searched on another dataset for a track, see :func:`check_track`), ``name``, ``description``,
+``source``, ``license`` (provenance kept with the file) and ``metadata`` (free-form: how a search made it).
+
 ``levels`` is ``fast-autoaugment`` (default; level ∈ [0, 1] mapped linearly onto each op's range,
 spec §4.2) or ``tf-autoaugment`` (integer level 0..10, TF-AutoAugment formulas, spec §4.1). ``fill``
 is ``black`` (default, Fast AA's plain PIL images) or ``mean`` (TF-AutoAugment: exposed areas become
@@ -41,8 +47,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -439,6 +447,9 @@ class Policy:
     subpolicies: tuple[tuple[PolicyOp, ...], ...]
     levels: str = "fast-autoaugment"
     fill: Fill = (0, 0, 0)
+    weights: tuple[float, ...] | None = None  # None: sub-policies drawn uniformly
+    searched_on: str | None = None  # dataset the policy was searched on (None: not stated)
+    metadata: dict = field(default_factory=dict, compare=False)  # provenance, search settings and rewards
 
 
 def _parse_fill(value, where: str) -> Fill:
@@ -454,12 +465,17 @@ def _parse_fill(value, where: str) -> Fill:
 def parse_policy(obj, name: str = "policy") -> Policy:
     """Validate a decoded policy JSON (bare list or object, see the module docstring) into a Policy."""
     levels, fill = "fast-autoaugment", (0, 0, 0)
+    weights, searched_on, metadata = None, None, {}
     if isinstance(obj, dict):
-        unknown = set(obj) - {"levels", "fill", "policy", "description"}
+        unknown = set(obj) - _POLICY_KEYS
         if unknown:
-            raise MicronetError(f"{name}: unknown keys {sorted(unknown)}; expected levels, fill, policy")
+            raise MicronetError(f"{name}: unknown keys {sorted(unknown)}; expected {', '.join(sorted(_POLICY_KEYS))}")
         levels = obj.get("levels", levels)
         fill = _parse_fill(obj.get("fill", "black"), name)
+        weights, searched_on = obj.get("weights"), obj.get("searched_on")
+        if searched_on is not None and not isinstance(searched_on, str):
+            raise MicronetError(f"{name}: searched_on must be a dataset name, not {searched_on!r}")
+        metadata = {k: v for k, v in obj.items() if k not in ("policy", "levels", "fill", "weights")}
         obj = obj.get("policy")
     if levels not in LEVEL_CONVENTIONS:
         raise MicronetError(f"{name}: levels must be one of {', '.join(LEVEL_CONVENTIONS)}, not {levels!r}")
@@ -483,7 +499,58 @@ def parse_policy(obj, name: str = "policy") -> Policy:
                 raise MicronetError(f"{name}: sub-policy {i}: level {level!r} of {op} is not in [0, {top:g}]")
             ops.append(PolicyOp(op, float(p), float(level)))
         subs.append(tuple(ops))
-    return Policy(name, tuple(subs), levels, fill)
+    return Policy(name, tuple(subs), levels, fill, _parse_weights(weights, len(subs), name), searched_on, metadata)
+
+
+_POLICY_KEYS = {"levels", "fill", "policy", "weights", "searched_on", "name", "description", "source", "license",
+                "metadata"}
+
+
+def _parse_weights(weights, count: int, name: str) -> tuple[float, ...] | None:
+    if weights is None:
+        return None
+    if not (isinstance(weights, list) and len(weights) == count):
+        raise MicronetError(f"{name}: weights must be a list of {count} numbers, one per sub-policy")
+    if not all(isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+               for w in weights) or sum(weights) <= 0:
+        raise MicronetError(f"{name}: weights must be finite, non-negative and not all zero")
+    return tuple(float(w) for w in weights)
+
+
+class PolicyTrackWarning(UserWarning):
+    """A policy searched on another dataset is used for a MicroNet Challenge track."""
+
+
+# Where the torchvision policies were searched (AutoAugment's CIFAR policy: on CIFAR-10).
+_TORCHVISION_SEARCHED_ON = {"autoaugment-cifar10": "cifar10"}
+CHALLENGE_TRACK_DATASETS = ("cifar100",)  # datasets that are MicroNet Challenge tracks (ImageNet is not read here)
+
+
+def check_track(policy: str | Policy | None, dataset: str, strict: bool = False) -> None:
+    """Warn (or, ``strict``, raise) when ``policy`` was searched on another dataset than the ``dataset`` track.
+
+    The MicroNet Challenge rules let a CIFAR-100 entry use only augmentation policies searched on CIFAR-100
+    (AutoAugment's CIFAR policy was searched on CIFAR-10, so the 2019 entries searched their own). Policies
+    that do not state ``searched_on`` are not judged.
+    """
+    if policy is None or dataset not in CHALLENGE_TRACK_DATASETS:
+        return
+    if isinstance(policy, str):
+        searched_on = _TORCHVISION_SEARCHED_ON.get(policy)
+        label = policy
+        if policy not in TORCHVISION_POLICIES:
+            loaded = load_policy(policy)
+            searched_on, label = loaded.searched_on, loaded.name
+    else:
+        searched_on, label = policy.searched_on, policy.name
+    if searched_on is None or searched_on == dataset:
+        return
+    message = (f"augmentation policy {label!r} was searched on {searched_on}, but the {dataset} track of the "
+               f"MicroNet Challenge allows only policies searched on {dataset} itself (search one with "
+               f"`micronet augment search`)")
+    if strict:
+        raise MicronetError(message + "; --strict-track makes this an error")
+    warnings.warn(message, PolicyTrackWarning, stacklevel=2)
 
 
 def available_policies() -> list[str]:
@@ -530,6 +597,7 @@ class PolicyAugment:
         self._op_names = ["Identity", *names]  # index 0: the padding of short sub-policies
         self._longest = max(len(s) for s in policy.subpolicies)
         self._active = functools.lru_cache(maxsize=8)(self._active_ops)
+        self._cdf: dict[torch.device, Tensor] = {}
 
     def _policy_tables(self, device: torch.device, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``[S, J]`` op index, probability, unsigned magnitude and signed flag, built once per device and width."""
@@ -548,6 +616,16 @@ class PolicyAugment:
                     signed[s, j] = entry.name in _SIGNED
             self._tables[key] = tuple(host_to_device(t, device) for t in (op, prob, mag, signed))  # type: ignore
         return self._tables[key]
+
+    def _choose(self, u: Tensor) -> Tensor:
+        """Sub-policy index for each uniform draw ``u``: uniform, or by weight (inverse CDF) for a weighted policy."""
+        subs = len(self.policy.subpolicies)
+        if self.policy.weights is None:
+            return (u * subs).to(torch.int64).clamp_(max=subs - 1)
+        if u.device not in self._cdf:
+            w = torch.tensor(self.policy.weights, dtype=torch.float64)
+            self._cdf[u.device] = host_to_device(torch.cumsum(w, 0) / w.sum(), u.device)
+        return torch.searchsorted(self._cdf[u.device], u.contiguous(), right=True).clamp_(max=subs - 1)
 
     def _active_ops(self, width: int) -> list[int]:
         """Indices of the ops that can change an image (Color/Brightness at factor 1.0 never do: skipped)."""
@@ -568,8 +646,7 @@ class PolicyAugment:
         op_table, prob_table, mag_table, signed_table = self._policy_tables(x.device, w)
         # Per image and draw: [choice, then (coin, sign, centre row, centre column) per op position].
         u = host_to_device(torch.rand(b, depth, 1 + 4 * longest, generator=g, dtype=torch.float64), x.device)
-        subs = len(self.policy.subpolicies)
-        choice = (u[..., 0] * subs).to(torch.int64).clamp_(max=subs - 1)
+        choice = self._choose(u[..., 0])
         active = self._active(w)
         geometric = [k for k in active if self._op_names[k] in MATRICES]
         others = [k for k in active if self._op_names[k] not in MATRICES]

@@ -31,7 +31,7 @@ import yaml
 
 from micronet.data import DATASETS, NORMALIZATIONS, TRAIN_STATS
 from micronet.errors import MicronetError
-from micronet.training.augment import TORCHVISION_POLICIES, AugmentConfig, load_policy
+from micronet.training.augment import TORCHVISION_POLICIES, AugmentConfig, check_track, load_policy
 from micronet.training.kd import DIRECTIONS, KDConfig
 from micronet.training.stage_specs import FROM_SCRATCH, STAGE_SPECS, STAGES, StageSettings
 
@@ -117,8 +117,11 @@ def resolve_recipe(name_or_path: str | Path) -> Path:
 
 
 def load_recipe(source: str | Path, overrides: Mapping[str, Any] | None = None,
-                sets: Iterable[str] = ()) -> Recipe:
-    """Read, override (``overrides`` from CLI flags, then ``KEY.PATH=VALUE`` strings) and validate a recipe."""
+                sets: Iterable[str] = (), strict_track: bool = False) -> Recipe:
+    """Read, override (``overrides`` from CLI flags, then ``KEY.PATH=VALUE`` strings) and validate a recipe.
+
+    ``strict_track`` turns the warning about a policy searched on another dataset than the track into an error.
+    """
     path = resolve_recipe(source)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -130,7 +133,9 @@ def load_recipe(source: str | Path, overrides: Mapping[str, Any] | None = None,
     raw = apply_overrides(raw, overrides or {})
     for item in sets:
         raw = apply_set(raw, item)
-    return parse_recipe(raw, source=str(path))
+    recipe = parse_recipe(raw, source=str(path))
+    check_track(recipe.augment.policy if recipe.augment else None, recipe.dataset, strict_track)
+    return recipe
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
