@@ -207,6 +207,8 @@ def _merge(module: nn.Module, top: bool = True) -> nn.Module:
             new = _merge(child, top=False)
             if new is not child:
                 setattr(module, name, new)
+        for segment in getattr(module, "deploy_segments", ()):
+            _merge_segment(module, segment)
         return module
     gm = fx.GraphModule(module, graph, module.__class__.__name__)
     changed = _Peephole(gm).run()
@@ -222,6 +224,19 @@ def _merge(module: nn.Module, top: bool = True) -> nn.Module:
     module.deploy_graph = gm
     module.forward = gm.forward
     return module
+
+
+def _merge_segment(module: nn.Module, names: tuple[str, ...]) -> None:
+    """Merge children that an untraceable model declares as a segment (``deploy_segments``): they run in this
+    order, each output consumed only by the next, so e.g. a stem conv still absorbs the BN after it."""
+    seq = nn.Sequential(OrderedDict((str(i), module.get_submodule(name)) for i, name in enumerate(names)))
+    gm = fx.GraphModule(seq, _DeployTracer().trace(seq), "DeploySegment")
+    for path in _Peephole(gm).run():
+        index, _, rest = path.partition(".")
+        if not index.isdigit():
+            continue  # a module the merge added: none in a plain chain
+        new = gm.get_submodule(path) if _has_submodule(gm, path) else nn.Identity()
+        module.set_submodule(".".join(filter(None, (names[int(index)], rest))), new)
 
 
 def _has_submodule(root: nn.Module, path: str) -> bool:

@@ -43,6 +43,10 @@ class PyramidSkipNet(PyramidNet):
         self.register_buffer("gate_seen", torch.zeros((), dtype=torch.long), persistent=False)
         self.gate_masks: list[torch.Tensor] = []
 
+    #: forward_features is data-dependent (fx cannot trace it), but these children run in sequence, each output
+    #: consumed only by the next: declared so the deploy form still folds the stem BN into the stem conv.
+    deploy_segments = (("conv_stem", "bn_stem"),)
+
     @property
     def num_gates(self) -> int:
         """Number of gates (= number of skippable blocks)."""
