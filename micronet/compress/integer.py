@@ -102,7 +102,7 @@ def _deploy_layer(layer: nn.Conv2d | nn.Linear) -> nn.Module:
     in_step = torch.ones((), dtype=w.dtype, device=w.device)
     if aq is not None:
         in_step = aq.scale.detach().to(w.dtype).reshape(())
-        parts["in_scale"] = ChannelAffine(1.0 / in_step.reshape(1))
+        parts["in_scale"] = ChannelAffine(1.0 / in_step.reshape(1), quant_step=True)
         parts["quant"] = RoundClamp(*aq.qrange)
     bias = layer.bias.detach() if layer.bias is not None else None
     if wq is not None:
@@ -120,7 +120,7 @@ def _deploy_layer(layer: nn.Conv2d | nn.Linear) -> nn.Module:
             core = IntLinear(codes, **kwargs)
         parts["conv" if isinstance(layer, nn.Conv2d) else "linear"] = core
         out_scale = (in_step * w_step.reshape(-1)).expand(codes.shape[0]).clone()
-        parts["out_scale"] = ChannelAffine(out_scale, bias)
+        parts["out_scale"] = ChannelAffine(out_scale, bias, quant_step=True)
     else:
         core = _plain_copy(layer, w * in_step, bias)
         core.block = block
@@ -285,7 +285,8 @@ def _combine(first: ChannelAffine, second: ChannelAffine) -> ChannelAffine:
         bias = second.bias.expand_as(scale) if bias is None else bias + second.bias
     if bias is not None and bias.numel() < scale.numel():
         bias = bias.expand_as(scale)
-    return ChannelAffine(scale, bias, origin=first.origin + second.origin)
+    return ChannelAffine(scale, bias, origin=first.origin + second.origin,
+                         quant_step=first.quant_step or second.quant_step)
 
 
 def _scaled_layer(layer: nn.Module, affine: ChannelAffine) -> nn.Module:

@@ -106,12 +106,14 @@ class IntLinear(nn.Module):
 class ChannelAffine(nn.Module):
     """Per-channel affine ``y = scale[c] * x + bias[c]`` over dimension 1 (a scalar when C == 1).
 
-    ``origin`` lists the training-form affines (BatchNorms, constant scales) merged into this one.
+    ``origin`` lists the training-form affines (BatchNorms, constant scales) merged into this one;
+    ``quant_step`` says whether a quantizer's step (de- or re-scaling of integer codes) is merged in too.
     """
 
-    def __init__(self, scale: Tensor, bias: Tensor | None = None, origin: tuple[FoldedAffine, ...] = ()) -> None:
+    def __init__(self, scale: Tensor, bias: Tensor | None = None, origin: tuple[FoldedAffine, ...] = (),
+                 quant_step: bool = False) -> None:
         super().__init__()
-        self.origin = tuple(origin)
+        self.origin, self.quant_step = tuple(origin), bool(quant_step)
         self.register_buffer("scale", _as_float(scale).reshape(-1))
         if bias is not None:
             bias = _as_float(bias).reshape(-1)

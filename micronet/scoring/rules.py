@@ -343,10 +343,12 @@ def _binary(rec: OpRecord, ctx: CostContext, multiplicative: bool) -> Cost | Non
         if multiplicative:
             return cost.mul(n, width)
         return cost.add(n, _first(policy.add_bits, width))
-    # A scale or shift by a constant: a BatchNorm's when it runs inside a ChannelAffine that was one.
+    # A scale or shift by a constant: a BatchNorm's when it runs inside a ChannelAffine that was one and
+    # nothing else (a BN merged with a quantizer's step is the deploy form's affine).
     module = ctx.module(rec)
     origin = module.origin if isinstance(module, ChannelAffine) else ()
-    kind = "bn" if origin and all(o.kind == "bn" for o in origin) else "affine"
+    pure_bn = origin and all(o.kind == "bn" for o in origin) and not module.quant_step
+    kind = "bn" if pure_bn else "affine"
     cost = Cost(kind, shape=out.shape, input_bits=dynamic[0].bits if dynamic else width)
     if multiplicative:
         return cost.mul(n, width)
