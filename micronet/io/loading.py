@@ -33,12 +33,12 @@ def create_model(name: str, num_classes: int = 100) -> nn.Module:
 
 def _model_for_state(name: str, state: dict[str, Tensor]) -> nn.Module:
     """The zoo model ``name`` with as many classes as the state_dict's classifier has rows."""
-    model = create_model(name)
-    fc = classifier_name(model)
+    # Which layer is the classifier is read off a shape-only build, so the real model is built once.
+    fc = classifier_name(models.build_for_sizing(lambda: create_model(name)))
     rows = state.get(f"{fc}.weight")
-    if rows is not None and rows.dim() == 2 and rows.shape[0] != model.get_submodule(fc).out_features:
-        model = create_model(name, num_classes=int(rows.shape[0]))
-    return model
+    if rows is not None and rows.dim() == 2:
+        return create_model(name, num_classes=int(rows.shape[0]))
+    return create_model(name)
 
 
 def _is_micronet_checkpoint(path: Path) -> bool:

@@ -10,8 +10,10 @@ from click.testing import CliRunner
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from micronet import models
 from micronet.cli import main
 from micronet.errors import MicronetError
+from micronet.io import load_model
 from micronet.io.riair2019 import random_riair2019_state
 from micronet.scoring import PRESETS, resolve_policy, score
 from tests.scoring.nets import ModuleTwin
@@ -197,3 +199,15 @@ def test_plain_state_dict_with_ten_classes_loads(tmp_path):
     loaded = load_model(tmp_path / "ten.pth", model="densenet_bc:depth=10,growth=4")
     assert loaded.fc.out_features == 10
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
+
+
+def test_ten_class_state_dict_of_the_published_skipnet_loads_and_scores(tmp_path):
+    # Regression: the last Linear of pyramidskipnet272_a200 is its gate controller's projection, which the
+    # old loader took for the classifier, so this file failed with "fc.weight (10, 96) vs (100, 96)".
+    with torch.device("meta"):
+        shapes = models.create("pyramidskipnet272_a200", num_classes=10).state_dict()
+    torch.save({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in shapes.items()}, tmp_path / "ten.pth")
+    loaded = load_model(tmp_path / "ten.pth", model="pyramidskipnet272_a200")
+    assert loaded.fc.out_features == 10 and loaded.controller.proj.out_features == 1
+    report = score(loaded, samples=1)
+    assert report.params > 0 and report.gate_rates
