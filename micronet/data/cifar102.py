@@ -15,7 +15,7 @@ name                    files under ``--data-root``                             
 
 The ``_py27`` files are CIFAR-style pickles (``data`` N×3072 uint8 channel-planar, ``labels``) written by
 Python 2 (str keys) or re-written by Python 3 (bytes keys); both load. All ten-class sets use CIFAR-10's
-class order (the npz's ``label_names`` when present). The sizes are those of the published files; smaller
+class order (the npz's ``label_names`` when present as a string array). The sizes are those of the published files; smaller
 files load too.
 """
 
@@ -49,16 +49,32 @@ class FileLayout:
     splits: dict[str, tuple[tuple[str, ...], ...]]  # split -> alternatives -> file names
     read: Callable[[Path, tuple[str, ...]], Loaded]
 
+    def _present(self, root: Path, split: str) -> list[int]:
+        """Indices of the alternatives whose files all exist for ``split``."""
+        return [i for i, names in enumerate(self.splits.get(split, ()))
+                if all((root / n).is_file() for n in names)]
+
     def files_for(self, root: Path, split: str) -> tuple[str, ...] | None:
-        """The first alternative whose files all exist for ``split`` (None if none, or no such split)."""
-        for names in self.splits.get(split, ()):
-            if all((root / n).is_file() for n in names):
-                return names
-        return None
+        """The first alternative whose files all exist for ``split`` (None if none, or no such split).
+
+        Alternatives are versions of the dataset (e.g. the published npz files vs the study's own pickles):
+        a split is never read from one version while another split under ``root`` exists only in another.
+        """
+        found = self._present(root, split)
+        if not found:
+            return None
+        index = found[0]
+        for other in self.splits:
+            there = self._present(root, other)
+            if other != split and there and index not in there:
+                mine, theirs = self.splits[split][index], self.splits[other][there[0]]
+                raise MicronetError(f"{root} holds two versions of {self.name}: {split} in {'+'.join(mine)} but "
+                                    f"{other} only in {'+'.join(theirs)}; keep one version's files")
+        return self.splits[split][index]
 
     def present(self, root: Path) -> bool:
-        """Whether every split this dataset has is present under ``root``."""
-        return all(self.files_for(root, split) is not None for split in self.splits)
+        """Whether any split of this dataset is present under ``root`` (a test-only folder is one too)."""
+        return any(self._present(root, split) for split in self.splits)
 
     def expected(self) -> list[str]:
         """The file names of the first alternative of each split (for error messages)."""
@@ -78,9 +94,13 @@ class FileLayout:
 
 def _read_npz(root: Path, names: tuple[str, ...]) -> Loaded:
     path = root / names[0]
-    arrays = read_npz(path, ("images", "labels", "label_names"))
+    arrays = read_npz(path, ("images", "labels"))
     images = as_images(f"{path} key 'images'", arrays["images"], "nhwc")
-    classes = as_class_names(f"{path} key 'label_names'", arrays["label_names"], len(CIFAR10_CLASSES))
+    try:  # optional, and some writers store it as an object array (pickle): then CIFAR-10's class order
+        names = read_npz(path, ("label_names",))["label_names"]
+    except MicronetError:
+        names = CIFAR10_CLASSES
+    classes = as_class_names(f"{path} key 'label_names'", names, len(CIFAR10_CLASSES))
     labels = as_labels(f"{path} key 'labels'", arrays["labels"], images.shape[0], len(classes))
     return images, labels, classes
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from micronet.data import DATASETS, detect_layout, load_dataset, subsample
+from micronet.data.readers import CIFAR10_CLASSES
 from micronet.errors import MicronetError
 from tests.data.conftest import (
     CLASSES,
@@ -96,13 +97,35 @@ def _npz(tmp_path, n=10, **override):
     ({"labels": np.zeros(10, np.float64)}, "labels must be an integer array, got float64"),
     ({"labels": np.zeros(9, np.int64)}, r"expected 10 labels \(one per image\)"),
     ({"label_names": np.array(CLASSES[:9])}, "expected 10 label names, got 9"),
-    ({"label_names": np.array([{"a": 1}] * 10, dtype=object)}, "object arrays are not allowed"),
 ])
 def test_malformed_npz_files_name_the_file_and_the_key(tmp_path, override, message):
     root = _npz(tmp_path, **override)
     with pytest.raises(MicronetError, match=message) as info:
         load_dataset(root, "train", "cifar102")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("names", [None, np.array([{"a": 1}] * 10, dtype=object)])
+def test_label_names_absent_or_pickled_fall_back_to_cifar10_order(tmp_path, names):
+    # label_names is optional, and an object array would need pickle: the class order is then CIFAR-10's.
+    data = load_dataset(_npz(tmp_path, label_names=names), "train", "cifar102")
+    assert data.classes == CIFAR10_CLASSES and len(data) == 10
+
+
+def test_one_version_of_a_dataset_per_folder(tmp_path):
+    root = _npz(tmp_path)
+    (root / "cifar102_test.npz").unlink()
+    (root / "cifar102_test_py27").write_bytes((root / "cifar102_train.npz").read_bytes())
+    with pytest.raises(MicronetError, match="two versions of cifar102"):
+        load_dataset(root, "test", "cifar102")
+
+
+def test_a_test_only_folder_is_enough_for_evaluation(tmp_path):
+    root = _npz(tmp_path)
+    (root / "cifar102_train.npz").unlink()
+    assert len(load_dataset(root, "test", "cifar102")) > 0
+    with pytest.raises(MicronetError, match="missing cifar102_train.npz"):
+        load_dataset(root, "train", "cifar102")
 
 
 def test_damaged_npz_archives_fail_in_one_line(tmp_path):
@@ -166,8 +189,10 @@ def test_npy_with_a_lying_header_is_refused(tmp_path):
 
 
 def test_missing_files_say_which(tmp_path):
-    (tmp_path / "cifar102_train.npz").write_bytes(b"")
-    with pytest.raises(MicronetError, match="not a cifar102 root: missing .*cifar102_test.npz"):
+    with pytest.raises(MicronetError, match="not a cifar102 root: missing .*cifar102_train.npz.*cifar102_test.npz"):
+        load_dataset(tmp_path, "train", "cifar102")
+    (tmp_path / "cifar102_test.npz").write_bytes(b"")  # a test-only folder: the train split says what it lacks
+    with pytest.raises(MicronetError, match="not a cifar102 root: missing cifar102_train.npz"):
         load_dataset(tmp_path, "train", "cifar102")
 
 

@@ -37,6 +37,23 @@ def test_shipped_pyramidnet_recipe_holds_fast_aa_values():
     assert set(available_recipes()) >= {"micronet2019-densenet", "pyramidnet272-fastaa"}
 
 
+@pytest.mark.parametrize(("name", "model", "epochs", "lr", "wd", "batch"), [
+    # The AutoAugment study's settings (issue: WRN 200/0.1/5e-4/128; Shake-Shake 1800/0.01/1e-3/128;
+    # PyramidNet+ShakeDrop 1800/0.05/5e-5/64), gradient clip 5, AutoAugment's CIFAR-10 policy + Cutout 16.
+    ("autoaugment-wrn28-10", "wrn28_10", 200, 0.1, 5e-4, 128),
+    ("autoaugment-shakeshake26", "shakeshake26_2x96d", 1800, 0.01, 1e-3, 128),
+    ("autoaugment-pyramidnet272", "pyramidnet272_a200", 1800, 0.05, 5e-5, 64),
+])
+def test_shipped_autoaugment_recipes_hold_the_study_settings(name, model, epochs, lr, wd, batch):
+    r = load_recipe(name)
+    s = r.stages["student"]
+    assert r.model == model and (s.epochs, s.lr, s.weight_decay, s.batch_size, s.grad_clip) == (
+        epochs, lr, wd, batch, 5.0)
+    assert r.augment.policy == "autoaugment-cifar10" and r.augment.cutout == 16 and r.augment.crop_padding == 4
+    assert (r.augment.fill, r.augment.pad_fill) == ("mean", "mean")  # zero in normalised space
+    assert r.normalization == "train-stats"
+
+
 def test_repository_recipes_folder_points_at_the_packaged_files():
     root = Path(__file__).resolve().parents[2] / "recipes"
     for name in available_recipes():
