@@ -226,6 +226,7 @@ class Trace:
     modules: dict[str, nn.Module] = field(default_factory=dict)
     output: Any = None
     output_uids: frozenset[int] = frozenset()  # the tensors the forward returned
+    input_shape: tuple[int, ...] = ()
 
 
 def _tensors_in(args: tuple) -> list[Tensor]:
@@ -535,7 +536,7 @@ def _register_model_tensors(
 
 def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits: int) -> Trace:
     """Run ``model(inputs)`` once under the recorder; the model must already be in eval mode."""
-    trace = Trace(batch=int(inputs.shape[0]))
+    trace = Trace(batch=int(inputs.shape[0]), input_shape=tuple(inputs.shape))
     infos = TensorMap()
     uids = itertools.count()
     try:
