@@ -31,7 +31,7 @@ def live_records(trace: Trace) -> set[int]:
     to Python, or updates a stored buffer). Everything else computes something the model throws away.
     """
     live_uids = set(trace.output_uids)
-    live_storage: set[int] = set()
+    live_storage: set[int] = set(trace.output_storages)
     live: set[int] = set()
     for rec in reversed(trace.records):
         keep = (

@@ -226,6 +226,7 @@ class Trace:
     modules: dict[str, nn.Module] = field(default_factory=dict)
     output: Any = None
     output_uids: frozenset[int] = frozenset()  # the tensors the forward returned
+    output_storages: frozenset[int] = frozenset()  # the memory they live in (in-place writes into it count)
     input_shape: tuple[int, ...] = ()
 
 
@@ -549,6 +550,7 @@ def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits
             trace.output = model(inputs)
         flat = [t for t in pytree.tree_leaves(trace.output) if isinstance(t, Tensor)]
         trace.output_uids = frozenset(info.uid for t in flat if (info := infos.get(t)) is not None)
+        trace.output_storages = frozenset(_storage_of(t) for t in flat)
     finally:
         infos.close()
     return trace
