@@ -48,4 +48,4 @@ def test_in_place_work_on_a_live_tensor_stays_live():
             return y
 
     report = score(InPlace().eval(), input_shape=(1, 4))
-    assert not report.dead and report.by_kind()["mul"]["mults_raw"] == 4 + 2
+    assert not report.dead and report.mults_raw == 4 + 2
