@@ -145,6 +145,9 @@ def score(
     # Every model, float or compressed, is scored as it deploys: its integer form, BN folded (a deep copy,
     # so resetting gate counters and the train-mode parameter trace leave the caller's model alone).
     target = deploy_form(model)
+    # torch.ao fake-quantizers keep observing while they run: freeze their ranges on this copy, so scoring
+    # prices the quantization the model has instead of re-calibrating it on the synthetic input.
+    target.apply(torch.ao.quantization.disable_observer)
     dynamic = is_dynamic(target)
     n = samples if samples is not None else (16 if dynamic else 1)
     if n < 1:

@@ -40,7 +40,7 @@ from micronet.compress.integer_modules import ChannelAffine
 from micronet.scoring.accumulators import INT_ACCUMULATORS, accumulate, accumulator_float_bits
 from micronet.scoring.policy import Policy
 from micronet.scoring.storage import ParamUse, block_of, block_rows, stored_sparse
-from micronet.scoring.trace import DATA_MOVEMENT, OpRecord, TensorRef, Trace
+from micronet.scoring.trace import AO_FAKE_QUANT, DATA_MOVEMENT, OpRecord, TensorRef, Trace
 
 
 @dataclass
@@ -862,3 +862,27 @@ def pow_cost(rec: OpRecord, ctx: CostContext) -> Cost:
         dyn = [r for r in (base, exponent) if isinstance(r, TensorRef)]
         ops, bits = 3, max(r.bits for r in dyn)
     return Cost("pow", shape=rec.outputs[0].shape, input_bits=bits).mul(ops * n, bits)
+
+
+@register(*AO_FAKE_QUANT)
+def ao_fake_quant_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """torch.ao fake-quantize: on a dynamic tensor 2 mults (into and out of the code scale) + quantizer_ops
+    (round + clamp) per element at its input width, +1 add per element for a nonzero zero-point; on a weight
+    nothing (folded). Its scale (float width) and zero-point (code width) are stored parameters."""
+    x, out = rec.args[0], rec.outputs[0]
+    _, _, scale_at, zp_at = AO_FAKE_QUANT[rec.op]
+    cost = Cost("quant", shape=out.shape, input_bits=x.bits, params=[])
+    for at, code_width in ((scale_at, False), (zp_at, True)):
+        ref = rec.args[at] if len(rec.args) > at else None
+        if isinstance(ref, TensorRef) and ref.static and ref.info.stored:
+            use = ctx.param(ref, module=rec.module)
+            if code_width:
+                use.bits = out.bits
+            cost.params.append(use)
+    if x.static:
+        return cost
+    cost.mul((2 + ctx.policy.quantizer_ops) * out.numel, x.bits)
+    zp = rec.args[zp_at] if len(rec.args) > zp_at else None
+    if isinstance(zp, TensorRef) and zp.value is not None and bool(zp.value.ne(0).any()):
+        cost.add(out.numel, _first(ctx.policy.add_bits, x.bits))
+    return cost
