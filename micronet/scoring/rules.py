@@ -40,7 +40,7 @@ from micronet.compress.integer_modules import ChannelAffine
 from micronet.scoring.accumulators import INT_ACCUMULATORS, accumulate, accumulator_float_bits
 from micronet.scoring.policy import Policy
 from micronet.scoring.storage import ParamUse, block_of, block_rows, stored_sparse
-from micronet.scoring.trace import AO_FAKE_QUANT, DATA_MOVEMENT, OpRecord, TensorRef, Trace
+from micronet.scoring.trace import AO_FAKE_QUANT, DATA_MOVEMENT, OpRecord, TensorRef, Trace, dtype_bits
 
 
 @dataclass
@@ -886,3 +886,120 @@ def ao_fake_quant_cost(rec: OpRecord, ctx: CostContext) -> Cost:
     if isinstance(zp, TensorRef) and zp.value is not None and bool(zp.value.ne(0).any()):
         cost.add(out.numel, _first(ctx.policy.add_bits, x.bits))
     return cost
+
+
+# --------------------------------------------------------------------------------------------------
+# Converted torch.ao quantized models: packed weights are read through their public ``unpack()``.
+
+
+def _packed_weight(rec: OpRecord) -> tuple[Tensor, Tensor | None] | None:
+    packed = next((a for a in rec.args if isinstance(a, torch.ScriptObject) and hasattr(a, "unpack")), None)
+    return packed.unpack() if packed is not None else None
+
+
+def _qparam_uses(name: str, w: Tensor, ctx: CostContext) -> list[ParamUse]:
+    """Quantizer scales (float width) and zero-points (code width) of a quantized weight."""
+    if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric, torch.per_channel_affine_float_qparams):
+        n = w.q_per_channel_scales().numel()
+    else:
+        n = 1
+    bits = dtype_bits(w.dtype, 32)
+    return [ParamUse((name, "scale"), f"{name}:scale", n, ctx.policy.float_bits),
+            ParamUse((name, "zero_point"), f"{name}:zero_point", n, bits)]
+
+
+def _requantize(ctx: CostContext, n: int, shape: tuple[int, ...], bits: int, module: str | None = None) -> Cost:
+    return Cost("quant", shape=shape, input_bits=bits, module=module, params=[]).mul(
+        (1 + ctx.policy.quantizer_ops) * n, 32)
+
+
+@register("quantized::conv2d", "quantized::conv2d_relu", "quantized::conv1d", "quantized::conv1d_relu",
+          "quantized::linear", "quantized::linear_relu", "quantized::linear_dynamic",
+          "quantized::linear_relu_dynamic")
+def quantized_layer_cost(rec: OpRecord, ctx: CostContext) -> list[Cost] | None:
+    """A converted int8 conv/linear: the dot products at max(activation, weight) code width (nonzero codes,
+    adds by the policy's accumulator), +1 add per output for the bias; then requantisation (1 mult + round and
+    clamp per output). Dynamic linears also quantize their input (2 comparisons for its range, 1 mult + round
+    and clamp per element). Stored: weight codes, bias, weight scales/zero-points, output scale/zero-point."""
+    unpacked = _packed_weight(rec)
+    if unpacked is None:
+        return None
+    w, bias = unpacked
+    x, out = rec.args[0], rec.outputs[0]
+    dynamic_input = rec.op.endswith("_dynamic")
+    linear = "linear" in rec.op
+    c_out = w.shape[0]
+    dense_k = w[0].numel()
+    codes = w.int_repr().float() - (w.q_per_channel_zero_points().reshape(-1, *([1] * (w.dim() - 1))).float()
+                                    if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+                                    else float(w.q_zero_point()))
+    w_bits = dtype_bits(w.dtype, 32)
+    a_bits = 8 if dynamic_input else x.bits
+    name = f"{rec.module or '(root)'}.weight"
+    use = ParamUse(name, name, codes.numel(), w_bits, codes, True, None)
+    nnz = _nnz_rows(codes, c_out)
+    use.nnz = sum(nnz)
+    if not stored_sparse(use, ctx.policy.mask):
+        nnz = [dense_k] * c_out
+    positions = out.numel // (out.shape[-1] if linear else out.shape[1]) if len(out.shape) > 1 else 1
+    mode = ctx.policy.accumulator_for(linear)
+    cost = Cost("linear" if linear else "conv", shape=tuple(w.shape), input_bits=a_bits, weight_bits=w_bits,
+                params=[use, *_qparam_uses(name, w, ctx)])
+    cost.mul(sum(nnz) * positions, max(a_bits, w_bits))
+    adds, bitops = accumulate(mode, nnz, dense_k, a_bits, w_bits, True)
+    cost.adds += adds * positions
+    cost.add_bitops += bitops * positions
+    if bias is not None:
+        cost.add(sum(1 for n in nnz if n > 0) * positions, accumulator_float_bits(mode))
+        cost.params.append(ParamUse(f"{name}:bias", f"{name}:bias", bias.numel(), dtype_bits(bias.dtype, 32)))
+    cost.weight_numel, cost.weight_nnz = codes.numel(), use.nnz
+    costs = [cost]
+    if dynamic_input:
+        q_in = Cost("quant", shape=x.shape, input_bits=x.bits, params=[])
+        q_in.mul((3 + ctx.policy.quantizer_ops) * x.numel, x.bits)
+        costs.append(q_in)
+        costs.append(Cost("quant", shape=out.shape, input_bits=32, params=[]).mul(out.numel, 32))  # dequantise
+    else:
+        requant = _requantize(ctx, out.numel, out.shape, 32)
+        requant.params = [ParamUse(f"{name}:out_qparams", f"{name}:output scale,zero_point", 1, ctx.policy.float_bits),
+                          ParamUse(f"{name}:out_zp", f"{name}:output zero_point", 1, out.bits)]
+        costs.append(requant)
+    return costs
+
+
+@register("aten::quantize_per_tensor", "aten::quantize_per_channel", "aten::quantize_per_tensor_dynamic")
+def quantize_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """Float -> int codes: 1 mult (by 1/scale) + round and clamp per element, +1 add for the zero-point;
+    its scale and zero-point are stored."""
+    x, out = rec.args[0], rec.outputs[0]
+    cost = Cost("quant", shape=out.shape, input_bits=x.bits, params=[])
+    cost.mul((1 + ctx.policy.quantizer_ops) * out.numel, x.bits).add(out.numel, _first(ctx.policy.add_bits, x.bits))
+    for i, ref in enumerate(rec.args[1:3]):
+        if isinstance(ref, TensorRef) and ref.static and ref.info.stored:
+            use = ctx.param(ref, module=rec.module)
+            if i == 1:
+                use.bits = out.bits
+            cost.params.append(use)
+    return cost
+
+
+@register("aten::dequantize")
+def dequantize_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """Int codes -> float: subtract the zero-point (1 add) and scale (1 mult) per element."""
+    x, out = rec.args[0], rec.outputs[0]
+    return Cost("quant", shape=out.shape, input_bits=x.bits).mul(out.numel, 32).add(out.numel, 32)
+
+
+@register("quantized::add", "quantized::add_relu", "quantized::mul", "quantized::mul_relu")
+def quantized_binary_cost(rec: OpRecord, ctx: CostContext) -> list[Cost]:
+    """Add/mul of two quantized tensors: 1 add (or mult) at their code width, then both rescaled and the
+    result requantised: 2 mults + 1 mult + round and clamp per element."""
+    a, b, out = rec.args[0], rec.args[1], rec.outputs[0]
+    bits = max(ctx.operand_bits(a), ctx.operand_bits(b))
+    op = Cost("add" if "add" in rec.op else "mul", shape=out.shape, input_bits=bits, params=[])
+    if "add" in rec.op:
+        op.add(out.numel, bits)
+    else:
+        op.mul(out.numel, bits)
+    op.mul(2 * out.numel, 32)
+    return [op, _requantize(ctx, out.numel, out.shape, bits)]

@@ -79,3 +79,50 @@ def test_half_precision_weights_are_charged_at_16_bits():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4)).eval()
     full, half = score(model, input_shape=(1, 12)), score(copy.deepcopy(model).half(), input_shape=(1, 12))
     assert full.params == 52 and half.params == 26
+
+
+class Stubbed(Net):
+    def __init__(self):
+        super().__init__()
+        self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+
+    def forward(self, x):
+        return self.dequant(super().forward(self.quant(x)))
+
+
+def test_converted_int8_model_scores_like_micronets_w8a8():
+    torch.manual_seed(0)
+    base = Stubbed().eval()
+    own = copy.deepcopy(base)
+    # W8A8 everywhere, as torch.ao's eager convert does (the image and the FC included).
+    config = QuantConfig(weight_bits=8, act_bits=8, fc_weight_bits=8, quantize_first_input=True,
+                         quantize_fc_input=True)
+    quantize_(own, config, calibration_data=torch.randn(8, 3, 32, 32))
+    converted = copy.deepcopy(base)
+    converted.qconfig = tq.get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tq.prepare(converted, inplace=True)
+        converted(torch.randn(8, 3, 32, 32))
+        tq.convert(converted, inplace=True)
+    a, b = score(converted), score(own.eval())
+    # What differs: the converted model requantises every layer's output with a stored output scale and
+    # runs ReLU/pool on int8 codes; micronet's folds the scales into per-channel affines on float outputs.
+    assert a.complete and a.quantized and a.params > 0
+    conv = [r for r in a.layers if r.kind == "conv"]
+    assert conv and all(r.weight_bits == 8 and r.input_bits == 8 for r in conv)
+    assert a.score == pytest.approx(b.score, rel=0.02)
+
+
+def test_quantize_dynamic_is_never_scored_with_zero_params():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dyn = tq.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    r = score(dyn, input_shape=(1, 12))
+    assert r.complete and r.quantized
+    # int8 weight codes (12x8 + 8x4), fp32 biases, one scale + zero-point per tensor
+    linear = r.by_kind()["linear"]
+    assert linear["params"] == ((12 * 8 + 8 * 4) * 8 + (8 + 4) * 32 + 2 * (32 + 8)) / 32
+    assert linear["mults_raw"] == 12 * 8 + 8 * 4
