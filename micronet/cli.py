@@ -101,7 +101,13 @@ def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool
 
 @main.command("score")
 @click.argument("checkpoint", required=False, type=click.Path(dir_okay=False))
-@click.option("--model", "-m", "model_name", help="Zoo model or spec (default: densenet100_k12 projected).")
+@click.option("--model", "-m", "model_name",
+              help="Zoo model or spec, torchvision:NAME, timm:NAME, module.path:callable or file.py:callable "
+                   "(default: densenet100_k12 projected).")
+@click.option("--model-arg", "model_arg_items", multiple=True, metavar="KEY=VALUE",
+              help="Keyword argument for an external model's factory (repeatable).")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow CHECKPOINT to be a whole pickled module; unpickling runs code from the file.")
 @click.option("--format", "file_format", default="auto", show_default=True,
               type=_FORMAT, help="Checkpoint format.")
 @click.option("--recipe", help="Project a recipe's compression onto the untrained --model.")
@@ -109,20 +115,30 @@ def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool
               help="Accounting policy: official, freebie16, riair2019-t0..t6, or a YAML file.")
 @click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="Override a policy field (repeatable).")
 @click.option("--track", default="cifar100", show_default=True, type=click.Choice(list(TRACKS)))
-@click.option("--input-size", default=32, show_default=True, type=click.IntRange(1), help="Input height = width.")
+@click.option("--input-size", default=None, metavar="H[xW]",
+              help="Input image size (default: the track's, cifar100 32, imagenet 224).")
+@click.option("--input-shape", default=None, metavar="D1xD2...",
+              help="Example shape without batch for non-image models, e.g. 16x64 (sequence of 16 x 64).")
+@click.option("--strict", is_flag=True, help="Fail (exit 2) when any op has no cost rule.")
 @click.option("--samples", type=int, help="Examples to average ops over (dynamic nets; default 16 for them).")
 @click.option("--data-root", type=click.Path(file_okay=False), help="Real test images for dynamic nets.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the per-layer rows as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw per-layer contributions (PNG).")
 @click.option("--all-rows", is_flag=True, help="Print every layer row (default: the first 40).")
-def score_command(checkpoint, model_name, file_format, recipe, policy, sets, track, input_size, samples, data_root,
-                  as_json, csv_path, plot_path, all_rows) -> None:
+def score_command(checkpoint, model_name, model_arg_items, trust_pickle, file_format, recipe, policy, sets, track,
+                  input_size, input_shape, strict, samples, data_root, as_json, csv_path, plot_path, all_rows) -> None:
     """Score a model by the MicroNet rules: params and ops in 32-bit units, per layer."""
     overrides = parse_overrides(sets)
-    target, name, notes = _score_target(checkpoint, model_name, file_format, recipe)
+    model_args = io.parse_model_args(model_arg_items)
+    size = _dims(input_size, "--input-size") if input_size else None
+    if size is not None and len(size) not in (1, 2):
+        raise MicronetError(f"--input-size must be H or HxW, got {input_size!r}")
+    shape = (1, *_dims(input_shape, "--input-shape")) if input_shape else None
+    target, name, notes = _score_target(checkpoint, model_name, file_format, recipe, trust_pickle, model_args)
     data = io.checkpoint_test_images(checkpoint, data_root, samples or 16) if data_root else None
-    report = score(target, policy, track, input_size, samples=samples, data=data, model_name=name, **overrides)
+    report = score(target, policy, track, None if size is None else (size[0], size[-1]), samples=samples, data=data,
+                   input_shape=shape, strict=strict, model_name=name, **overrides)
     report.notes[:0] = notes
     if csv_path:
         report.write_csv(csv_path)
@@ -131,26 +147,39 @@ def score_command(checkpoint, model_name, file_format, recipe, policy, sets, tra
     click.echo(report.to_json() if as_json else report.table(None if all_rows else 40))
 
 
+def _dims(text: str, option: str) -> tuple[int, ...]:
+    """'224', '160x224' or '16,64' -> positive ints, else a one-line error."""
+    parts = text.replace(",", "x").lower().split("x")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        raise MicronetError(f"{option} expects integers like 224 or 160x224, got {text!r}") from None
+    if any(d < 1 for d in dims):
+        raise MicronetError(f"{option} dimensions must be positive, got {text!r}")
+    return dims
+
+
 def _storage_bytes(model: nn.Module) -> int:
     """The challenge's storage figure of ``model``: its scored params (32-bit units) x 4 bytes."""
     return round(float(score(model).params) * 4)
 
 
 def _score_target(checkpoint: str | None, model: str | None, format: str, recipe: str | None,
-                  ) -> tuple[nn.Module, str, list[str]]:
+                  trust_pickle: bool = False, model_args: dict | None = None) -> tuple[nn.Module, str, list[str]]:
     """What `score` scores: a file, a zoo model (optionally projected through a recipe), or by default
     ``densenet100_k12`` under the 2019 recipe's compression. Returns (model, name, notes)."""
     if checkpoint is not None:
         if recipe is not None:
             raise MicronetError("--recipe projects an untrained zoo model; it cannot be combined with a checkpoint")
-        loaded = io.load_model(checkpoint, format=format, model=model)
+        loaded = io.load_model(checkpoint, format=format, model=model, trust_pickle=trust_pickle,
+                               model_args=model_args)
         spec = getattr(loaded, "micronet_spec", None) or {}
         return loaded, f"{Path(checkpoint).name} ({spec.get('name', type(loaded).__name__)})", []
     name = model or "densenet100_k12"
     with torch.random.fork_rng(devices=[]):
         # Untrained weights decide where global pruning puts the zeros: seed them so the figures repeat.
         torch.manual_seed(0)
-        net = io.create_model(name)
+        net = io.create_model(name, model_args=model_args)
     if model is not None and recipe is None:
         return net, name, []
     projection = projection_from_recipe(recipe)

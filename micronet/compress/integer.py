@@ -309,6 +309,15 @@ def _scaled_layer(layer: nn.Module, affine: ChannelAffine) -> nn.Module:
     return new
 
 
+def _unused_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose results never reach the graph's output (and have no side effect)."""
+    needed: set[fx.Node] = set()
+    for node in reversed(graph.nodes):
+        if node.op == "output" or node.is_impure() or any(user in needed for user in node.users):
+            needed.add(node)
+    return {n for n in graph.nodes if n not in needed}
+
+
 class _Peephole:
     """One graph's merge state: the call sites of each module path and the paths whose module changed."""
 
@@ -328,6 +337,9 @@ class _Peephole:
     def run(self) -> set[str]:
         """Apply the rules until none applies; returns the module paths whose module changed or went away."""
         gm = self.gm
+        # Work the model itself computes and throws away stays in the deploy form, so that the scorer can show
+        # it (its `dead` section) instead of this pass hiding it; only what the rewrites orphan is removed.
+        originally_dead = _unused_nodes(gm.graph)
         # Whole passes in graph order until one changes nothing: each rewrite only touches a node and its
         # producer, so later nodes of the same pass can still be visited (restarting after every rewrite was
         # quadratic: seconds on DenseNet-BC-100).
@@ -341,7 +353,7 @@ class _Peephole:
                     changed = True
                     if getattr(node, "_erased", False):
                         break
-        gm.graph.eliminate_dead_code()
+        gm.graph.eliminate_dead_code(is_impure_node=lambda n: n in originally_dead or n.is_impure())
         gm.delete_all_unused_submodules()
         gm.recompile()
         return self.changed

@@ -15,8 +15,8 @@ name                    files under ``--data-root``                             
 
 The ``_py27`` files are CIFAR-style pickles (``data`` N×3072 uint8 channel-planar, ``labels``) written by
 Python 2 (str keys) or re-written by Python 3 (bytes keys); both load. All ten-class sets use CIFAR-10's
-class order (the npz's ``label_names`` when present as a string array). The sizes are those of the published files; smaller
-files load too.
+class order (the npz's ``label_names`` when present as a string array). The sizes are those of the published
+files; smaller files load too.
 """
 
 from __future__ import annotations

@@ -6,9 +6,15 @@ all load through it), and that knows how each format expects its images normalis
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
+import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from micronet import models
@@ -21,8 +27,108 @@ from micronet.io.riair2019 import build_riair2019, looks_like_riair2019
 FORMATS = ("auto", "micronet", "state_dict", "riair2019")
 
 
-def create_model(name: str, num_classes: int = 100) -> nn.Module:
-    """Build a zoo model by name or spec string, with a one-line error for unknown names."""
+EXTERNAL_PREFIXES = ("torchvision:", "timm:")
+
+
+def is_external_spec(name: str) -> bool:
+    """True for ``torchvision:NAME``, ``timm:NAME``, ``module.path:callable`` and ``file.py:callable``
+    (a zoo spec ``FAMILY:key=value`` is not one)."""
+    if name.startswith(EXTERNAL_PREFIXES):
+        return True
+    if ":" not in name:
+        return False
+    left, right = name.rsplit(":", 1)
+    if left.endswith(".py"):
+        return True
+    return "=" not in right and left not in models.list_families() and right.isidentifier()
+
+
+def parse_model_args(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> keyword arguments; values are Python literals (3, 0.5, True, 'x') or text."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise MicronetError(f"--model-arg {item!r} must look like KEY=VALUE (e.g. num_classes=10)")
+        key, text = (part.strip() for part in item.split("=", 1))
+        if not key.isidentifier():
+            raise MicronetError(f"--model-arg key {key!r} is not a Python identifier")
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
+
+
+def _factory(spec: str) -> tuple[Any, str]:
+    """The callable a spec names, and a readable name for errors."""
+    if spec.startswith("torchvision:"):
+        # torchvision is a dependency of the scorer's users, not of micronet: import it only when asked for.
+        import torchvision
+
+        name = spec.split(":", 1)[1]
+        names = torchvision.models.list_models(module=torchvision.models)
+        if name not in names:
+            raise MicronetError(f"unknown torchvision classification model {name!r} (e.g. {', '.join(names[:5])}, ...)")
+        return (lambda **kw: torchvision.models.get_model(name, **{"weights": None, **kw})), spec
+    if spec.startswith("timm:"):
+        try:
+            import timm  # optional extra: pip install 'micronet[timm]'
+        except ImportError:
+            raise MicronetError("timm is not installed: pip install timm (or 'micronet[timm]')") from None
+        name = spec.split(":", 1)[1]
+        if name not in timm.list_models():
+            raise MicronetError(f"unknown timm model {name!r}")
+        return (lambda **kw: timm.create_model(name, **{"pretrained": False, **kw})), spec
+    where, attr = spec.rsplit(":", 1)
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise MicronetError(f"model file not found: {path}")
+        module_name = f"_micronet_user_model_{abs(hash(str(path.resolve())))}"
+        try:
+            loader_spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[module_name] = module  # dataclasses and pickling look their module up here
+            loader_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise MicronetError(f"importing {path} failed: {type(exc).__name__}: {_first_line(exc)}") from None
+    else:
+        try:
+            module = importlib.import_module(where)
+        except Exception as exc:
+            raise MicronetError(f"cannot import module {where!r}: {type(exc).__name__}: {_first_line(exc)}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise MicronetError(f"{where} has no callable {attr!r}")
+    return fn, spec
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
+
+
+def build_external(spec: str, model_args: dict[str, Any] | None = None) -> nn.Module:
+    """Build a model from ``torchvision:NAME``, ``timm:NAME``, ``module.path:callable`` or ``file.py:callable``,
+    called with ``model_args`` as keywords (none by default)."""
+    fn, name = _factory(spec)
+    try:
+        model = fn(**(model_args or {}))
+    except MicronetError:
+        raise
+    except Exception as exc:
+        raise MicronetError(f"building {name} failed: {type(exc).__name__}: {_first_line(exc)}") from None
+    if not isinstance(model, nn.Module):
+        raise MicronetError(f"{name} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def create_model(name: str, num_classes: int = 100, model_args: dict[str, Any] | None = None) -> nn.Module:
+    """Build a zoo model by name or spec string, or an external one (see ``build_external``), with a one-line
+    error for unknown names."""
+    if is_external_spec(name):
+        return build_external(name, model_args)
+    if model_args:
+        raise MicronetError("--model-arg applies to torchvision:, timm:, module:callable and file.py:callable models")
     try:
         return models.create(name, num_classes=num_classes)
     except MicronetError:
@@ -31,8 +137,11 @@ def create_model(name: str, num_classes: int = 100) -> nn.Module:
         raise MicronetError(f"unknown model {name!r}: {exc}") from None
 
 
-def _model_for_state(name: str, state: dict[str, Tensor]) -> nn.Module:
-    """The zoo model ``name`` with as many classes as the state_dict's classifier has rows."""
+def _model_for_state(name: str, state: dict[str, Tensor], model_args: dict[str, Any] | None = None) -> nn.Module:
+    """The zoo model ``name`` with as many classes as the state_dict's classifier has rows (an external model
+    is built as its factory says)."""
+    if is_external_spec(name):
+        return build_external(name, model_args)
     # Which layer is the classifier is read off a shape-only build, so the real model is built once.
     fc = classifier_name(models.build_for_sizing(lambda: create_model(name)))
     rows = state.get(f"{fc}.weight")
@@ -54,9 +163,38 @@ def detect_format(path: str | Path) -> str:
     return "riair2019" if looks_like_riair2019(load_state_dict_file(path)) else "state_dict"
 
 
-def load_model(path: str | Path, format: str = "auto", model: str | None = None, **riair_kwargs: Any) -> nn.Module:
-    """Load a model from a micronet checkpoint, a plain state_dict (``model`` names the architecture) or a
-    riair2019 merged checkpoint. Errors are one-line MicronetErrors."""
+def _load_pickled_module(path: Path) -> nn.Module | dict[str, Tensor]:
+    """A whole pickled module (or a checkpoint dict around a state_dict) — unpickling runs code from the file,
+    so only on the user's explicit --trust-pickle."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError, ModuleNotFoundError) as exc:
+        raise MicronetError(f"cannot unpickle {path}: {type(exc).__name__}: {_first_line(exc)}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), nn.Module):
+        obj = obj["model"]
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if isinstance(obj, nn.Module) or (isinstance(obj, dict) and all(isinstance(v, Tensor) for v in obj.values())):
+        return obj
+    raise MicronetError(f"{path} holds a {type(obj).__name__}, neither a module nor a state_dict")
+
+
+def _holds_pickled_objects(path: Path) -> bool:
+    """Whether torch's safe (weights-only) unpickler refused the file for holding objects other than tensors."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return True
+    except Exception:  # truncated, not a torch file at all, ...: the caller's own error says so
+        return False
+    return False
+
+
+def load_model(path: str | Path, format: str = "auto", model: str | None = None, *, trust_pickle: bool = False,
+               model_args: dict[str, Any] | None = None, **riair_kwargs: Any) -> nn.Module:
+    """Load a model from a micronet checkpoint, a plain state_dict (``model`` names the architecture: zoo or
+    external spec), a riair2019 merged checkpoint, or with ``trust_pickle`` a whole pickled module. Errors are
+    one-line MicronetErrors."""
     path = Path(path)
     if format not in FORMATS:
         raise MicronetError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
@@ -68,12 +206,23 @@ def load_model(path: str | Path, format: str = "auto", model: str | None = None,
         return load(path).model
     if format == "micronet":
         raise MicronetError(f"{path} is not a micronet checkpoint (no micronet metadata)")
-    state = load_state_dict_file(path)
+    try:
+        state = load_state_dict_file(path)
+    except MicronetError:
+        if not _holds_pickled_objects(path):
+            raise
+        if not trust_pickle:
+            raise MicronetError(f"{path} holds pickled Python objects (e.g. a whole model), not just tensors; if you "
+                                "trust the file, pass --trust-pickle (unpickling runs code from the file)") from None
+        loaded = _load_pickled_module(path)
+        if isinstance(loaded, nn.Module):
+            return loaded
+        state = loaded
     if format == "riair2019" or (format == "auto" and looks_like_riair2019(state)):
         return build_riair2019(state, source=str(path), **riair_kwargs)
     if model is None:
         raise MicronetError(f"{path} is a plain state_dict: name its architecture with --model")
-    return load_into(_model_for_state(model, state), state, source=str(path))
+    return load_into(_model_for_state(model, state, model_args), state, source=str(path))
 
 
 def checkpoint_normalization(path: str | Path, format: str = "auto") -> Normalization:

@@ -1,15 +1,61 @@
-"""Turn traces into report rows: apply the cost rules, charge each stored tensor once, average examples."""
+"""Turn traces into report rows: apply the cost rules, charge each stored tensor once, average examples.
+
+Only the work inference needs is charged: an op whose results cannot reach the model's outputs (nor Python
+control flow, nor a stored buffer) is dead, and so is a parameter only dead ops read; both are listed under
+``dead`` with what they would have cost. torch.ao observers and the bookkeeping inside fake-quantize modules
+are free; their quantize-dequantize ops are priced (rules.py).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+import torch
+from torch.ao.quantization import FakeQuantizeBase, ObserverBase
+
 from micronet.scoring.policy import Policy
 from micronet.scoring.report import LayerRow
 from micronet.scoring.rules import FREE_OPS, RULES, Cost, CostContext
 from micronet.scoring.storage import ParamUse, storage_bits
-from micronet.scoring.trace import QUANTIZERS, Trace
+from micronet.scoring.trace import AO_FAKE_QUANT, ESCAPES, QUANTIZERS, OpRecord, Trace
+
+_QUANTIZED_DTYPES = (torch.quint8, torch.qint8, torch.qint32, torch.quint4x2, torch.quint2x4)
+
+
+def live_records(trace: Trace) -> set[int]:
+    """Indices of the records whose results can reach the output, Python control flow or a stored buffer.
+
+    A backward sweep: an op is live when a live op reads one of its outputs, when it writes in place into
+    memory a live op reads later (views share storage), or when it is a root (returns no tensor, hands a value
+    to Python, or updates a stored buffer). Everything else computes something the model throws away.
+    """
+    live_uids = set(trace.output_uids)
+    live_storage: set[int] = set(trace.output_storages)
+    live: set[int] = set()
+    for rec in reversed(trace.records):
+        keep = (
+            rec.op in ESCAPES
+            or not rec.outputs
+            or any(o.uid in live_uids for o in rec.outputs)
+            or bool(rec.writes and (rec.writes & live_storage or any(r.static and r.info.stored for r in rec.inputs)))
+        )
+        if keep:
+            live.add(rec.index)
+            live_uids.update(r.uid for r in rec.inputs)
+            live_storage.update(rec.reads)
+    return live
+
+
+def _is_quantizing(rec: OpRecord) -> bool:
+    """Whether this op shows the model is quantized (a quantizer, integer codes, a torch.ao quantized tensor)."""
+    return (
+        rec.op in QUANTIZERS
+        or rec.op in AO_FAKE_QUANT
+        or any(r.info.codes and r.static for r in rec.inputs)
+        or any(r.dtype in _QUANTIZED_DTYPES for r in rec.inputs)
+        or any(isinstance(a, torch.ScriptObject) for a in rec.args)
+    )
 
 
 @dataclass
@@ -21,6 +67,7 @@ class Accounts:
     free_ops: dict[str, int] = field(default_factory=dict)
     quantized: bool = False
     examples: int = 0
+    dead: list[dict] = field(default_factory=list)
 
 
 def account(traces: list[Trace], policy: Policy, param_traces: list[Trace] | tuple = ()) -> Accounts:
@@ -36,6 +83,8 @@ def account(traces: list[Trace], policy: Policy, param_traces: list[Trace] | tup
     free: dict[str, int] = {}
     quantized = False
     examples = sum(t.batch for t in traces)
+    dead: dict[tuple[str, str], dict] = {}
+    dead_params: dict[tuple[str, str], dict] = {}  # per dead row: ParamUse by key
 
     def row_for(module: str, kind: str, cost: Cost | None) -> tuple[str, str]:
         key = (module, kind)
@@ -70,11 +119,41 @@ def account(traces: list[Trace], policy: Policy, param_traces: list[Trace] | tup
     for trace in [*traces, *param_traces]:
         ops_count = trace not in param_traces
         ctx = CostContext(policy, trace)
+        live = live_records(trace)
         for rec in trace.records:
-            if ops_count and (rec.op in QUANTIZERS or any(r.info.codes and r.static for r in rec.inputs)):
+            if ops_count and _is_quantizing(rec):
                 quantized = True
+            module = ctx.module(rec)
+            if isinstance(module, ObserverBase | FakeQuantizeBase) and rec.op not in AO_FAKE_QUANT:
+                # Range tracking and its flags: quantizer bookkeeping, not model work.
+                free["observer " + rec.op] = free.get("observer " + rec.op, 0) + 1
+                continue
             if not rec.dynamic:
+                if rec.op in AO_FAKE_QUANT and rec.index in live:
+                    # A weight's fake-quantizer folds away at deploy time, but its scale and zero-point are stored.
+                    rule = RULES.get(rec.op)
+                    cost = rule(rec, ctx) if rule is not None else None
+                    if cost is not None and not isinstance(cost, list) and cost.params:
+                        charge_params(row_for(rec.module, "quant", None), cost.params)
                 continue  # folded at deploy time
+            if rec.index not in live:
+                if ops_count:
+                    rule = RULES.get(rec.op)
+                    result = rule(rec, ctx) if rule is not None else None
+                    costs = result if isinstance(result, list) else [result] if result is not None else []
+                    bitops = sum(c.mult_bitops + c.add_bitops for c in costs)
+                    uses = [u for c in costs for u in (c.params or [])] if costs else []
+                    if costs and all(c.params is None for c in costs):
+                        uses = [ctx.param(r, module=rec.module) for r in rec.inputs if r.static and r.info.stored]
+                    if bitops or uses:
+                        entry = dead.setdefault(
+                            (rec.module, rec.op), {"module": rec.module, "op": rec.op, "count": 0, "bitops": 0}
+                        )
+                        entry["count"] += 1
+                        entry["bitops"] += bitops
+                        for use in uses:
+                            dead_params.setdefault((rec.module, rec.op), {})[use.key] = use
+                continue
             target = rec.args[0] if rec.args else None
             if rec.op.endswith("_") and getattr(target, "static", False) and target.info.stored:
                 # In-place update of a buffer (run statistics, gate counters): bookkeeping, not model work.
@@ -127,9 +206,23 @@ def account(traces: list[Trace], policy: Policy, param_traces: list[Trace] | tup
         row.adds_raw = Fraction(adds, examples)
         row.mult_bitops = Fraction(mult_bitops, examples)
         row.add_bitops = Fraction(add_bitops, examples)
+    dead_rows = []
+    for key, entry in dead.items():
+        uses = [u for u in dead_params.get(key, {}).values() if u.key not in seen_params]
+        param_bits = sum(storage_bits(u, policy.mask)[0] for u in uses)
+        dead_rows.append(
+            {
+                "module": entry["module"],
+                "op": entry["op"],
+                "count": entry["count"] // max(len(traces), 1),
+                "ops": float(Fraction(entry["bitops"], 32 * examples)),
+                "params": param_bits / 32,
+                "param_names": sorted(u.name for u in uses),
+            }
+        )
     kept = [
         r
         for r in rows.values()
         if r.param_bits or r.mult_bitops or r.add_bitops or r.kind == "unknown" or r.mults_raw or r.adds_raw
     ]
-    return Accounts(kept, list(unknown.values()), dict(sorted(free.items())), quantized, examples)
+    return Accounts(kept, list(unknown.values()), dict(sorted(free.items())), quantized, examples, dead_rows)

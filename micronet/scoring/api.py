@@ -26,11 +26,42 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def _synthetic_inputs(samples: int, channels: int, size: int, device: torch.device) -> Iterator[Tensor]:
-    """Deterministic normalised-image-like inputs, one example each."""
+# Input side of each track's images when the caller gives none (CIFAR 32x32, ImageNet 224x224).
+TRACK_INPUT_SIZE = {"cifar100": 32, "imagenet": 224}
+
+
+def _synthetic_inputs(samples: int, shape: tuple[int, ...], device: torch.device,
+                      dtype: torch.dtype = torch.float32) -> Iterator[Tensor]:
+    """Deterministic normalised-image-like inputs of ``shape`` (batch 1 first), one example each."""
     gen = torch.Generator().manual_seed(0)
     for _ in range(samples):
-        yield torch.randn(1, channels, size, size, generator=gen).to(device)
+        yield torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """Floating dtype of the model's first floating parameter (its inputs must match), fp32 if none."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def input_shape_for(
+    track: Track, input_size: int | tuple[int, int] | None, input_shape: tuple[int, ...] | None, in_channels: int
+) -> tuple[int, ...]:
+    """The example shape scored (batch 1 first): ``input_shape`` as given, else an image of ``input_size``
+    (the track's default side when None)."""
+    if input_shape is not None:
+        shape = tuple(int(d) for d in input_shape)
+        if not shape or any(d < 1 for d in shape):
+            raise MicronetError(f"input shape must be positive integers, got {input_shape!r}")
+        return shape if shape[0] == 1 else (1, *shape)
+    if input_size is None:
+        input_size = TRACK_INPUT_SIZE.get(track.name, 32)
+    h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    if h < 1 or w < 1:
+        raise MicronetError(f"input size must be positive, got {input_size!r}")
+    return (1, in_channels, int(h), int(w))
 
 
 def _split_examples(data: Tensor | Iterable[Any], samples: int) -> Iterator[Tensor]:
@@ -76,7 +107,7 @@ def is_dynamic(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _forward_errors(input_size: int) -> Iterator[None]:
+def _forward_errors(input_size: object) -> Iterator[None]:
     """Turn a failing traced forward (e.g. an input size the architecture cannot take) into a one-line error."""
     try:
         yield
@@ -91,36 +122,49 @@ def score(
     model: nn.Module,
     policy: str | Policy = "official",
     track: str | Track = "cifar100",
-    input_size: int = 32,
+    input_size: int | tuple[int, int] | None = None,
     *,
     samples: int | None = None,
     data: Tensor | Iterable[Any] | None = None,
     in_channels: int = 3,
+    input_shape: tuple[int, ...] | None = None,
+    strict: bool = False,
     model_name: str = "",
     **overrides: Any,
 ) -> ScoreReport:
     """Score ``model`` under a policy and track; ops per example (mean over ``samples`` for dynamic nets).
 
-    The caller's model is not modified and no hooks are left behind. ``overrides`` replace policy fields
-    (e.g. ``accumulator="adder_tree"``).
+    ``input_size`` (side, or (H, W)) defaults to the track's (cifar100 32, imagenet 224); ``input_shape``
+    (e.g. ``(1, 16, 64)`` for a sequence model) replaces the image shape. ``strict=True`` raises when any op
+    has no cost rule. The caller's model is not modified and no hooks are left behind. ``overrides`` replace
+    policy fields (e.g. ``accumulator="adder_tree"``).
     """
     pol = resolve_policy(policy, overrides)
     trk = get_track(track)
+    shape = input_shape_for(trk, input_size, input_shape, in_channels)
     # Every model, float or compressed, is scored as it deploys: its integer form, BN folded (a deep copy,
     # so resetting gate counters and the train-mode parameter trace leave the caller's model alone).
     target = deploy_form(model)
+    # torch.ao fake-quantizers keep observing while they run: freeze their ranges on this copy, so scoring
+    # prices the quantization the model has instead of re-calibrating it on the synthetic input.
+    target.apply(torch.ao.quantization.disable_observer)
     dynamic = is_dynamic(target)
     n = samples if samples is not None else (16 if dynamic else 1)
     if n < 1:
         raise MicronetError("--samples must be at least 1")
     device = model_device(target)
+    dtype = _model_dtype(target)
     examples = (
         _split_examples(data, n)
         if data is not None
-        else _synthetic_inputs(n, in_channels, input_size, device)
+        else _synthetic_inputs(n, shape, device, dtype)
     )
+    if input_shape is None:
+        shown_size = str(shape[2]) if shape[2] == shape[3] else f"{shape[2]}x{shape[3]}"
+    else:
+        shown_size = "x".join(map(str, shape))
     traces: list[Trace] = []
-    with _eval_mode(target), _forward_errors(input_size), torch.random.fork_rng(devices=[]):
+    with _eval_mode(target), _forward_errors(shown_size), torch.random.fork_rng(devices=[]):
         _reset_gate_stats(target)
         for x in examples:
             traces.append(
@@ -134,11 +178,13 @@ def score(
             param_traces.append(
                 trace_model(
                     target,
-                    next(_synthetic_inputs(1, in_channels, input_size, device)),
+                    next(_synthetic_inputs(1, shape, device, dtype)),
                     input_bits=pol.model_input_bits,
                     float_bits=pol.float_bits,
                 )
             )
+    if data is not None:
+        shape = tuple(traces[0].input_shape) if traces else shape
     if not traces:
         raise MicronetError("no input examples to score (empty data)")
     acc = account(traces, pol, param_traces)
@@ -161,5 +207,13 @@ def score(
         notes=notes,
         model=model_name or type(model).__name__,
         quantized=acc.quantized,
+        input_shape=tuple(shape),
+        dead=acc.dead,
     )
+    if strict and not report.complete:
+        names = ", ".join(f"{u['op']} in {u['module'] or '(root)'}" for u in report.unknown_ops[:5])
+        raise MicronetError(
+            f"strict scoring: {len(report.unknown_ops)} op(s) have no cost rule ({names}); the score would be "
+            "a lower bound"
+        )
     return report

@@ -22,7 +22,8 @@ ACCUMULATORS = (
     "int_tree_final_cap16",
     "adder_tree",
 )
-MASK_MODES = ("if_sparse", "always", "cheapest")
+# "if_sparse" is the older name of "always_if_sparse" (kept so saved policies and YAML files still load).
+MASK_MODES = ("cheapest", "always_if_sparse", "if_sparse", "always")
 BN_MODES = ("fold", "unfold")
 
 
@@ -48,9 +49,10 @@ class Policy:
     # both operands are integer codes; a float operand falls back to fp32 accumulation.
     accumulator: str = "fp32"
     linear_accumulator: str | None = None  # None = accumulator
-    # Sparse conv/linear weights: stored as nonzeros + bitmask when sparse (if_sparse, the reference
-    # counter), always with a mask (RIAIR), or whichever of dense/sparse storage is smaller (cheapest).
-    mask: str = "if_sparse"
+    # Sparse conv/linear weights: stored as nonzeros + bitmask whichever of dense/sparse storage is smaller
+    # (cheapest: no entrant stores a 99.99%-dense tensor sparse, so a stray exact zero costs nothing), whenever
+    # the tensor has a zero (always_if_sparse, the reference counter's literal rule), or always (RIAIR).
+    mask: str = "cheapest"
     # Ops per element for an activation quantizer (round + clamp) on a dynamic tensor, at its input width.
     quantizer_ops: int = 1
     # BatchNorm (and any constant scale) that the deploy form (compress.deploy_form) folded into the float

@@ -120,6 +120,13 @@ class ScoreReport:
     notes: list[str] = field(default_factory=list)
     model: str = ""
     quantized: bool = False
+    input_shape: tuple[int, ...] = ()  # one example's shape, batch 1 first
+    dead: list[dict[str, Any]] = field(default_factory=list)  # work whose result never reaches the output
+
+    @property
+    def complete(self) -> bool:
+        """True when every op had a cost rule (otherwise the totals are a lower bound)."""
+        return not self.unknown_ops
 
     # Totals: sums of the rows, so the table always adds up.
     @property
@@ -209,6 +216,9 @@ class ScoreReport:
                 "model": self.track.baseline_model,
             },
             "quantized": self.quantized,
+            "complete": self.complete,
+            "input_shape": list(self.input_shape),
+            "input_size": list(self.input_shape[2:]) if len(self.input_shape) == 4 else None,
             "samples": self.samples,
             "gate_rates": self.gate_rates,
             "notes": self.notes,
@@ -216,6 +226,7 @@ class ScoreReport:
             "by_kind": self.by_kind(),
             "unknown_ops": self.unknown_ops,
             "free_ops": self.free_ops,
+            "dead": self.dead,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -284,7 +295,10 @@ class ScoreReport:
             f"  (32-bit units per example; raw {int(self.mults_raw):,} mults, {int(self.adds_raw):,} adds)"
             f"   op score {self.op_score:.6f}"
         )
-        parts.append(f"score   {self.score:.6f}")
+        bound = "" if self.complete else "   LOWER BOUND: some ops have no cost rule (see WARNING)"
+        parts.append(f"score   {self.score:.6f}{bound}")
+        if self.input_shape:
+            parts.append(f"input   {'x'.join(map(str, self.input_shape[1:]))} per example")
         if self.samples > 1:
             parts.append(f"ops are the mean over {self.samples} examples")
         for gate, rate in self.gate_rates.items():
@@ -292,6 +306,11 @@ class ScoreReport:
         if self.unknown_ops:
             names = ", ".join(f"{u['op']} x{u['count']}" for u in self.unknown_ops)
             parts.append(f"WARNING: ops with no cost rule (not counted): {names}")
+        for d in self.dead:
+            parts.append(
+                f"dead: {d['module'] or '(root)'} {d['op']} x{d['count']}: result never reaches the output, not "
+                f"charged (would cost {d['ops']:,.1f} ops, {d['params']:,.1f} params)"
+            )
         parts.extend(f"note: {n}" for n in self.notes)
         return "\n".join(parts)
 

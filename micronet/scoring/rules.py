@@ -40,7 +40,7 @@ from micronet.compress.integer_modules import ChannelAffine
 from micronet.scoring.accumulators import INT_ACCUMULATORS, accumulate, accumulator_float_bits
 from micronet.scoring.policy import Policy
 from micronet.scoring.storage import ParamUse, block_of, block_rows, stored_sparse
-from micronet.scoring.trace import DATA_MOVEMENT, OpRecord, TensorRef, Trace
+from micronet.scoring.trace import AO_FAKE_QUANT, DATA_MOVEMENT, OpRecord, TensorRef, Trace, dtype_bits
 
 
 @dataclass
@@ -262,8 +262,10 @@ def conv_cost(rec: OpRecord, ctx: CostContext) -> Cost | None:
     """Convolution: per-output-channel nonzeros from the real weight values."""
     x, w, bias = rec.args[0], rec.args[1], rec.args[2]
     transposed = bool(rec.args[6]) if len(rec.args) > 6 else False
-    if transposed or not isinstance(w, TensorRef):
+    if not isinstance(w, TensorRef):
         return None
+    if transposed:
+        return transposed_conv_cost(rec, ctx, x, w, bias) if w.static and not x.static else None
     out = rec.outputs[0]
     c_out = out.shape[1]
     positions = out.numel // c_out
@@ -277,13 +279,18 @@ def conv_cost(rec: OpRecord, ctx: CostContext) -> Cost | None:
 def _mm_cost(rec: OpRecord, ctx: CostContext, a: TensorRef, b: TensorRef, bias: Any) -> Cost:
     m, k = a.shape[-2], a.shape[-1]
     n = b.shape[-1]
-    if b.static and not a.static:
-        nnz = _nnz_rows(b.value.reshape(k, n).t(), n)
-        return _gemm(ctx, rec, "linear", a, b, bias, nnz, k, m, linear=True)
-    if a.static and not b.static:
-        nnz = _nnz_rows(a.value.reshape(m, k), m)
-        return _gemm(ctx, rec, "linear", b, a, bias, nnz, k, n, linear=True)
     batch = _numel(a.shape[:-2]) if len(a.shape) > 2 else 1
+    if b.static and not a.static:
+        # A static weight, possibly one per batch entry (bmm / einsum with a batched weight): its columns
+        # are output channels, each applied at the m rows of its batch entry.
+        weights = b.value.reshape(-1, k, n)
+        nnz = [c for w in weights for c in _nnz_rows(w.t(), n)]
+        return _gemm(ctx, rec, "linear", a, b, bias, nnz, k, m * batch // weights.shape[0], linear=True)
+    if a.static and not b.static:
+        weights = a.value.reshape(-1, m, k)
+        nnz = [c for w in weights for c in _nnz_rows(w, m)]
+        b_batch = _numel(b.shape[:-2]) if len(b.shape) > 2 else 1
+        return _gemm(ctx, rec, "linear", b, a, bias, nnz, k, n * b_batch // weights.shape[0], linear=True)
     return _gemm(ctx, rec, "matmul", a, b, bias, [k] * n, k, m * batch, linear=True)
 
 
@@ -305,6 +312,11 @@ def addmm_cost(rec: OpRecord, ctx: CostContext) -> Cost:
 def batch_norm_cost(rec: OpRecord, ctx: CostContext) -> Cost:
     """BatchNorm left in the traced model (deploy_form turns eval BNs into affines): a per-channel affine."""
     x, weight, bias = rec.args[0], rec.args[1], rec.args[2]
+    training = next((a for a in rec.args[3:] if isinstance(a, bool)), False)
+    if training:
+        # Statistics of this very input (InstanceNorm runs as a batch norm in training mode): a normalisation.
+        channels = x.shape[1] if len(x.shape) > 1 else 1
+        return norm_cost_of(ctx, rec, "instancenorm", x, x.shape[0] * channels, weight, bias)
     running = rec.args[3] if len(rec.args) > 3 and isinstance(rec.args[3], TensorRef) else weight
     channels = x.shape[1] if len(x.shape) > 1 else x.shape[0]
     anchor = next((r for r in (running, weight, bias) if isinstance(r, TensorRef)), x)
@@ -420,6 +432,26 @@ POINTWISE: dict[str, tuple[str, int, int]] = {
     "aten::where": ("select", 1, 0),
     "aten::logical_not": ("compare", 1, 0),
     "aten::upsample_nearest2d": ("upsample", 1, 0),
+    "aten::upsample_nearest1d": ("upsample", 1, 0),
+    "aten::upsample_nearest3d": ("upsample", 1, 0),
+    "aten::_upsample_nearest_exact1d": ("upsample", 1, 0),
+    "aten::_upsample_nearest_exact2d": ("upsample", 1, 0),
+    "aten::_upsample_nearest_exact3d": ("upsample", 1, 0),
+    # Interpolation weights are constants of the shapes: per output, one mult per tap and taps - 1 adds.
+    "aten::upsample_linear1d": ("upsample", 2, 1),
+    "aten::upsample_bilinear2d": ("upsample", 4, 3),
+    "aten::upsample_trilinear3d": ("upsample", 8, 7),
+    "aten::upsample_bicubic2d": ("upsample", 16, 15),
+    # mish(x) = x * tanh(softplus(x)): softplus 2,1 + tanh 3,2 + the product 1,0.
+    "aten::mish": ("mish", 6, 3),
+    "aten::mish_": ("mish", 6, 3),
+    "aten::square": ("square", 1, 0),
+    "aten::exp2": ("exp", 1, 0),
+    "aten::log2": ("log", 1, 0),
+    "aten::sin": ("sin", 1, 0),
+    "aten::cos": ("cos", 1, 0),
+    "aten::sgn": ("sign", 1, 0),
+    "aten::silu_backward": ("swish", 3, 1),
 }
 
 
@@ -565,3 +597,411 @@ def lstm_cost(rec: OpRecord, ctx: CostContext) -> Cost | None:
         if r.static and r.info.stored
     ]
     return cost
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisations, attention and the other layers researchers bring (hand counts in
+# tests/scoring/test_ecosystem_rules.py).
+
+
+def norm_cost_of(
+    ctx: CostContext, rec: OpRecord, kind: str, x: TensorRef, groups: int, weight: Any, bias: Any
+) -> Cost:
+    """A normalisation over ``groups`` groups of x: statistics, normalise, then any affine that exists."""
+    n_total = x.numel
+    n = n_total // max(groups, 1)
+    width = max(x.bits, ctx.policy.float_bits)
+    add_bits = _first(ctx.policy.add_bits, width)
+    cost = Cost(kind, shape=rec.outputs[0].shape, input_bits=x.bits, params=[])
+    # per element: square + normalising multiply; per group: the two divides (mean, variance) and the rsqrt
+    cost.mul(2 * n_total + 3 * groups, width)
+    # per element: centring subtract; per group: the two (n - 1)-add sums and + eps
+    cost.add(n_total + 2 * (n - 1) * groups + groups, add_bits)
+    for ref, is_scale in ((weight, True), (bias, False)):
+        if isinstance(ref, TensorRef):
+            if is_scale:
+                cost.mul(n_total, width)
+            else:
+                cost.add(n_total, add_bits)
+            if ref.static and ref.info.stored:
+                cost.params.append(ctx.param(ref, module=rec.module))
+    return cost
+
+
+@register("aten::native_layer_norm")
+def layer_norm_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """LayerNorm over the last dims: per element 2 mults + 1 add, per group 3 mults + 2(n-1)+1 adds,
+    + 1 mult / 1 add per element for a weight / bias that exists (their values are parameters)."""
+    x, normalized = rec.args[0], rec.args[1]
+    n = _numel(tuple(normalized))
+    return norm_cost_of(ctx, rec, "layernorm", x, x.numel // max(n, 1), rec.args[2], rec.args[3])
+
+
+@register("aten::native_group_norm")
+def group_norm_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """GroupNorm: the LayerNorm convention over N x groups groups."""
+    x, weight, bias, batch, group = rec.args[0], rec.args[1], rec.args[2], rec.args[3], rec.args[6]
+    return norm_cost_of(ctx, rec, "groupnorm", x, int(batch) * int(group), weight, bias)
+
+
+@register("aten::_fused_rms_norm", "aten::rms_norm")
+def rms_norm_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """RMSNorm: per element square + normalise (2 mults), per group (n-1) adds, a divide, + eps, an rsqrt;
+    1 mult per element for the weight if it exists."""
+    x, normalized = rec.args[0], rec.args[1]
+    weight = rec.args[2] if len(rec.args) > 2 else None
+    n = _numel(tuple(normalized))
+    groups = x.numel // max(n, 1)
+    width = max(x.bits, ctx.policy.float_bits)
+    cost = Cost("rmsnorm", shape=rec.outputs[0].shape, input_bits=x.bits, params=[])
+    cost.mul(2 * x.numel + 2 * groups, width)
+    cost.add((n - 1) * groups + groups, _first(ctx.policy.add_bits, width))
+    if isinstance(weight, TensorRef):
+        cost.mul(x.numel, width)
+        if weight.static and weight.info.stored:
+            cost.params.append(ctx.param(weight, module=rec.module))
+    return cost
+
+
+def _causal_scores(length: int, source: int) -> list[int]:
+    """Keys each query row attends to under a (top-left aligned) causal mask."""
+    return [min(i + 1, source) for i in range(length)]
+
+
+def attention_costs(
+    ctx: CostContext, rec: OpRecord, heads: int, length: int, source: int, dim: int, dim_v: int,
+    bits: int, causal: bool, masked: bool, module: str | None = None,
+) -> list[Cost]:
+    """Scaled dot-product attention for ``heads`` (batch x heads) heads: QK^T (E mults, E-1 adds per score),
+    1 scaling mult per score, an additive mask 1 add per score, softmax (2 mults + 1 add per score), then
+    AV (per output S' mults and S'-1 adds). A causal mask is a static pattern: masked scores cost nothing."""
+    rows = _causal_scores(length, source) if causal else [source] * length
+    scores = heads * sum(rows)
+    add_bits = 32  # activation x activation products: fp32 accumulation
+    qk = Cost("matmul", shape=(heads, length, source), input_bits=bits, module=module, params=[])
+    qk.mul(scores * dim, bits).add(scores * (dim - 1), add_bits)
+    scale = Cost("mul", shape=(heads, length, source), input_bits=bits, module=module, params=[]).mul(scores, bits)
+    if masked:
+        scale.add(scores, _first(ctx.policy.add_bits, bits))
+    soft = Cost("softmax", shape=(heads, length, source), input_bits=bits, module=module, params=[])
+    soft.mul(2 * scores, bits).add(scores, _first(ctx.policy.add_bits, bits))
+    av = Cost("matmul", shape=(heads, length, dim_v), input_bits=bits, module=module, params=[])
+    av.mul(scores * dim_v, bits).add(heads * sum(r - 1 for r in rows) * dim_v, add_bits)
+    return [qk, scale, soft, av]
+
+
+# (is_causal position, attention-mask position) of the fused attention kernels SDPA dispatches to.
+_SDPA_ARGS = {
+    "aten::_scaled_dot_product_flash_attention_for_cpu": (4, "attn_mask"),
+    "aten::_scaled_dot_product_flash_attention": (4, None),
+    "aten::_scaled_dot_product_efficient_attention": (6, 3),
+    "aten::_scaled_dot_product_cudnn_attention": (6, 3),
+    "aten::_scaled_dot_product_fused_attention_overrideable": (5, 3),
+}
+
+
+@register(*_SDPA_ARGS)
+def sdpa_cost(rec: OpRecord, ctx: CostContext) -> list[Cost]:
+    """F.scaled_dot_product_attention (its CPU / flash / efficient / cuDNN kernels): see attention_costs."""
+    q, k, v = rec.args[0], rec.args[1], rec.args[2]
+    causal_at, mask_at = _SDPA_ARGS[rec.op]
+    causal = bool(rec.args[causal_at]) if len(rec.args) > causal_at else bool(rec.kwargs.get("is_causal", False))
+    mask = rec.kwargs.get(mask_at) if isinstance(mask_at, str) else (
+        rec.args[mask_at] if mask_at is not None and len(rec.args) > mask_at else None
+    )
+    heads = _numel(q.shape[:-2])
+    bits = max(q.bits, k.bits, v.bits)
+    return attention_costs(ctx, rec, heads, q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], bits, causal,
+                           isinstance(mask, TensorRef))
+
+
+def _weight_rows(w: TensorRef, rows: slice | None = None) -> list[int]:
+    value = w.value if rows is None else w.value[rows]
+    return _nnz_rows(value, value.shape[0])
+
+
+def _projection(ctx: CostContext, rec: OpRecord, x: TensorRef, w: TensorRef, bias: Any, tokens: int,
+                rows: slice | None = None) -> list[Cost]:
+    """A linear projection of ``tokens`` tokens by (a row block of) static weight ``w``."""
+    nnz = _weight_rows(w, rows)
+    return _gemm(ctx, rec, "linear", x, w, bias, nnz, w.shape[1], tokens, linear=True)
+
+
+def _mha_costs(ctx: CostContext, rec: OpRecord, query: TensorRef, key: TensorRef, value: TensorRef, embed: int,
+               heads: int, qkv_w: TensorRef, qkv_b: Any, proj_w: TensorRef, proj_b: Any, masked: bool) -> list[Cost]:
+    batch = query.shape[0] if len(query.shape) == 3 else 1
+    length, source = query.shape[-2], key.shape[-2]
+    costs: list[Cost] = []
+    if query.uid == key.uid == value.uid:
+        costs += _projection(ctx, rec, query, qkv_w, qkv_b, batch * length)
+    else:
+        for i, (x, tokens) in enumerate(((query, batch * length), (key, batch * source), (value, batch * source))):
+            costs += _projection(ctx, rec, x, qkv_w, qkv_b, tokens, slice(i * embed, (i + 1) * embed))
+    bits = max(query.bits, key.bits, value.bits, ctx.policy.float_bits)
+    d = embed // heads
+    costs += attention_costs(ctx, rec, batch * heads, length, source, d, d, bits, False, masked)
+    out_ref = TensorRef(query.uid, (batch, length, embed), query.dtype, query.info)
+    costs += _projection(ctx, rec, out_ref, proj_w, proj_b, batch * length)
+    return costs
+
+
+@register("aten::_native_multi_head_attention")
+def mha_cost(rec: OpRecord, ctx: CostContext) -> list[Cost] | None:
+    """nn.MultiheadAttention's fast path: in-projections (linear), attention (attention_costs), out-projection."""
+    q, k, v, embed, heads, qkv_w, qkv_b, proj_w, proj_b = rec.args[:9]
+    if not (isinstance(qkv_w, TensorRef) and qkv_w.static and isinstance(proj_w, TensorRef) and proj_w.static):
+        return None
+    mask = rec.args[9] if len(rec.args) > 9 else rec.kwargs.get("mask")
+    return _mha_costs(ctx, rec, q, k, v, int(embed), int(heads), qkv_w, qkv_b, proj_w, proj_b,
+                      isinstance(mask, TensorRef))
+
+
+@register("aten::_transformer_encoder_layer_fwd")
+def encoder_layer_cost(rec: OpRecord, ctx: CostContext) -> list[Cost] | None:
+    """nn.TransformerEncoderLayer's fast path: self-attention (mha_cost), two residual adds, two LayerNorms
+    over the embedding, and the feed-forward block (linear, ReLU or GELU, linear)."""
+    a = rec.args
+    src, embed, heads, qkv_w, qkv_b, proj_w, proj_b, use_gelu = a[:8]
+    norm_w1, norm_b1, norm_w2, norm_b2, ffn_w1, ffn_b1, ffn_w2, ffn_b2 = a[10:18]
+    mask = a[18] if len(a) > 18 else rec.kwargs.get("mask")
+    if not all(isinstance(w, TensorRef) and w.static for w in (qkv_w, proj_w, ffn_w1, ffn_w2)):
+        return None
+    costs = _mha_costs(ctx, rec, src, src, src, int(embed), int(heads), qkv_w, qkv_b, proj_w, proj_b,
+                       isinstance(mask, TensorRef))
+    tokens = src.numel // int(embed)
+    width = max(src.bits, ctx.policy.float_bits)
+    for norm_w, norm_b in ((norm_w1, norm_b1), (norm_w2, norm_b2)):
+        costs.append(norm_cost_of(ctx, rec, "layernorm", src, tokens, norm_w, norm_b))
+        costs.append(Cost("add", shape=src.shape, input_bits=width, params=[]).add(
+            src.numel, _first(ctx.policy.add_bits, width)))
+    costs += _projection(ctx, rec, src, ffn_w1, ffn_b1, tokens)
+    hidden = tokens * ffn_w1.shape[0]
+    kind, mults, adds = ("gelu", 4, 1) if use_gelu else ("relu", 1, 0)
+    act = Cost(kind, shape=(tokens, ffn_w1.shape[0]), input_bits=width, params=[]).mul(mults * hidden, width)
+    if adds:
+        act.add(adds * hidden, _first(ctx.policy.add_bits, width))
+    costs.append(act)
+    hidden_ref = TensorRef(src.uid, (tokens, ffn_w1.shape[0]), src.dtype, src.info)
+    costs += _projection(ctx, rec, hidden_ref, ffn_w2, ffn_b2, tokens)
+    return costs
+
+
+def transposed_conv_cost(rec: OpRecord, ctx: CostContext, x: TensorRef, w: TensorRef, bias: Any) -> Cost:
+    """ConvTranspose: every input element times every nonzero tap of its channel (mults); each output sums
+    its contributions (adds = mults - outputs), + 1 add per output for a bias."""
+    out = rec.outputs[0]
+    positions = x.numel // x.shape[1]
+    mults = int(w.value.count_nonzero()) * positions
+    bits = max(ctx.gemm_bits(x), ctx.gemm_bits(w))
+    cost = Cost("conv", shape=w.shape, input_bits=ctx.gemm_bits(x), weight_bits=ctx.gemm_bits(w))
+    cost.mul(mults, bits)
+    cost.add(max(mults - out.numel, 0) + (out.numel if isinstance(bias, TensorRef) else 0), 32)
+    cost.params = [ctx.param(r, sparse=r is w, module=rec.module)
+                   for r in (w, bias) if isinstance(r, TensorRef) and r.static and r.info.stored]
+    cost.weight_numel, cost.weight_nnz = w.numel, int(w.value.count_nonzero())
+    return cost
+
+
+@register("aten::_prelu_kernel", "aten::prelu")
+def prelu_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """PReLU: a comparison and a multiply by the learned slope per element (2 mults); slopes are parameters."""
+    x, weight = rec.args[0], rec.args[1]
+    n = rec.outputs[0].numel
+    cost = Cost("prelu", shape=rec.outputs[0].shape, input_bits=x.bits, params=[]).mul(2 * n, x.bits)
+    if isinstance(weight, TensorRef) and weight.static and weight.info.stored:
+        cost.params.append(ctx.param(weight, module=rec.module))
+    return cost
+
+
+@register("aten::adaptive_max_pool2d", "aten::adaptive_max_pool1d")
+def adaptive_max_pool_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """Adaptive max pool: (window - 1) comparisons per output, with the exact window sizes."""
+    x, out = rec.args[0], rec.outputs[0]
+    if len(out.shape) >= 2 and rec.op.endswith("2d"):
+        h, w, oh, ow = x.shape[-2], x.shape[-1], out.shape[-2], out.shape[-1]
+        area = sum(a * b for a in _adaptive_windows(h, oh) for b in _adaptive_windows(w, ow))
+        planes, per_plane = out.numel // (oh * ow), oh * ow
+    else:
+        area = sum(_adaptive_windows(x.shape[-1], out.shape[-1]))
+        planes, per_plane = out.numel // out.shape[-1], out.shape[-1]
+    return Cost("maxpool", shape=out.shape, input_bits=x.bits).mul(planes * (area - per_plane), x.bits)
+
+
+@register("aten::embedding")
+def embedding_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """Embedding: a table lookup, no arithmetic; the table is stored parameters."""
+    weight = rec.args[0]
+    cost = Cost("embedding", shape=rec.outputs[0].shape, params=[])
+    if isinstance(weight, TensorRef) and weight.static and weight.info.stored:
+        cost.params.append(ctx.param(weight, module=rec.module))
+    return cost
+
+
+def _pow_ops(exponent: Any) -> int:
+    """Ops of x ** e: square-and-multiply for a positive integer e; sqrt/rsqrt for +-0.5; else exp(e log x)."""
+    if isinstance(exponent, bool):
+        exponent = int(exponent)
+    if isinstance(exponent, float) and exponent.is_integer():
+        exponent = int(exponent)
+    if isinstance(exponent, int) and exponent >= 1:
+        return exponent.bit_length() - 1 + bin(exponent).count("1") - 1 or 0
+    if isinstance(exponent, int) and exponent == 0:
+        return 0
+    if exponent in (0.5, -0.5, -1):
+        return 1
+    return 3
+
+
+@register("aten::pow")
+def pow_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """x ** e per element: positive integer e by square-and-multiply (floor(log2 e) + popcount(e) - 1 mults,
+    so x**2 = 1), e = 0.5 / -0.5 / -1 one op, any other or tensor exponent exp(e log x) = 3 ops."""
+    base, exponent = rec.args[0], rec.args[1]
+    n = rec.outputs[0].numel
+    if isinstance(base, TensorRef) and not isinstance(exponent, TensorRef):
+        ops, bits = _pow_ops(exponent), base.bits
+    else:
+        dyn = [r for r in (base, exponent) if isinstance(r, TensorRef)]
+        ops, bits = 3, max(r.bits for r in dyn)
+    return Cost("pow", shape=rec.outputs[0].shape, input_bits=bits).mul(ops * n, bits)
+
+
+@register(*AO_FAKE_QUANT)
+def ao_fake_quant_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """torch.ao fake-quantize: on a dynamic tensor 2 mults (into and out of the code scale) + quantizer_ops
+    (round + clamp) per element at its input width, +1 add per element for a nonzero zero-point; on a weight
+    nothing (folded). Its scale (float width) and zero-point (code width) are stored parameters."""
+    x, out = rec.args[0], rec.outputs[0]
+    _, _, scale_at, zp_at = AO_FAKE_QUANT[rec.op]
+    cost = Cost("quant", shape=out.shape, input_bits=x.bits, params=[])
+    for at, code_width in ((scale_at, False), (zp_at, True)):
+        ref = rec.args[at] if len(rec.args) > at else None
+        if isinstance(ref, TensorRef) and ref.static and ref.info.stored:
+            use = ctx.param(ref, module=rec.module)
+            if code_width:
+                use.bits = out.bits
+            cost.params.append(use)
+    if x.static:
+        return cost
+    cost.mul((2 + ctx.policy.quantizer_ops) * out.numel, x.bits)
+    zp = rec.args[zp_at] if len(rec.args) > zp_at else None
+    if isinstance(zp, TensorRef) and zp.value is not None and bool(zp.value.ne(0).any()):
+        cost.add(out.numel, _first(ctx.policy.add_bits, x.bits))
+    return cost
+
+
+# --------------------------------------------------------------------------------------------------
+# Converted torch.ao quantized models: packed weights are read through their public ``unpack()``.
+
+
+def _packed_weight(rec: OpRecord) -> tuple[Tensor, Tensor | None] | None:
+    packed = next((a for a in rec.args if isinstance(a, torch.ScriptObject) and hasattr(a, "unpack")), None)
+    return packed.unpack() if packed is not None else None
+
+
+def _qparam_uses(name: str, w: Tensor, ctx: CostContext) -> list[ParamUse]:
+    """Quantizer scales (float width) and zero-points (code width) of a quantized weight."""
+    if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric, torch.per_channel_affine_float_qparams):
+        n = w.q_per_channel_scales().numel()
+    else:
+        n = 1
+    bits = dtype_bits(w.dtype, 32)
+    return [ParamUse((name, "scale"), f"{name}:scale", n, ctx.policy.float_bits),
+            ParamUse((name, "zero_point"), f"{name}:zero_point", n, bits)]
+
+
+def _requantize(ctx: CostContext, n: int, shape: tuple[int, ...], bits: int, module: str | None = None) -> Cost:
+    return Cost("quant", shape=shape, input_bits=bits, module=module, params=[]).mul(
+        (1 + ctx.policy.quantizer_ops) * n, 32)
+
+
+@register("quantized::conv2d", "quantized::conv2d_relu", "quantized::conv1d", "quantized::conv1d_relu",
+          "quantized::linear", "quantized::linear_relu", "quantized::linear_dynamic",
+          "quantized::linear_relu_dynamic")
+def quantized_layer_cost(rec: OpRecord, ctx: CostContext) -> list[Cost] | None:
+    """A converted int8 conv/linear: the dot products at max(activation, weight) code width (nonzero codes,
+    adds by the policy's accumulator), +1 add per output for the bias; then requantisation (1 mult + round and
+    clamp per output). Dynamic linears also quantize their input (2 comparisons for its range, 1 mult + round
+    and clamp per element). Stored: weight codes, bias, weight scales/zero-points, output scale/zero-point."""
+    unpacked = _packed_weight(rec)
+    if unpacked is None:
+        return None
+    w, bias = unpacked
+    x, out = rec.args[0], rec.outputs[0]
+    dynamic_input = rec.op.endswith("_dynamic")
+    linear = "linear" in rec.op
+    c_out = w.shape[0]
+    dense_k = w[0].numel()
+    codes = w.int_repr().float() - (w.q_per_channel_zero_points().reshape(-1, *([1] * (w.dim() - 1))).float()
+                                    if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+                                    else float(w.q_zero_point()))
+    w_bits = dtype_bits(w.dtype, 32)
+    a_bits = 8 if dynamic_input else x.bits
+    name = f"{rec.module or '(root)'}.weight"
+    use = ParamUse(name, name, codes.numel(), w_bits, codes, True, None)
+    nnz = _nnz_rows(codes, c_out)
+    use.nnz = sum(nnz)
+    if not stored_sparse(use, ctx.policy.mask):
+        nnz = [dense_k] * c_out
+    positions = out.numel // (out.shape[-1] if linear else out.shape[1]) if len(out.shape) > 1 else 1
+    mode = ctx.policy.accumulator_for(linear)
+    cost = Cost("linear" if linear else "conv", shape=tuple(w.shape), input_bits=a_bits, weight_bits=w_bits,
+                params=[use, *_qparam_uses(name, w, ctx)])
+    cost.mul(sum(nnz) * positions, max(a_bits, w_bits))
+    adds, bitops = accumulate(mode, nnz, dense_k, a_bits, w_bits, True)
+    cost.adds += adds * positions
+    cost.add_bitops += bitops * positions
+    if bias is not None:
+        cost.add(sum(1 for n in nnz if n > 0) * positions, accumulator_float_bits(mode))
+        cost.params.append(ParamUse(f"{name}:bias", f"{name}:bias", bias.numel(), dtype_bits(bias.dtype, 32)))
+    cost.weight_numel, cost.weight_nnz = codes.numel(), use.nnz
+    costs = [cost]
+    if dynamic_input:
+        q_in = Cost("quant", shape=x.shape, input_bits=x.bits, params=[])
+        q_in.mul((3 + ctx.policy.quantizer_ops) * x.numel, x.bits)
+        costs.append(q_in)
+        costs.append(Cost("quant", shape=out.shape, input_bits=32, params=[]).mul(out.numel, 32))  # dequantise
+    else:
+        requant = _requantize(ctx, out.numel, out.shape, 32)
+        requant.params = [ParamUse(f"{name}:out_qparams", f"{name}:output scale,zero_point", 1, ctx.policy.float_bits),
+                          ParamUse(f"{name}:out_zp", f"{name}:output zero_point", 1, out.bits)]
+        costs.append(requant)
+    return costs
+
+
+@register("aten::quantize_per_tensor", "aten::quantize_per_channel", "aten::quantize_per_tensor_dynamic")
+def quantize_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """Float -> int codes: 1 mult (by 1/scale) + round and clamp per element, +1 add for the zero-point;
+    its scale and zero-point are stored."""
+    x, out = rec.args[0], rec.outputs[0]
+    cost = Cost("quant", shape=out.shape, input_bits=x.bits, params=[])
+    cost.mul((1 + ctx.policy.quantizer_ops) * out.numel, x.bits).add(out.numel, _first(ctx.policy.add_bits, x.bits))
+    for i, ref in enumerate(rec.args[1:3]):
+        if isinstance(ref, TensorRef) and ref.static and ref.info.stored:
+            use = ctx.param(ref, module=rec.module)
+            if i == 1:
+                use.bits = out.bits
+            cost.params.append(use)
+    return cost
+
+
+@register("aten::dequantize")
+def dequantize_cost(rec: OpRecord, ctx: CostContext) -> Cost:
+    """Int codes -> float: subtract the zero-point (1 add) and scale (1 mult) per element."""
+    x, out = rec.args[0], rec.outputs[0]
+    return Cost("quant", shape=out.shape, input_bits=x.bits).mul(out.numel, 32).add(out.numel, 32)
+
+
+@register("quantized::add", "quantized::add_relu", "quantized::mul", "quantized::mul_relu")
+def quantized_binary_cost(rec: OpRecord, ctx: CostContext) -> list[Cost]:
+    """Add/mul of two quantized tensors: 1 add (or mult) at their code width, then both rescaled and the
+    result requantised: 2 mults + 1 mult + round and clamp per element."""
+    a, b, out = rec.args[0], rec.args[1], rec.outputs[0]
+    bits = max(ctx.operand_bits(a), ctx.operand_bits(b))
+    op = Cost("add" if "add" in rec.op else "mul", shape=out.shape, input_bits=bits, params=[])
+    if "add" in rec.op:
+        op.add(out.numel, bits)
+    else:
+        op.mul(out.numel, bits)
+    op.mul(2 * out.numel, 32)
+    return [op, _requantize(ctx, out.numel, out.shape, bits)]

@@ -1,8 +1,8 @@
 """Sparse-storage layout: what a stored tensor costs in bits under a policy's mask mode (spec scoring.md c.4).
 
 A sparse tensor is stored as its nonzero values plus a bitmask (one bit per element, or per block for
-block masks); ``mask`` decides when: always, only when it has zeros (``if_sparse``), or whichever of
-dense/sparse is smaller (``cheapest``).
+block masks); ``mask`` decides when: always, only when it has zeros (``always_if_sparse``, formerly
+``if_sparse``), or whichever of dense/sparse is smaller (``cheapest``, the official default).
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ def block_of(module: Any) -> tuple[int, int] | None:
         for p in chain or []:
             if getattr(p, "block", None) is not None:
                 block = p.block
-    return tuple(block) if block is not None else None
+    # Only a pair of ints is a mask block (torchvision's MBConv/CNBlock hold a submodule named ``block``).
+    if isinstance(block, (tuple, list)) and len(block) == 2 and all(isinstance(b, int) for b in block):
+        return tuple(block)
+    return None
 
 
 def sparse_layout(use: ParamUse) -> tuple[int, int, int]:
@@ -60,7 +63,7 @@ def stored_sparse(use: ParamUse, mask: str) -> bool:
     if mask == "always":
         return True
     nonzero_values, _, sparse_bits = sparse_layout(use)
-    if mask == "if_sparse":
+    if mask in ("always_if_sparse", "if_sparse"):
         return nonzero_values < use.numel
     return sparse_bits < use.numel * use.bits  # cheapest
 

@@ -12,7 +12,8 @@ ran it. Each tensor carries, in a map keyed by identity:
 * ``origin``: the stored tensor a view was taken from, so shared or re-viewed tensors count once.
 
 The model is neither modified nor left with hooks: ModuleStack removes its global hooks on exit and
-the caller restores train/eval mode.
+the caller restores train/eval mode. Tensors carry their metadata as an attribute (removed from every
+pre-existing tensor afterwards), so activations are freed as the forward drops them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -50,6 +52,7 @@ SAME_ORIGIN = frozenset(
         "aten::lift_fresh",
         "aten::flatten",
         "aten::as_strided",
+        "aten::as_strided_",
     }
 )
 # Ops that only move or re-view data: the result holds the same values (same width, same codes).
@@ -102,6 +105,42 @@ VALUE_PRESERVING = frozenset(
     }
 )
 QUANTIZERS = frozenset({"micronet::fake_quant", "micronet::round_clamp"})
+# torch.ao fake-quantize ops (QAT and PTQ simulation): positions of their quant_min / quant_max arguments,
+# and of the scale / zero-point they store.
+AO_FAKE_QUANT: dict[str, tuple[int, int, int, int]] = {
+    "aten::fake_quantize_per_tensor_affine": (3, 4, 1, 2),
+    "aten::fake_quantize_per_tensor_affine_cachemask": (3, 4, 1, 2),
+    "aten::_fake_quantize_per_tensor_affine_cachemask_tensor_qparams": (4, 5, 1, 2),
+    "aten::fake_quantize_per_channel_affine": (4, 5, 1, 2),
+    "aten::fake_quantize_per_channel_affine_cachemask": (4, 5, 1, 2),
+    "aten::_fake_quantize_learnable_per_tensor_affine": (3, 4, 1, 2),
+    "aten::_fake_quantize_learnable_per_channel_affine": (4, 5, 1, 2),
+    "aten::fused_moving_avg_obs_fake_quant": (8, 9, 5, 6),
+    "aten::_fused_moving_avg_obs_fq_helper": (8, 9, 5, 6),
+}
+# Ops whose result leaves tensor land (Python control flow reads it): always needed, never dead.
+ESCAPES = frozenset({"aten::_local_scalar_dense", "aten::is_nonzero", "aten::item", "aten::equal", "aten::nonzero"})
+
+
+def dtype_bits(dtype: torch.dtype, float_bits: int) -> int:
+    """Width a value of ``dtype`` is charged at: its storage width; floats at most the policy's float width."""
+    if dtype == torch.bool:
+        return 1
+    if dtype in (torch.quint8, torch.qint8, torch.uint8, torch.int8):
+        return 8
+    if dtype == torch.quint4x2:
+        return 4
+    if dtype == torch.quint2x4:
+        return 2
+    if dtype == torch.qint32:
+        return 32
+    if dtype.is_floating_point:
+        return min(torch.finfo(dtype).bits, float_bits)
+    return torch.iinfo(dtype).bits
+
+
+def _quantized_dtype(dtype: torch.dtype) -> bool:
+    return dtype in (torch.quint8, torch.qint8, torch.qint32, torch.quint4x2, torch.quint2x4)
 
 
 @dataclass
@@ -172,6 +211,10 @@ class OpRecord:
     def dynamic(self) -> bool:
         return any(not t.static for t in self.inputs)
 
+    # Storages this op writes in place, and the storages of the tensors it reads (dead-op analysis).
+    writes: frozenset[int] = frozenset()
+    reads: tuple[int, ...] = ()
+
 
 @dataclass
 class Trace:
@@ -182,6 +225,9 @@ class Trace:
     batch: int = 1
     modules: dict[str, nn.Module] = field(default_factory=dict)
     output: Any = None
+    output_uids: frozenset[int] = frozenset()  # the tensors the forward returned
+    output_storages: frozenset[int] = frozenset()  # the memory they live in (in-place writes into it count)
+    input_shape: tuple[int, ...] = ()
 
 
 def _tensors_in(args: tuple) -> list[Tensor]:
@@ -205,25 +251,39 @@ def _swap(a: Any, ref_of: dict[int, TensorRef]) -> Any:
 
 
 class TensorMap:
-    """Tensor -> TensorInfo keyed by identity for the duration of one trace.
+    """Tensor -> TensorInfo for the duration of one trace, kept on the tensor itself.
 
-    It holds a strong reference to every tensor it has seen, so an id can never be reused within the trace;
-    that costs the memory of one forward pass's activations (at batch 1) but avoids ``weakref`` creation,
-    which dominated tracing time.
+    The info rides on the tensor as an attribute, so an activation is freed as soon as the model drops it
+    (scoring peaks near a plain forward, not at the sum of every activation) and a dead tensor's id can
+    never be confused with a new one. Tensors that existed before the trace (parameters, buffers, the
+    input, constants) are untagged again on ``close()``, so the model is left as it was.
     """
 
+    ATTR = "_micronet_scoring_info"
+
     def __init__(self) -> None:
-        self._items: dict[int, tuple[Tensor, TensorInfo]] = {}
+        self._foreign: list[Tensor] = []
 
     def get(self, t: Tensor) -> TensorInfo | None:
-        item = self._items.get(id(t))
-        return item[1] if item is not None else None
+        return getattr(t, self.ATTR, None)
 
     def __setitem__(self, t: Tensor, info: TensorInfo) -> None:
-        self._items[id(t)] = (t, info)
+        setattr(t, self.ATTR, info)
 
     def __contains__(self, t: Tensor) -> bool:
-        return id(t) in self._items
+        return hasattr(t, self.ATTR)
+
+    def tag_foreign(self, t: Tensor, info: TensorInfo) -> None:
+        """Tag a tensor the trace did not create (untagged again on close)."""
+        self._foreign.append(t)
+        self[t] = info
+
+    def close(self) -> None:
+        """Remove the tags from every pre-existing tensor."""
+        for t in self._foreign:
+            if hasattr(t, self.ATTR):
+                delattr(t, self.ATTR)
+        self._foreign = []
 
 
 class ModuleStack:
@@ -284,9 +344,9 @@ class _OpRecorder(TorchDispatchMode):
         if info is None:
             # A tensor the model holds outside its parameters/buffers (a plain attribute): a stored constant.
             uid = next(self.uids)
-            bits = 1 if t.dtype == torch.bool else self.float_bits
-            info = TensorInfo(uid, bits, static=True, stored=True, origin=uid)
-            self.infos[t] = info
+            bits = dtype_bits(t.dtype, self.float_bits)
+            info = TensorInfo(uid, bits, static=True, stored=True, codes=_quantized_dtype(t.dtype), origin=uid)
+            self.infos.tag_foreign(t, info)
             name = f"{self._module_path() or '(root)'}.<constant {tuple(t.shape)}>"
             self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), bits, False)
         return info
@@ -317,9 +377,14 @@ class _OpRecorder(TorchDispatchMode):
         rec_args = tuple(_swap(a, ref_of) for a in args)
         rec_kwargs = {k: _swap(v, ref_of) for k, v in kwargs.items()}
         index = len(self.trace.records)
-        self.trace.records.append(
-            OpRecord(index, op, self._module_path(), rec_args, rec_kwargs, in_refs, out_refs)
-        )
+        record = OpRecord(index, op, self._module_path(), rec_args, rec_kwargs, in_refs, out_refs)
+        record.reads = tuple(_storage_of(t) for t in in_tensors)
+        written = _written_args(func)
+        if written:
+            record.writes = frozenset(
+                _storage_of(a) for i, a in enumerate(args) if i in written and isinstance(a, Tensor)
+            ) | frozenset(_storage_of(v) for k, v in kwargs.items() if k in written and isinstance(v, Tensor))
+        self.trace.records.append(record)
         return out
 
     def _derive(self, op: str, args: tuple, ins: list[TensorRef], outs: list[Tensor]) -> list[TensorInfo]:
@@ -329,7 +394,13 @@ class _OpRecorder(TorchDispatchMode):
         infos = []
         for k, t in enumerate(outs):
             uid = next(self.uids)
-            if op in QUANTIZERS:
+            if op in AO_FAKE_QUANT and k == 0:
+                qmin, qmax = args[AO_FAKE_QUANT[op][0]], args[AO_FAKE_QUANT[op][1]]
+                info = TensorInfo(
+                    uid, range_bits(int(qmin), int(qmax)), static, stored, codes=True, signed=int(qmin) < 0,
+                    origin=uid,
+                )
+            elif op in QUANTIZERS:
                 qmin, qmax = (args[2], args[3]) if op == "micronet::fake_quant" else (args[1], args[2])
                 info = TensorInfo(
                     uid,
@@ -342,7 +413,7 @@ class _OpRecorder(TorchDispatchMode):
                 )
             elif not ins:
                 # Factory op (zeros, empty, full, arange): a runtime constant, never a stored parameter.
-                bits = 1 if t.dtype == torch.bool else self.float_bits
+                bits = dtype_bits(t.dtype, self.float_bits)
                 zero = t.numel() > 0 and t.dim() >= 2 and not bool(t.any())
                 info = TensorInfo(
                     uid,
@@ -364,12 +435,20 @@ class _OpRecorder(TorchDispatchMode):
                     zeros = self._pad_zero_channels(args, ins[0])
                 info = TensorInfo(uid, bits, static, stored, codes, signed, origin if static else uid, zeros)
             elif static:
-                # Folded at deploy time (e.g. weight * mask): keeps the widest input's width.
-                bits = max(r.bits for r in ins)
+                # Folded at deploy time (e.g. weight * mask): keeps the widest input's width; a tensor
+                # dequantised by broadcasting a much smaller one over it (int8 codes x per-channel scale)
+                # keeps the width it is stored at.
+                biggest = max(ins, key=lambda r: r.numel)
+                small = all(r is biggest or r.numel * 8 <= biggest.numel for r in ins)
+                bits = biggest.bits if small and len(ins) > 1 else max(r.bits for r in ins)
                 codes = all(r.info.codes for r in ins)
                 info = TensorInfo(uid, bits, True, stored, codes, True, uid)
+            elif t.is_quantized:
+                # A torch.ao quantized tensor holds integer codes of its dtype's width.
+                signed = t.dtype in (torch.qint8, torch.qint32)
+                info = TensorInfo(uid, dtype_bits(t.dtype, self.float_bits), False, False, True, signed, uid)
             else:
-                bits = 1 if t.dtype == torch.bool else self.float_bits
+                bits = dtype_bits(t.dtype, self.float_bits)
                 info = TensorInfo(uid, bits, False, False, origin=uid)
             if static and stored and info.origin == uid:
                 name = f"{self._module_path() or '(root)'}.<{op.split('::')[-1]} {tuple(t.shape)}>"
@@ -407,6 +486,29 @@ class _OpRecorder(TorchDispatchMode):
         return frozenset(zeros)
 
 
+def _storage_of(t: Tensor) -> int:
+    """Identity of the memory a tensor lives in (views and in-place results share it)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # e.g. a sparse or otherwise storage-less tensor
+        return id(t)
+
+
+_WRITTEN: dict[Any, frozenset] = {}
+
+
+def _written_args(func: Any) -> frozenset:
+    """Positions and names of the arguments an aten op mutates (from its schema's alias annotations)."""
+    found = _WRITTEN.get(func)
+    if found is None:
+        written: set = set()
+        for i, arg in enumerate(func._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                written.update((i, arg.name))
+        found = _WRITTEN[func] = frozenset(written)
+    return found
+
+
 def _register_model_tensors(
     model: nn.Module, infos: TensorMap, trace: Trace, float_bits: int, uids: itertools.count
 ) -> None:
@@ -424,22 +526,31 @@ def _register_model_tensors(
                 bits = int(module.weight_bits)
                 signed = bool(getattr(module, "weight_signed", True))
             else:
-                bits = 1 if tensor.dtype == torch.bool else float_bits
+                # Stored at its dtype's width: an fp16/bf16 or int8 tensor is charged 16 / 8 bits.
+                bits = dtype_bits(tensor.dtype, float_bits)
+                codes = _quantized_dtype(tensor.dtype)
                 signed = True
-            infos[tensor] = TensorInfo(uid, bits, True, True, codes, signed, uid)
+            infos.tag_foreign(tensor, TensorInfo(uid, bits, True, True, codes, signed, uid))
             full = f"{path}.{name}" if path else name
             trace.stored[uid] = StoredTensor(uid, full, tensor.detach(), bits, codes, module)
 
 
 def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits: int) -> Trace:
     """Run ``model(inputs)`` once under the recorder; the model must already be in eval mode."""
-    trace = Trace(batch=int(inputs.shape[0]))
+    trace = Trace(batch=int(inputs.shape[0]), input_shape=tuple(inputs.shape))
     infos = TensorMap()
     uids = itertools.count()
-    _register_model_tensors(model, infos, trace, float_bits, uids)
-    uid = next(uids)
-    infos[inputs] = TensorInfo(uid, input_bits, static=False, codes=input_bits < 16, signed=False, origin=uid)
-    modules = ModuleStack(model)
-    with torch.no_grad(), modules, _OpRecorder(modules, trace, infos, float_bits, uids):
-        trace.output = model(inputs)
+    try:
+        _register_model_tensors(model, infos, trace, float_bits, uids)
+        uid = next(uids)
+        bits = min(input_bits, dtype_bits(inputs.dtype, 64))
+        infos.tag_foreign(inputs, TensorInfo(uid, bits, static=False, codes=bits < 16, signed=False, origin=uid))
+        modules = ModuleStack(model)
+        with torch.no_grad(), modules, _OpRecorder(modules, trace, infos, float_bits, uids):
+            trace.output = model(inputs)
+        flat = [t for t in pytree.tree_leaves(trace.output) if isinstance(t, Tensor)]
+        trace.output_uids = frozenset(info.uid for t in flat if (info := infos.get(t)) is not None)
+        trace.output_storages = frozenset(_storage_of(t) for t in flat)
+    finally:
+        infos.close()
     return trace

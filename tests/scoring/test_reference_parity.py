@@ -137,8 +137,9 @@ def test_random_nets_match_reference_formulas(seed):
     }
     size = rnd.choice([7, 8, 15, 16])
     model = Probe(cfg, gen).eval()
-    # bn="unfold": keep the Scale op separate, as the reference counter's descriptor list does.
-    report = score(model, input_size=size, bn="unfold")
+    # bn="unfold": keep the Scale op separate, as the reference counter's descriptor list does; and its
+    # literal mask rule (a bitmask whenever sparsity > 0).
+    report = score(model, input_size=size, bn="unfold", mask="always_if_sparse")
     params, ops = oracle(cfg, size)
     assert not report.unknown_ops
     assert report.params == params
