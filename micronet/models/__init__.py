@@ -27,9 +27,9 @@ from micronet.models.summary import build_for_sizing, count_params, dense_macs, 
 from micronet.models.wrn import WideResNet
 
 __all__ = [
-    "DenseNet", "GateStats", "GatedNetwork", "PyramidNet", "PyramidSkipNet", "ShakeDrop", "ShakeShakeNet", "WideResNet", "count_params",
-    "create", "dense_macs", "describe_models", "is_gated", "list_families", "list_models", "macs_by_module", "parse_spec",
-    "register_family", "register_model",
+    "DenseNet", "GateStats", "GatedNetwork", "PyramidNet", "PyramidSkipNet", "ShakeDrop", "ShakeShakeNet",
+    "WideResNet", "count_params", "create", "dense_macs", "describe_models", "is_gated", "list_families",
+    "list_models", "macs_by_module", "parse_spec", "register_family", "register_model",
 ]
 
 def list_models() -> list[str]:

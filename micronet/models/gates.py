@@ -66,7 +66,8 @@ class GatedNetwork:
     """Mixin for networks whose blocks are skipped per input by gates (with ``nn.Module``).
 
     Subclasses call :meth:`_init_gates` in ``__init__``; in the forward pass :meth:`_begin_gated_forward`,
-    :meth:`decide` once per gate, then :meth:`_end_gated_forward`; and name their gated blocks in :meth:`gated_block_names`.
+    :meth:`decide` once per gate, then :meth:`_end_gated_forward`; and name their gated blocks in
+    :meth:`gated_block_names`.
     """
 
     #: Submodules that make up the gate network (features and controller): its cost is reported apart.
@@ -105,6 +106,12 @@ class GatedNetwork:
         probs.append(p)
         masks.append(mask)
         return mask
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The last forward's records may be non-leaf tensors (deepcopy refuses those) and are no state.
+        state = super().__getstate__()
+        state.update(gate_masks=[], gate_probs=[], _pending=([], []))
+        return state
 
     def _begin_gated_forward(self) -> None:
         # Started afresh each forward: an aborted one (e.g. a failed fx trace) must leave nothing behind.

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from micronet.models.gates import GateController, GateFeatures, GatedNetwork
+from micronet.models.gates import GateController, GatedNetwork, GateFeatures
 from micronet.models.pyramidnet import PyramidNet, _Bottleneck
 from micronet.models.registry import register_family, register_model
 

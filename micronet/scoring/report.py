@@ -344,3 +344,49 @@ class ScoreReport:
             raise MicronetError(f"cannot write plot {path}: {str(exc).splitlines()[0]}") from None
         finally:
             plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- gates
+def format_gate_summary(summary: dict[str, Any]) -> str:
+    """A few text lines for a gate summary (``GateStats.summary()``): blocks, MACs and per-gate rates."""
+    rates = " ".join(f"{r:.2f}" for r in summary["gate_rates"])
+    return "\n".join([
+        f"gates over {summary['images']} images: executed blocks {summary['executed_blocks_mean']:.2f} of "
+        f"{summary['gated_blocks']} per image (mean)",
+        f"MACs per image {summary['macs_per_image_mean']:,.0f} (all gates open {summary['macs_all_open']:,}, "
+        f"all shut {summary['macs_all_shut']:,}; {summary['macs_skipped_fraction']:.1%} skipped)",
+        f"per-gate execution rates: {rates}",
+    ])
+
+
+def plot_gate_summary(summary: dict[str, Any], path: str | Path, title: str = "") -> None:
+    """Per-gate execution rates and the executed-blocks / MACs-per-image histograms (PNG; needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MicronetError("--plot needs matplotlib: pip install 'micronet[plot]'") from None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    rates = summary["gate_rates"]
+    axes[0].bar(range(len(rates)), rates, color="tab:blue")
+    axes[0].set(xlabel="gate", ylabel="execution rate", ylim=(0, 1), title="per-gate execution rate")
+    blocks = summary["executed_blocks_hist"]
+    axes[1].bar(range(len(blocks)), blocks, color="tab:green")
+    axes[1].set(xlabel="gated blocks executed", ylabel="images",
+                title=f"executed blocks (mean {summary['executed_blocks_mean']:.2f} of {summary['gated_blocks']})")
+    edges, hist = summary["macs_hist_edges"], summary["macs_hist"]
+    width = max(edges[1] - edges[0], 1.0) / 1e6
+    axes[2].bar([e / 1e6 for e in edges[:-1]], hist, width=width, align="edge", color="tab:orange")
+    axes[2].set(xlabel="MMACs per image", ylabel="images",
+                title=f"MACs per image (mean {summary['macs_per_image_mean'] / 1e6:.3f} M)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=110)
+    except (OSError, ValueError) as exc:
+        raise MicronetError(f"cannot write plot {path}: {str(exc).splitlines()[0]}") from None
+    finally:
+        plt.close(fig)
