@@ -96,12 +96,12 @@ class GatedNetwork:
 
     def decide(self, p: torch.Tensor) -> torch.Tensor:
         """The decision m in {0, 1} (per sample, same dtype as ``p``) for execution probabilities ``p``."""
-        if self.force_gates is not None:
-            mask = torch.full_like(p.detach(), float(self.force_gates))
-        elif self.training and self.gate_sampling:
+        if self.training and self.gate_sampling:
             mask = torch.bernoulli(p.detach())
         else:
             mask = hard_gate(p)
+        if self.force_gates is not None:  # after the comparison, so a forced forward costs what a free one does
+            mask = torch.full_like(mask.detach(), float(self.force_gates))
         probs, masks = self._pending
         probs.append(p)
         masks.append(mask)

@@ -107,6 +107,34 @@ class LayerRow:
 
 
 @dataclass
+class DynamicCompute:
+    """A dynamic (gated) model's compute beyond the mean: worst case, gate network, spread over examples."""
+
+    label: str  # how the mean was obtained: "mean over N real test images" or "estimate over N images ..."
+    images: int
+    real_images: bool
+    worst_ops: Fraction  # every gate open, 32-bit-op units per example
+    worst_op_score: float
+    gate_ops: Fraction  # the gate network's own ops (mean per example; included in the totals)
+    gate_params: Fraction  # and its parameters (32-bit units; included in the totals)
+    ops_per_example: list[float] = field(default_factory=list)
+
+    def to_dict(self, track: Track, params: Fraction) -> dict[str, Any]:
+        """JSON-able fields, with the all-gates-open score."""
+        return {
+            "label": self.label,
+            "images": self.images,
+            "real_images": self.real_images,
+            "worst_case_ops": _num(self.worst_ops),
+            "worst_case_op_score": self.worst_op_score,
+            "worst_case_score": float(params / track.baseline_params) + self.worst_op_score,
+            "gate_network_ops": _num(self.gate_ops),
+            "gate_network_params": _num(self.gate_params),
+            "ops_per_example": self.ops_per_example,
+        }
+
+
+@dataclass
 class ScoreReport:
     """The result of scoring one model under one policy and track."""
 
@@ -117,6 +145,7 @@ class ScoreReport:
     free_ops: dict[str, int] = field(default_factory=dict)
     samples: int = 1
     gate_rates: dict[str, float] = field(default_factory=dict)
+    dynamic: DynamicCompute | None = None
     notes: list[str] = field(default_factory=list)
     model: str = ""
     quantized: bool = False
@@ -211,6 +240,7 @@ class ScoreReport:
             "quantized": self.quantized,
             "samples": self.samples,
             "gate_rates": self.gate_rates,
+            "dynamic": self.dynamic.to_dict(self.track, self.params) if self.dynamic else None,
             "notes": self.notes,
             "layers": [r.to_dict() for r in self.layers],
             "by_kind": self.by_kind(),
@@ -287,6 +317,13 @@ class ScoreReport:
         parts.append(f"score   {self.score:.6f}")
         if self.samples > 1:
             parts.append(f"ops are the mean over {self.samples} examples")
+        if self.dynamic is not None:
+            d = self.dynamic.to_dict(self.track, self.params)
+            parts.append(f"dynamic score: {d['label']}")
+            parts.append(f"worst case (every gate open): ops {float(self.dynamic.worst_ops):,.2f}   "
+                         f"op score {d['worst_case_op_score']:.6f}   score {d['worst_case_score']:.6f}")
+            parts.append(f"gate network (included above): ops {float(self.dynamic.gate_ops):,.2f}   "
+                         f"params {float(self.dynamic.gate_params):,.2f}")
         for gate, rate in self.gate_rates.items():
             parts.append(f"gate {gate}: executed for {rate:.1%} of examples")
         if self.unknown_ops:
@@ -321,7 +358,16 @@ class ScoreReport:
         names = [f"{r.name or '(root)'} [{r.kind}]" for r in rows]
         p = [float(r.params / self.track.baseline_params) for r in rows]
         o = [float(r.ops / self.track.baseline_ops) for r in rows]
-        fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.12), 5))
+        if self.dynamic is not None and self.dynamic.ops_per_example:
+            fig, (ax, hist) = plt.subplots(2, 1, figsize=(max(8, len(rows) * 0.12), 9),
+                                           gridspec_kw={"height_ratios": [5, 3]})
+            hist.hist(self.dynamic.ops_per_example, bins=20, color="tab:orange")
+            hist.axvline(float(self.dynamic.worst_ops), color="black", linestyle="--", label="every gate open")
+            hist.set(xlabel="ops per example (32-bit units)", ylabel="examples",
+                     title=f"ops per example: {self.dynamic.label}")
+            hist.legend()
+        else:
+            fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.12), 5))
         xs = range(len(rows))
         ax.bar(xs, p, label="param score", color="tab:blue")
         ax.bar(xs, o, bottom=p, label="op score", color="tab:orange")

@@ -1,9 +1,11 @@
 """A toy gated network for the SkipNet stages: one block the task needs, one that does nothing.
 
 ``useful``: conv-BN-ReLU whose skip path outputs zeros, so skipping it erases every feature the head reads.
-``useless``: an identity-initialised conv whose output is multiplied by zero before the identity shortcut:
-running it changes nothing. Each block has its own gate (pool + 1x1 conv features, the shared LSTM).
-In eval a skipped block is not computed (the samples whose gate is on run alone), as in PyramidSkipNet.
+``useless``: a conv whose output is multiplied by zero before the identity shortcut: running it changes
+nothing. (Its weights stay dense, unlike an identity initialisation: the scorer counts non-zero weights
+only, and the dynamic-score test compares scored ops with dense MACs.) Each block has its own gate
+(pool + 1x1 conv, the shared LSTM). In eval a skipped block is not computed (the samples whose gate is on
+run alone), as in PyramidSkipNet.
 """
 
 from __future__ import annotations
@@ -26,9 +28,6 @@ class ToyGatedNet(GatedNetwork, nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AvgPool2d(4))
         self.useful = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
         self.useless = nn.Conv2d(width, width, 3, padding=1)
-        with torch.no_grad():
-            nn.init.dirac_(self.useless.weight)
-            self.useless.bias.zero_()
         self.gates = nn.ModuleList([GateFeatures(width, 4), GateFeatures(width, 4)])
         self.controller = GateController(4, 4)
         self.pool = nn.AdaptiveAvgPool2d(1)

@@ -16,7 +16,9 @@ from click.testing import CliRunner
 from micronet import io as mio
 from micronet.cli import main
 from micronet.errors import MicronetError
-from micronet.models import create
+from micronet.io import checkpoint_test_images
+from micronet.models import GateStats, create
+from micronet.scoring import score
 from micronet.training import RunOptions, load_recipe, run_all, run_stage
 from micronet.training.skip_rl import gate_returns, policy_gradient_loss
 from tests.training import gated_toy  # noqa: F401  (registers the toygated family)
@@ -238,3 +240,33 @@ def test_skip_rl_from_a_plain_checkpoint_fails_before_training(cifar10_root, tmp
                                   "--from", str(student.path), "--model", "densenet_bc:depth=10,growth=4"])
     assert r.exit_code == 2 and r.output.count("\n") == 1
     assert "trains SkipNet gates" in r.output and not (tmp_path / "q" / "skip-rl.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+def test_dynamic_score_is_below_the_all_open_score_by_the_skipped_macs(rl_trained, cifar10_root):
+    images = checkpoint_test_images(rl_trained.path, cifar10_root, 100)
+    model = mio.load(rl_trained.path).model.eval()
+    report = score(model, data=images, samples=100)
+    dynamic = report.to_dict()["dynamic"]
+    assert dynamic["label"] == "mean over 100 real test images" and dynamic["images"] == 100
+    # the MAC fraction the gates skipped on the same images, from the model's decisions (no scorer involved)
+    stats = GateStats.for_model(model)
+    with torch.no_grad():
+        model(images)
+    stats.update(model.executed())
+    skipped = stats.summary()["macs_skipped_fraction"]
+    assert skipped > 0.05  # the useless block is skipped
+    saved = 1 - float(report.ops) / dynamic["worst_case_ops"]
+    # within 1 point: ops also hold what MACs leave out (the stem's ReLU and pooling, the block's x0 and add)
+    assert saved == pytest.approx(skipped, abs=0.01)
+    assert dynamic["worst_case_score"] - report.score == pytest.approx(saved * dynamic["worst_case_op_score"])
+    # the gate network (two 1x1 convs, the LSTM, its Linear) is reported apart and is part of the totals
+    assert 0 < dynamic["gate_network_params"] < float(report.params)
+    assert len(dynamic["ops_per_example"]) == 100
+    assert sum(dynamic["ops_per_example"]) / 100 == pytest.approx(float(report.ops))
+
+
+def test_synthetic_inputs_are_labelled_an_estimate(rl_trained):
+    report = score(mio.load(rl_trained.path).model, samples=4)
+    assert report.to_dict()["dynamic"]["label"].startswith("estimate over 4 images")
+    assert "dynamic score: estimate over 4 images" in report.table()
