@@ -20,6 +20,8 @@ rates, executed blocks and MACs per image with their distributions.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,6 +64,28 @@ def hard_gate(p: torch.Tensor) -> torch.Tensor:
     return (p > 0.5).to(p.dtype) + (p - p.detach())
 
 
+#: One piece of a gated network's forward: ``piece(root, x)``, with ``root`` holding the network's children.
+Piece = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class GatedPlan:
+    """A gated forward cut into traceable pieces (for exporters that emit one conditional per gate).
+
+    ``stem`` runs up to the first gate; gate i computes ``features[i]`` of the current tensor, feeds them to
+    the LSTM controller (module ``controller``) and, if it opens, replaces the tensor by ``blocks[i]`` of it,
+    else by ``skips[i]`` (the block's parameter-free shortcut); ``head`` makes the logits.
+    """
+
+    stem: Piece
+    features: tuple[Piece, ...]
+    blocks: tuple[Piece, ...]
+    skips: tuple[Piece, ...]
+    head: Piece
+    block_names: tuple[str, ...]
+    controller: str = "controller"
+
+
 class GatedNetwork:
     """Mixin for networks whose blocks are skipped per input by gates (with ``nn.Module``).
 
@@ -92,6 +116,10 @@ class GatedNetwork:
 
     def gated_block_names(self) -> list[str]:
         """Module names of the gated blocks, gate i deciding block i."""
+        raise NotImplementedError
+
+    def gated_plan(self) -> GatedPlan:
+        """This network's forward cut at its gates (see :class:`GatedPlan`)."""
         raise NotImplementedError
 
     def decide(self, p: torch.Tensor) -> torch.Tensor:

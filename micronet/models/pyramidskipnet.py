@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from micronet.models.gates import GateController, GatedNetwork, GateFeatures
+from micronet.models.gates import GateController, GatedNetwork, GatedPlan, GateFeatures
 from micronet.models.pyramidnet import PyramidNet, _Bottleneck
 from micronet.models.registry import register_family, register_model
 
@@ -43,6 +43,31 @@ class PyramidSkipNet(GatedNetwork, PyramidNet):
         """Module names of the gated blocks (every stage-2/3 block but the first of stage 2)."""
         names = [f"layer2.{i}" for i in range(len(self.layer2))] + [f"layer3.{i}" for i in range(len(self.layer3))]
         return names[1:]
+
+    def gated_plan(self) -> GatedPlan:
+        """Stem and stage 1 plus the first stage-2 block, then one gate per block, then the head."""
+        names = self.gated_block_names()
+
+        def whole(path: str):
+            # residual + shortcut rather than block(x): the methods run the module tree's own layers in every
+            # form (the integer deploy form merges layers in place), exactly as the eval forward computes them.
+            return lambda root, x: root.get_submodule(path).residual(x) + root.get_submodule(path).shortcut(x)
+
+        def skip(path: str):
+            return lambda root, x: root.get_submodule(path).shortcut(x)
+
+        def feature(index: int):
+            return lambda root, x: root.gates[index](x)
+
+        def stem(root: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            x = root.bn_stem(root.conv_stem(x))
+            for k in range(len(root.layer1)):
+                x = whole(f"layer1.{k}")(root, x)
+            return whole("layer2.0")(root, x)
+
+        return GatedPlan(stem=stem, features=tuple(feature(i) for i in range(len(names))),
+                         blocks=tuple(whole(n) for n in names), skips=tuple(skip(n) for n in names),
+                         head=lambda root, x: PyramidNet.forward_head(root, x), block_names=tuple(names))
 
     def _gateable_stages(self) -> list[_Bottleneck]:
         return [*self.layer2, *self.layer3]
