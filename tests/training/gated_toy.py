@@ -1,5 +1,7 @@
 """A toy gated network for the SkipNet stages: one block the task needs, one that does nothing.
 
+The tests that use it register it as the model family ``toygated`` while they run.
+
 ``useful``: conv-BN-ReLU whose skip path outputs zeros, so skipping it erases every feature the head reads.
 ``useless``: a conv whose output is multiplied by zero before the identity shortcut: running it changes
 nothing. (Its weights stay dense, unlike an identity initialisation: the scorer counts non-zero weights
@@ -13,11 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from micronet.models import GatedNetwork, register_family
+from micronet.models import GatedNetwork
 from micronet.models.gates import GateController, GateFeatures
 
 
-@register_family("toygated")
 class ToyGatedNet(GatedNetwork, nn.Module):
     """stem (conv, ReLU, 4x4 pool) -> gated ``useful`` -> gated ``useless`` -> pool -> ``fc``."""
 

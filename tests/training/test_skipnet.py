@@ -17,11 +17,19 @@ from micronet import io as mio
 from micronet.cli import main
 from micronet.errors import MicronetError
 from micronet.io import checkpoint_test_images
-from micronet.models import GateStats, create
+from micronet.models import GateStats, create, registry
 from micronet.scoring import score
 from micronet.training import RunOptions, load_recipe, run_all, run_stage
 from micronet.training.skip_rl import gate_returns, policy_gradient_loss
-from tests.training import gated_toy  # noqa: F401  (registers the toygated family)
+from tests.training.gated_toy import ToyGatedNet
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _toy_family():
+    """The toy is a model family while these tests run (checkpoints rebuild it by name), and only then."""
+    registry.register_family("toygated")(ToyGatedNet)
+    yield
+    registry._FAMILIES.pop("toygated")
 
 
 # ----------------------------------------------------------------------------------------------- the loss
@@ -270,3 +278,14 @@ def test_synthetic_inputs_are_labelled_an_estimate(rl_trained):
     report = score(mio.load(rl_trained.path).model, samples=4)
     assert report.to_dict()["dynamic"]["label"].startswith("estimate over 4 images")
     assert "dynamic score: estimate over 4 images" in report.table()
+
+
+def test_score_cli_reports_and_plots_the_dynamic_compute(rl_trained, cifar10_root, tmp_path):
+    plot = tmp_path / "score.png"
+    r = CliRunner().invoke(main, ["score", str(rl_trained.path), "--data-root", str(cifar10_root), "--samples", "20",
+                                  "--plot", str(plot), "--json"])
+    assert r.exit_code == 0, r.output
+    dynamic = json.loads(r.output)["dynamic"]
+    assert dynamic["label"] == "mean over 20 real test images" and len(dynamic["ops_per_example"]) == 20
+    assert dynamic["worst_case_score"] > json.loads(r.output)["score"]
+    assert plot.stat().st_size > 0
