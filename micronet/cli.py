@@ -18,6 +18,7 @@ from micronet.export import export_checkpoint
 from micronet.models import describe_models, list_families
 from micronet.scoring import TRACKS, score
 from micronet.scoring.policy import parse_overrides
+from micronet.scoring.report import format_gate_summary, plot_gate_summary
 from micronet.training import (
     DEFAULT_RECIPE,
     STAGES,
@@ -254,18 +255,26 @@ def train_stage_command(stage, recipe, data_root, out_dir, init_from, teacher, r
 @click.option("--also-on", "also_on", multiple=True, metavar="NAME[=DIR]",
               help="Also evaluate on this dataset's test set (same classes) and report the accuracy drop with its "
                    "95% interval; under --data-root unless =DIR is given (repeatable).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Gated models: draw per-gate rates and the executed-blocks / MACs-per-image histograms (PNG).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_command(checkpoint, data_root, dataset, fmt, model, normalization, half, batch_size, device, also_on,
-                 as_json) -> None:
+                 plot_path, as_json) -> None:
     """Top-1/top-5 accuracy of a checkpoint on the test set (and on others with --also-on)."""
     r = evaluate_checkpoint(checkpoint, data_root, dataset=dataset, format=fmt, model=model,
                             normalization=normalization, half=half, device=device, batch_size=batch_size,
                             also_on=also_on)
+    if plot_path:
+        if "gates" not in r:
+            raise MicronetError("--plot draws the gate report of a gated model; this model has no gates")
+        plot_gate_summary(r["gates"], plot_path, title=f"{Path(checkpoint).name}: top-1 {r['top1']:.2f}%")
     if as_json:
         click.echo(json.dumps(r, sort_keys=True))
         return
     click.echo(f"{r['checkpoint']} ({r['format']}, {r['normalization']} inputs{', fp16' if half else ''}): "
                f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  on {r['images']} test images")
+    if "gates" in r:
+        click.echo(format_gate_summary(r["gates"]))
     if "also_on" in r:
         rows = [(r["dataset"], r["images"], r["top1"], r["top5"], "", "")]
         for o in r["also_on"]:

@@ -31,6 +31,7 @@ from micronet.compress import deploy_form
 from micronet.data import test_images
 from micronet.errors import MicronetError
 from micronet.export import verify as _verify
+from micronet.export.gated import BATCH_NOTE, build_gated_graph, is_gated, verify_gates
 from micronet.export.graph import BuiltGraph, WeightRecord, build_graph
 from micronet.io import atomic_write
 
@@ -186,7 +187,7 @@ def export_onnx(
         raise MicronetError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
     inputs, source = _inputs(samples, data) if verify else (None, "")
     deploy = deploy_form(model)
-    built = build_graph(deploy, form=form, sparse_weights=sparse_weights, opset=opset, input_shape=INPUT_SHAPE)
+    built = _build(deploy, form=form, sparse_weights=sparse_weights, opset=opset)
     try:
         onnx.checker.check_model(built.model, full_check=True)
     except onnx.checker.ValidationError as exc:  # a bug here, not a user error, but say it plainly
@@ -202,6 +203,10 @@ def export_onnx(
         report = _report(path, built, deploy, opset, sparse_weights, len(payload), storage_bytes)
         if verify:
             report.parity = _verify.verify(tmp, deploy, built, inputs, source=source, device=device)
+            if is_gated(deploy):  # decisions and top-1 per image at batch 1, where the If really skips
+                gates = verify_gates(_verify.make_session(tmp, device), deploy, inputs)
+                report.parity.failures.extend(gates.failures)
+                report.notes.append(gates.format())
             if not report.parity.passed:
                 raise MicronetError(
                     f"ONNX export failed verification, no file written: {'; '.join(report.parity.failures[:3])}"
@@ -212,7 +217,15 @@ def export_onnx(
 
     atomic_write(path, write_and_verify)  # the file appears only once it has passed verification
     report = reports[0]
+    if is_gated(deploy):
+        report.notes.append(BATCH_NOTE)
     return report
+
+
+def _build(deploy: nn.Module, *, form: str, sparse_weights: bool = False, opset: int = 21) -> BuiltGraph:
+    """The graph of a deploy-form model: gated networks get one ``If`` per gate (export/gated.py)."""
+    build = build_gated_graph if is_gated(deploy) else build_graph
+    return build(deploy, form=form, sparse_weights=sparse_weights, opset=opset, input_shape=INPUT_SHAPE)
 
 
 def _report(path: Path, built: BuiltGraph, deploy: nn.Module, opset: int, sparse: bool, size: int,
@@ -251,9 +264,14 @@ def verify_onnx(
     form = form or props.get("micronet.form", "integer")
     deploy = deploy_form(model)
     # Rebuilding (in memory) gives the weight list and whether the graph must be bit-exact.
-    built = build_graph(deploy, form=form, input_shape=INPUT_SHAPE)
+    built = _build(deploy, form=form)
     inputs, source = _inputs(samples, data)
-    return _verify.verify(path, deploy, built, inputs, source=source, device=device)
+    report = _verify.verify(path, deploy, built, inputs, source=source, device=device)
+    if is_gated(deploy):
+        gates = verify_gates(_verify.make_session(path, device), deploy, inputs)
+        report.failures.extend(gates.failures)
+        report.notes.append(gates.format())
+    return report
 
 
 def export_checkpoint(

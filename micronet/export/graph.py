@@ -92,6 +92,20 @@ def build_graph(
             f"opset {opset} is not supported: INT4 weights need opset >= 21 "
             f"(this onnx package writes up to {onnx.defs.onnx_opset_version()})"
         )
+    b = GraphBuilder(form=form, sparse_weights=sparse_weights)
+    output = emit_module(b, model, Value(INPUT_NAME, (BATCHES[0], *input_shape), batched=True), input_shape)
+    if not isinstance(output, Value):
+        raise UnsupportedModelError("the model must return a single logits tensor")
+    if output.rank != 2 or not output.batched:
+        raise UnsupportedModelError(f"the model must return [batch, classes] logits, not shape {output.shape}")
+    return assemble(b, output, form=form, opset=opset, input_shape=input_shape)
+
+
+def emit_module(b: GraphBuilder, model: nn.Module, x: Value, input_shape: tuple[int, ...]) -> Any:
+    """Trace ``model`` (one tensor input of ``input_shape`` per sample) and append its ops to ``b`` on ``x``.
+
+    Returns the converted output (a :class:`Value`, or the structure of Values the forward returns).
+    """
     gm = trace(model, lambda m: converter_for_module(m) is not None)
     nodes = list(gm.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -118,13 +132,12 @@ def build_graph(
         names = ", ".join(dict.fromkeys(unsupported))
         raise UnsupportedModelError(f"cannot export these ops to ONNX: {names}")
 
-    b = GraphBuilder(form=form, sparse_weights=sparse_weights)
     env: dict[fx.Node, Any] = {}
     output: Any = None
     for n in nodes:
         ra = rec_a.get(n)
         if n.op == "placeholder":
-            env[n] = Value(INPUT_NAME, (ba, *input_shape), batched=True)
+            env[n] = x
         elif n.op == "output":
             output = fx.node.map_arg(n.args[0], lambda a: env[a])
         elif not depends[n]:
@@ -133,19 +146,20 @@ def build_graph(
             env[n] = merge_python(ra.value, rec_b[n].value, ba, bb)
         else:
             env[n] = _convert(b, gm, n, env, ra, rec_b[n], ba, bb)
+    return output
 
-    if not isinstance(output, Value):
-        raise UnsupportedModelError("the model must return a single logits tensor")
-    if output.rank != 2 or not output.batched:
-        raise UnsupportedModelError(f"the model must return [batch, classes] logits, not shape {output.shape}")
+
+def assemble(b: GraphBuilder, output: Value, *, form: str, opset: int, input_shape: tuple[int, ...],
+             extra_outputs: tuple[onnx.ValueInfoProto, ...] = ()) -> BuiltGraph:
+    """The ModelProto around ``b``'s nodes: ``output`` becomes the logits (plus ``extra_outputs``)."""
     b.add("Identity", [output.name], out=OUTPUT_NAME)
-    nodes, initializers = _live(b.nodes, b.initializers)
+    nodes, initializers = _live(b.nodes, b.initializers, [OUTPUT_NAME, *(o.name for o in extra_outputs)])
 
     graph = oh.make_graph(
         nodes,
         "micronet",
         [oh.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", *input_shape])],
-        [oh.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", output.shape[1]])],
+        [oh.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", output.shape[1]]), *extra_outputs],
         initializers,
     )
     opsets = [oh.make_opsetid("", opset)]
@@ -171,14 +185,28 @@ def build_graph(
     )
 
 
-def _live(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> tuple[list, list]:
-    """Drop nodes and initializers that do not reach the output (e.g. a Pad absorbed by a MaxPool)."""
-    needed, kept = {OUTPUT_NAME}, []
+def _live(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], outputs: list[str]) -> tuple[list, list]:
+    """Drop nodes and initializers that do not reach the outputs (e.g. a Pad absorbed by a MaxPool).
+
+    A node with subgraphs (``If``) also needs every value its subgraphs' nodes read from the outer scope.
+    """
+    needed, kept = set(outputs), []
     for node in reversed(nodes):
         if any(o in needed for o in node.output):
             kept.append(node)
             needed.update(node.input)
+            needed.update(_subgraph_inputs(node))
     return kept[::-1], [t for t in inits if t.name in needed]
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    names: set[str] = set()
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            for inner in attr.g.node:
+                names.update(inner.input)
+                names.update(_subgraph_inputs(inner))
+    return names
 
 
 def _convert(b: GraphBuilder, gm: fx.GraphModule, n: fx.Node, env: dict, ra: NodeResult, rb: NodeResult,
@@ -219,4 +247,4 @@ def _describe(node: fx.Node, root: nn.Module) -> str:
     return f"{mod}.{name}" if mod and not str(name).startswith(mod) else str(name)
 
 
-__all__ = ["BuiltGraph", "UnsupportedModelError", "WeightRecord", "build_graph"]
+__all__ = ["BuiltGraph", "UnsupportedModelError", "WeightRecord", "assemble", "build_graph", "emit_module"]

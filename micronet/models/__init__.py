@@ -17,18 +17,19 @@ import torch.nn as nn
 from micronet.errors import MicronetError
 from micronet.models import densenet, pyramidnet, pyramidskipnet, shakeshake, wrn  # noqa: F401  (registers the families)
 from micronet.models.densenet import DenseNet
+from micronet.models.gates import GatedNetwork, GateStats, is_gated
 from micronet.models.pyramidnet import PyramidNet
 from micronet.models.pyramidskipnet import PyramidSkipNet
 from micronet.models.registry import coerce_option, families, register_family, register_model, resolve, zoo
 from micronet.models.shakedrop import ShakeDrop
 from micronet.models.shakeshake import ShakeShakeNet
-from micronet.models.summary import build_for_sizing, count_params, dense_macs, forward_macs
+from micronet.models.summary import build_for_sizing, count_params, dense_macs, forward_macs, macs_by_module
 from micronet.models.wrn import WideResNet
 
 __all__ = [
-    "DenseNet", "PyramidNet", "PyramidSkipNet", "ShakeDrop", "ShakeShakeNet", "WideResNet", "count_params",
-    "create", "dense_macs", "describe_models", "list_families", "list_models", "parse_spec",
-    "register_family", "register_model",
+    "DenseNet", "GateStats", "GatedNetwork", "PyramidNet", "PyramidSkipNet", "ShakeDrop", "ShakeShakeNet",
+    "WideResNet", "count_params", "create", "dense_macs", "describe_models", "is_gated", "list_families",
+    "list_models", "macs_by_module", "parse_spec", "register_family", "register_model",
 ]
 
 def list_models() -> list[str]:

@@ -5,8 +5,9 @@ block's output and decides whether the *next* block runs: 2n - 1 gates (59 for d
 first block of stage 2 always runs and the first block of stage 3 can be skipped. A skipped block
 outputs its parameter-free shortcut (pool + zero-pad) of the input.
 
-Training: hard gates with a straight-through estimator; every block is computed and blended with
-m * F(x) + (1 - m) * shortcut(x). Add the execution penalty of the reference recipe to the loss:
+Training: every block is computed and blended with m * F(x) + (1 - m) * shortcut(x); m comes from
+``GatedNetwork.decide`` (hard gates with a straight-through estimator, or Bernoulli samples under
+``gate_sampling`` for the hybrid RL stage). The supervised recipe adds the execution penalty:
 
     loss = F.cross_entropy(model(x), y) + 1e-4 * model.gate_penalty()
 
@@ -16,18 +17,16 @@ and per-gate execution rates accumulate: `model.gate_rates()`, `model.reset_gate
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
-from micronet.models.gates import GateController, GateFeatures, hard_gate
+from micronet.models.gates import GateController, GatedNetwork, GatedPlan, GateFeatures
 from micronet.models.pyramidnet import PyramidNet, _Bottleneck
 from micronet.models.registry import register_family, register_model
 
 
 @register_family("pyramidskipnet")
-class PyramidSkipNet(PyramidNet):
+class PyramidSkipNet(GatedNetwork, PyramidNet):
     """`PyramidNet` whose stage-2/3 blocks are gated by a shared LSTM controller."""
 
     def __init__(self, depth: int = 272, alpha: float = 200.0, final_drop_prob: float = 0.5,
@@ -38,19 +37,41 @@ class PyramidSkipNet(PyramidNet):
         # init: He fan-out on a 1x1 conv to 10 channels would saturate the LSTM on un-normalised features.
         self.gates = nn.ModuleList(GateFeatures(block.out_channels, gate_features) for block in blocks[:-1])
         self.controller = GateController(gate_features, controller_hidden)
-        # Non-persistent: run statistics, not part of the architecture or of checkpoints.
-        self.register_buffer("gate_executed", torch.zeros(self.num_gates, dtype=torch.long), persistent=False)
-        self.register_buffer("gate_seen", torch.zeros((), dtype=torch.long), persistent=False)
-        self.gate_masks: list[torch.Tensor] = []
+        self._init_gates(len(self.gates))
 
     #: forward_features is data-dependent (fx cannot trace it), but these children run in sequence, each output
     #: consumed only by the next: declared so the deploy form still folds the stem BN into the stem conv.
     deploy_segments = (("conv_stem", "bn_stem"),)
 
-    @property
-    def num_gates(self) -> int:
-        """Number of gates (= number of skippable blocks)."""
-        return len(self.gates)
+    def gated_block_names(self) -> list[str]:
+        """Module names of the gated blocks (every stage-2/3 block but the first of stage 2)."""
+        names = [f"layer2.{i}" for i in range(len(self.layer2))] + [f"layer3.{i}" for i in range(len(self.layer3))]
+        return names[1:]
+
+    def gated_plan(self) -> GatedPlan:
+        """Stem and stage 1 plus the first stage-2 block, then one gate per block, then the head."""
+        names = self.gated_block_names()
+
+        def whole(path: str):
+            # residual + shortcut rather than block(x): the methods run the module tree's own layers in every
+            # form (the integer deploy form merges layers in place), exactly as the eval forward computes them.
+            return lambda root, x: root.get_submodule(path).residual(x) + root.get_submodule(path).shortcut(x)
+
+        def skip(path: str):
+            return lambda root, x: root.get_submodule(path).shortcut(x)
+
+        def feature(index: int):
+            return lambda root, x: root.gates[index](x)
+
+        def stem(root: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            x = root.bn_stem(root.conv_stem(x))
+            for k in range(len(root.layer1)):
+                x = whole(f"layer1.{k}")(root, x)
+            return whole("layer2.0")(root, x)
+
+        return GatedPlan(stem=stem, features=tuple(feature(i) for i in range(len(names))),
+                         blocks=tuple(whole(n) for n in names), skips=tuple(skip(n) for n in names),
+                         head=lambda root, x: PyramidNet.forward_head(root, x), block_names=tuple(names))
 
     def _gateable_stages(self) -> list[_Bottleneck]:
         return [*self.layer2, *self.layer3]
@@ -61,17 +82,13 @@ class PyramidSkipNet(PyramidNet):
         blocks = self._gateable_stages()
         x = blocks[0](x)
         state = None
-        masks = []
+        self._begin_gated_forward()
         for gate, block in zip(self.gates, blocks[1:]):
             p, state = self.controller(gate(x), state)
-            mask = hard_gate(p)
-            masks.append(mask)
+            mask = self.decide(p)
             run_gated = self._gated_block_train if self.training else self._gated_block_eval
             x = run_gated(block, x, mask)
-        self.gate_masks = masks
-        if not self.training:
-            self.gate_executed += (torch.stack(masks) > 0.5).sum(dim=1)
-            self.gate_seen += x.shape[0]
+        self._end_gated_forward(x.shape[0])
         return x
 
     @staticmethod
@@ -92,25 +109,6 @@ class PyramidSkipNet(PyramidNet):
         if count == 0:
             return out
         return out.index_copy(0, on, block(x.index_select(0, on)).to(out.dtype))
-
-    def gate_penalty(self) -> torch.Tensor:
-        """Sum over gates of the batch-mean gate value of the last forward (differentiable via the STE)."""
-        if not self.gate_masks:
-            raise RuntimeError("gate_penalty() needs a forward pass first")
-        return torch.stack([mask.mean() for mask in self.gate_masks]).sum()
-
-    def gate_rates(self) -> list[float]:
-        """Fraction of samples for which each gated block ran, over eval forwards since the last reset
-        (NaN before any eval forward)."""
-        seen = int(self.gate_seen)
-        if seen == 0:
-            return [math.nan] * self.num_gates
-        return (self.gate_executed.double() / seen).tolist()
-
-    def reset_gate_stats(self) -> None:
-        """Zero the execution counters behind `gate_rates()`."""
-        self.gate_executed.zero_()
-        self.gate_seen.zero_()
 
 
 register_model("pyramidskipnet272_a200", "pyramidskipnet", depth=272, alpha=200.0,

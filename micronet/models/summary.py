@@ -81,35 +81,42 @@ def forward_macs(shadow: nn.Module, input_size: tuple[int, int, int]) -> int:
     Convolutions and linear layers are replaced by their output shapes (zeros) and BatchNorm by identity:
     the MACs depend on shapes only, and the arithmetic of a full-size batch-1 forward would dominate.
     """
+    return sum(_forward_macs_by_module(shadow, input_size).values())
+
+
+def macs_by_module(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> dict[str, int]:
+    """`dense_macs` split by the name of the conv / linear / LSTM module that does them (a copy is used)."""
+    with torch.random.fork_rng(devices=[]):
+        return _forward_macs_by_module(copy.deepcopy(model), input_size)
+
+
+def _forward_macs_by_module(shadow: nn.Module, input_size: tuple[int, int, int]) -> dict[str, int]:
     shadow.train()
-    total = 0
+    totals: dict[str, int] = {}
 
-    def conv_shape(module: nn.Conv2d, x: Tensor) -> Tensor:
-        nonlocal total
+    def conv_shape(name: str, module: nn.Conv2d, x: Tensor) -> Tensor:
         out = x.new_zeros(_conv_output_shape(module, x))
-        total += _layer_macs(module, (x,), out)
+        totals[name] = totals.get(name, 0) + _layer_macs(module, (x,), out)
         return out
 
-    def linear_shape(module: nn.Linear, x: Tensor) -> Tensor:
-        nonlocal total
+    def linear_shape(name: str, module: nn.Linear, x: Tensor) -> Tensor:
         out = x.new_zeros((*x.shape[:-1], module.out_features))
-        total += _layer_macs(module, (x,), out)
+        totals[name] = totals.get(name, 0) + _layer_macs(module, (x,), out)
         return out
 
-    def lstm_hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        nonlocal total
-        total += _layer_macs(module, inputs, output)
+    def lstm_hook(name: str, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        totals[name] = totals.get(name, 0) + _layer_macs(module, inputs, output)
 
     for name, module in list(shadow.named_modules()):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             shadow.set_submodule(name, nn.Identity())
         elif isinstance(module, nn.Conv2d):
-            module.forward = functools.partial(conv_shape, module)
+            module.forward = functools.partial(conv_shape, name, module)
         elif isinstance(module, nn.Linear):
-            module.forward = functools.partial(linear_shape, module)
+            module.forward = functools.partial(linear_shape, name, module)
         elif isinstance(module, nn.LSTM):
-            module.register_forward_hook(lstm_hook)
+            module.register_forward_hook(functools.partial(lstm_hook, name))
     with torch.no_grad():
         device = next((p.device for p in shadow.parameters()), torch.device("cpu"))
         shadow(torch.zeros((1, *input_size), device=device))
-    return total
+    return totals

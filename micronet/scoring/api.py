@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -12,9 +13,9 @@ from torch import Tensor, nn
 from micronet.compress import deploy_form
 from micronet.compress.state import has_training_form, model_device, preserved_modes
 from micronet.errors import MicronetError
-from micronet.scoring.accounting import account
+from micronet.scoring.accounting import Accounts, account
 from micronet.scoring.policy import Policy, Track, get_track, resolve_policy
-from micronet.scoring.report import ScoreReport
+from micronet.scoring.report import DynamicCompute, ScoreReport
 from micronet.scoring.trace import Trace, trace_model
 
 
@@ -97,6 +98,47 @@ def _reset_gate_stats(model: nn.Module) -> None:
     fn = getattr(model, "reset_gate_stats", None)
     if callable(fn):
         fn()
+
+
+@contextlib.contextmanager
+def _gates_forced(model: nn.Module, state: bool) -> Iterator[None]:
+    """Every gate open (True) or shut (False) inside the block, for models that support ``force_gates``."""
+    before = model.force_gates
+    model.force_gates = state
+    try:
+        yield
+    finally:
+        model.force_gates = before
+
+
+def _total_ops(acc: Accounts) -> Fraction:
+    return sum((r.ops for r in acc.rows), Fraction(0))
+
+
+def _under(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _dynamic_compute(target: nn.Module, traces: list[Trace], param_traces: list[Trace], pol: Policy, trk: Track,
+                     acc: Accounts, real_data: bool, trace_one: Callable[[], Trace]) -> DynamicCompute:
+    """Worst case (every gate open), the gate network's share and the per-example ops of a dynamic model."""
+    per_example = [float(_total_ops(account([t], pol))) for t in traces]
+    worst_ops = _total_ops(acc)
+    if hasattr(target, "force_gates"):
+        with _gates_forced(target, True):
+            worst_ops = _total_ops(account([trace_one()], pol))
+    prefixes = getattr(target, "gate_module_names", ())
+    gate_rows = [r for r in acc.rows if _under(r.name, prefixes)]
+    n = len(traces)
+    label = (f"mean over {n} real test images" if real_data else
+             f"estimate over {n} images (synthetic inputs; pass --data-root for the test images)")
+    return DynamicCompute(
+        label=label, images=n, real_images=real_data, worst_ops=worst_ops,
+        worst_op_score=float(worst_ops / trk.baseline_ops),
+        gate_ops=sum((r.ops for r in gate_rows), Fraction(0)),
+        gate_params=sum((r.params for r in gate_rows), Fraction(0)),
+        ops_per_example=per_example,
+    )
 
 
 def is_dynamic(model: nn.Module) -> bool:
@@ -183,11 +225,21 @@ def score(
                     float_bits=pol.float_bits,
                 )
             )
-    if data is not None:
-        shape = tuple(traces[0].input_shape) if traces else shape
-    if not traces:
-        raise MicronetError("no input examples to score (empty data)")
-    acc = account(traces, pol, param_traces)
+        if not traces:
+            raise MicronetError("no input examples to score (empty data)")
+        if data is not None:
+            shape = tuple(traces[0].input_shape)
+        acc = account(traces, pol, param_traces)
+        dynamic_compute = None
+        if dynamic:
+            target.eval()
+
+            def trace_one() -> Trace:
+                x = next(iter(_synthetic_inputs(1, shape, device, dtype)))
+                return trace_model(target, x, input_bits=pol.model_input_bits, float_bits=pol.float_bits)
+
+            dynamic_compute = _dynamic_compute(target, traces, param_traces, pol, trk, acc,
+                                               data is not None, trace_one)
     if pol.freebie and acc.quantized:
         raise MicronetError(
             f"policy {pol.name!r} uses the 16-bit freebie, which the rules forbid for a quantized model; "
@@ -204,6 +256,7 @@ def score(
         acc.free_ops,
         samples=acc.examples,
         gate_rates=rates,
+        dynamic=dynamic_compute,
         notes=notes,
         model=model_name or type(model).__name__,
         quantized=acc.quantized,

@@ -107,6 +107,34 @@ class LayerRow:
 
 
 @dataclass
+class DynamicCompute:
+    """A dynamic (gated) model's compute beyond the mean: worst case, gate network, spread over examples."""
+
+    label: str  # how the mean was obtained: "mean over N real test images" or "estimate over N images ..."
+    images: int
+    real_images: bool
+    worst_ops: Fraction  # every gate open, 32-bit-op units per example
+    worst_op_score: float
+    gate_ops: Fraction  # the gate network's own ops (mean per example; included in the totals)
+    gate_params: Fraction  # and its parameters (32-bit units; included in the totals)
+    ops_per_example: list[float] = field(default_factory=list)
+
+    def to_dict(self, track: Track, params: Fraction) -> dict[str, Any]:
+        """JSON-able fields, with the all-gates-open score."""
+        return {
+            "label": self.label,
+            "images": self.images,
+            "real_images": self.real_images,
+            "worst_case_ops": _num(self.worst_ops),
+            "worst_case_op_score": self.worst_op_score,
+            "worst_case_score": float(params / track.baseline_params) + self.worst_op_score,
+            "gate_network_ops": _num(self.gate_ops),
+            "gate_network_params": _num(self.gate_params),
+            "ops_per_example": self.ops_per_example,
+        }
+
+
+@dataclass
 class ScoreReport:
     """The result of scoring one model under one policy and track."""
 
@@ -117,6 +145,7 @@ class ScoreReport:
     free_ops: dict[str, int] = field(default_factory=dict)
     samples: int = 1
     gate_rates: dict[str, float] = field(default_factory=dict)
+    dynamic: DynamicCompute | None = None
     notes: list[str] = field(default_factory=list)
     model: str = ""
     quantized: bool = False
@@ -221,6 +250,7 @@ class ScoreReport:
             "input_size": list(self.input_shape[2:]) if len(self.input_shape) == 4 else None,
             "samples": self.samples,
             "gate_rates": self.gate_rates,
+            "dynamic": self.dynamic.to_dict(self.track, self.params) if self.dynamic else None,
             "notes": self.notes,
             "layers": [r.to_dict() for r in self.layers],
             "by_kind": self.by_kind(),
@@ -301,6 +331,13 @@ class ScoreReport:
             parts.append(f"input   {'x'.join(map(str, self.input_shape[1:]))} per example")
         if self.samples > 1:
             parts.append(f"ops are the mean over {self.samples} examples")
+        if self.dynamic is not None:
+            d = self.dynamic.to_dict(self.track, self.params)
+            parts.append(f"dynamic score: {d['label']}")
+            parts.append(f"worst case (every gate open): ops {float(self.dynamic.worst_ops):,.2f}   "
+                         f"op score {d['worst_case_op_score']:.6f}   score {d['worst_case_score']:.6f}")
+            parts.append(f"gate network (included above): ops {float(self.dynamic.gate_ops):,.2f}   "
+                         f"params {float(self.dynamic.gate_params):,.2f}")
         for gate, rate in self.gate_rates.items():
             parts.append(f"gate {gate}: executed for {rate:.1%} of examples")
         if self.unknown_ops:
@@ -340,7 +377,16 @@ class ScoreReport:
         names = [f"{r.name or '(root)'} [{r.kind}]" for r in rows]
         p = [float(r.params / self.track.baseline_params) for r in rows]
         o = [float(r.ops / self.track.baseline_ops) for r in rows]
-        fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.12), 5))
+        if self.dynamic is not None and self.dynamic.ops_per_example:
+            fig, (ax, hist) = plt.subplots(2, 1, figsize=(max(8, len(rows) * 0.12), 9),
+                                           gridspec_kw={"height_ratios": [5, 3]})
+            hist.hist(self.dynamic.ops_per_example, bins=20, color="tab:orange")
+            hist.axvline(float(self.dynamic.worst_ops), color="black", linestyle="--", label="every gate open")
+            hist.set(xlabel="ops per example (32-bit units)", ylabel="examples",
+                     title=f"ops per example: {self.dynamic.label}")
+            hist.legend()
+        else:
+            fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.12), 5))
         xs = range(len(rows))
         ax.bar(xs, p, label="param score", color="tab:blue")
         ax.bar(xs, o, bottom=p, label="op score", color="tab:orange")
@@ -363,3 +409,49 @@ class ScoreReport:
             raise MicronetError(f"cannot write plot {path}: {str(exc).splitlines()[0]}") from None
         finally:
             plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- gates
+def format_gate_summary(summary: dict[str, Any]) -> str:
+    """A few text lines for a gate summary (``GateStats.summary()``): blocks, MACs and per-gate rates."""
+    rates = " ".join(f"{r:.2f}" for r in summary["gate_rates"])
+    return "\n".join([
+        f"gates over {summary['images']} images: executed blocks {summary['executed_blocks_mean']:.2f} of "
+        f"{summary['gated_blocks']} per image (mean)",
+        f"MACs per image {summary['macs_per_image_mean']:,.0f} (all gates open {summary['macs_all_open']:,}, "
+        f"all shut {summary['macs_all_shut']:,}; {summary['macs_skipped_fraction']:.1%} skipped)",
+        f"per-gate execution rates: {rates}",
+    ])
+
+
+def plot_gate_summary(summary: dict[str, Any], path: str | Path, title: str = "") -> None:
+    """Per-gate execution rates and the executed-blocks / MACs-per-image histograms (PNG; needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MicronetError("--plot needs matplotlib: pip install 'micronet[plot]'") from None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    rates = summary["gate_rates"]
+    axes[0].bar(range(len(rates)), rates, color="tab:blue")
+    axes[0].set(xlabel="gate", ylabel="execution rate", ylim=(0, 1), title="per-gate execution rate")
+    blocks = summary["executed_blocks_hist"]
+    axes[1].bar(range(len(blocks)), blocks, color="tab:green")
+    axes[1].set(xlabel="gated blocks executed", ylabel="images",
+                title=f"executed blocks (mean {summary['executed_blocks_mean']:.2f} of {summary['gated_blocks']})")
+    edges, hist = summary["macs_hist_edges"], summary["macs_hist"]
+    width = max(edges[1] - edges[0], 1.0) / 1e6
+    axes[2].bar([e / 1e6 for e in edges[:-1]], hist, width=width, align="edge", color="tab:orange")
+    axes[2].set(xlabel="MMACs per image", ylabel="images",
+                title=f"MACs per image (mean {summary['macs_per_image_mean'] / 1e6:.3f} M)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=110)
+    except (OSError, ValueError) as exc:
+        raise MicronetError(f"cannot write plot {path}: {str(exc).splitlines()[0]}") from None
+    finally:
+        plt.close(fig)

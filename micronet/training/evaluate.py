@@ -24,7 +24,7 @@ from micronet.data import (
 )
 from micronet.errors import MicronetError
 from micronet.training.batches import BatchStream
-from micronet.training.loop import Runtime, accuracy_sums, setup_runtime, summarize
+from micronet.training.loop import Runtime, accuracy_sums, gate_statistics, setup_runtime, summarize
 
 
 def evaluate(model: nn.Module, data: ImageSet, normalization: Normalization, *, device: str = "auto",
@@ -35,14 +35,16 @@ def evaluate(model: nn.Module, data: ImageSet, normalization: Normalization, *, 
         rt = Runtime(rt.device)
     model = model.to(rt.device).eval()
     dtype = None
-    if half:
-        model = model.half()
-        dtype = torch.float16
     stream = BatchStream(data.to(rt.device if rt.device.type == "cuda" else "cpu"), batch_size, shuffle=False)
-    sums = accuracy_sums(model, stream.epoch(0), normalization, rt, dtype=dtype)
+    # A gated model also reports its gates: per-gate rates, executed blocks and MACs per image.
+    with gate_statistics(model, tuple(data.images.shape[1:]), rt) as gates:
+        if half:
+            model = model.half()
+            dtype = torch.float16
+        sums = accuracy_sums(model, stream.epoch(0), normalization, rt, dtype=dtype)
     result = summarize(sums, "test")
     return {"top1": result["test_top1"], "top5": result["test_top5"], "loss": result["test_loss"],
-            "images": result["test_images"]}
+            "images": result["test_images"], **gates}
 
 
 Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile

@@ -8,11 +8,12 @@ and are read every ``sync_every`` steps, which is also when a non-finite loss is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from micronet.data import Normalization
 from micronet.errors import MicronetError
+from micronet.models import GateStats, is_gated
 from micronet.training.batches import BatchStream
 
 
@@ -239,6 +241,27 @@ def accuracy_sums(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], no
         sums[2] += hit.any(1).sum()
         sums[3] += labels.shape[0]
     return rt.all_reduce(sums)
+
+
+@contextlib.contextmanager
+def gate_statistics(model: nn.Module, input_size: tuple[int, ...], rt: Runtime) -> Iterator[dict[str, Any]]:
+    """Collect a gated model's decisions over the forwards inside the block (summed over ranks).
+
+    Yields a dict filled on exit with ``GateStats.summary()`` (per-gate rates, executed blocks and MACs per
+    image with their histograms); it stays empty for a model without gates.
+    """
+    out: dict[str, Any] = {}
+    if not is_gated(model):
+        yield out
+        return
+    stats = GateStats.for_model(model, tuple(input_size))
+    handle = model.register_forward_hook(lambda module, args, output: stats.update(module.executed()))
+    try:
+        yield out
+    finally:
+        handle.remove()
+    stats.state.copy_(rt.all_reduce(stats.state.to(rt.device)).cpu())
+    out["gates"] = stats.summary()
 
 
 def summarize(sums: Tensor, prefix: str) -> dict[str, float]:

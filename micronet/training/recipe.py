@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from micronet import models
 from micronet.data import DATASETS, NORMALIZATIONS, TRAIN_STATS
 from micronet.errors import MicronetError
 from micronet.training.augment import TORCHVISION_POLICIES, AugmentConfig, check_track, load_policy
@@ -336,6 +338,14 @@ def parse_recipe(raw: Mapping[str, Any], source: str = "<recipe>") -> Recipe:
             raise MicronetError(f"{where} stages.{name}: select: best needs a held-out split (data.holdout > 0)")
     if "teacher" in stages and not raw.get("teacher_model"):
         raise MicronetError(f"{where}: a teacher stage needs teacher_model")
+    gate_stages = [name for name in stages if STAGE_SPECS[name].gates]
+    if gate_stages:
+        with torch.device("meta"):  # shapes only: free even for the full-size model
+            model = models.create(str(raw["model"]))
+        try:
+            STAGE_SPECS[gate_stages[0]].check_model(model)
+        except MicronetError as exc:
+            raise MicronetError(f"{where}: {exc}") from None
     seed = _typed(where, raw.get("seed", 0), int, "seed")
     return Recipe(
         name=str(raw.get("name") or Path(source).stem),

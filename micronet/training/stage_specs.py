@@ -11,12 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from micronet import compress
 from micronet.compress import state
 from micronet.errors import MicronetError
+from micronet.models import is_gated
 from micronet.training.kd import KDConfig
+from micronet.training.skip_rl import policy_gradient_loss
 
 #: ``calibration(count)`` returns ``count`` input batches (training images in a stage, noise in a projection).
 Calibration = Callable[[int], list[Tensor]]
@@ -50,6 +54,10 @@ class StageSettings:
     def summary(self, kind: str | None) -> str:
         """What the stage's compression is, in a few words ('' for none)."""
         return ""
+
+    def auxiliary_loss(self, model: nn.Module, logits: Tensor, labels: Tensor) -> Tensor | None:
+        """A term the stage adds to its task loss after each forward (None: nothing)."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -232,6 +240,41 @@ class WeightQuantSettings(TrainSettings):
 
 
 @dataclass(frozen=True)
+class SkipRLSettings(TrainSettings):
+    """SkipNet's hybrid RL stage: task loss + rl_weight · REINFORCE on Bernoulli-sampled gates (skip_rl.py).
+
+    Defaults from the official SkipNet code (``cifar/train_rl.py``): alpha 0.1, rl_weight 0.01, gamma 1,
+    SGD lr 1e-4, momentum 0.9, weight decay 1e-4. ``alpha`` is the compute-accuracy knob: the reward per
+    skipped block is alpha / number of gates, against a final reward of -CE per image.
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    alpha: float = 0.1
+    rl_weight: float = 0.01
+    gamma: float = 1.0
+
+    def check(self, stage: str) -> None:
+        """Raise a MicronetError (message without location) if the settings are unusable for ``stage``."""
+        super().check(stage)
+        if self.alpha < 0:
+            raise MicronetError(f"alpha (the reward per skipped block) must be non-negative, got {self.alpha}")
+        if self.rl_weight < 0 or not 0 <= self.gamma <= 1:
+            raise MicronetError(f"rl_weight must be non-negative and gamma in [0, 1], got {self.rl_weight} "
+                                f"and {self.gamma}")
+
+    def auxiliary_loss(self, model: nn.Module, logits: Tensor, labels: Tensor) -> Tensor | None:
+        """rl_weight · L_RL of the last forward's gate samples, rewarded by each image's -CE."""
+        ce = F.cross_entropy(logits.float(), labels, reduction="none")
+        probs, actions = torch.stack(model.gate_probs).float(), torch.stack(model.gate_masks).float()
+        return self.rl_weight * policy_gradient_loss(probs, actions, ce, self.alpha, self.gamma)
+
+    def summary(self, kind: str | None) -> str:
+        """What the stage does, in a few words."""
+        return f"SkipNet hybrid RL (alpha {self.alpha:g}, rl_weight {self.rl_weight:g}, gamma {self.gamma:g})"
+
+
+@dataclass(frozen=True)
 class BNRecalSettings(StageSettings):
     """The BatchNorm-recalibration stage: forward passes only."""
 
@@ -254,6 +297,13 @@ class StageSpec:
     trains: str = "all"  # "all"; "classifier" (the rest frozen, BN in eval mode); "bn-statistics" (no optimizer)
     from_scratch: bool = False  # builds a fresh model instead of starting from the previous stage
     amp: bool = False  # bf16 autocast allowed for the student
+    gates: str | None = None  # gate stages: "threshold" (hard gates, straight-through) or "sample" (Bernoulli)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise a MicronetError if this stage cannot train ``model`` (a gate stage needs a gated model)."""
+        if self.gates is not None and not is_gated(model):
+            raise MicronetError(f"stage {self.name!r} trains SkipNet gates, but {type(model).__name__} has none "
+                                "(use a gated model such as pyramidskipnet272_a200)")
 
     @property
     def compresses(self) -> bool:
@@ -279,8 +329,11 @@ class StageSpec:
         return [p for p in model.parameters() if p.requires_grad]
 
     def set_mode(self, model: nn.Module) -> None:
-        """Train mode, except classifier stages keep the backbone as recalibrated (BN on running statistics)."""
+        """Train mode, except classifier stages keep the backbone as recalibrated (BN on running statistics);
+        gates sample only in a "sample" stage (elsewhere hard gates, straight-through in training)."""
         model.train(self.trains != "classifier")
+        if is_gated(model):
+            model.gate_sampling = self.gates == "sample"
 
     def summary(self, settings: StageSettings) -> str:
         """What this stage compresses with ``settings``, in a few words."""
@@ -289,10 +342,14 @@ class StageSpec:
 
 # bf16 autocast only where the student is still a float network (spec training.md §6): in the quantized stages
 # bf16 activations would be rounded to 8 significant bits before the quantizer decides its rounding.
+# skip-rl follows pruning (the PyramidNet entry applied RL to the pruned network, spec §2.6) and precedes
+# quantization, whose stages then fine-tune with hard (straight-through) gates.
 STAGE_SPECS: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("teacher", TrainSettings, from_scratch=True, amp=True),
     StageSpec("student", TrainSettings, from_scratch=True, amp=True),
+    StageSpec("skip-sp", TrainSettings, from_scratch=True, amp=True, gates="threshold"),
     StageSpec("prune", PruneSettings, layers="conv", amp=True),
+    StageSpec("skip-rl", SkipRLSettings, amp=True, gates="sample"),
     StageSpec("quant-act", ActQuantSettings, layers="conv"),
     StageSpec("quant-weight", WeightQuantSettings, layers="conv"),
     StageSpec("bn-recal", BNRecalSettings, trains="bn-statistics"),
@@ -302,3 +359,6 @@ STAGE_SPECS: dict[str, StageSpec] = {spec.name: spec for spec in (
 #: The stages in pipeline order (the CLI's choices).
 STAGES = tuple(STAGE_SPECS)
 FROM_SCRATCH = tuple(name for name, spec in STAGE_SPECS.items() if spec.from_scratch)
+#: Each stage's slot in the seed derivation: fixed, so adding a stage never changes another's random streams.
+SEED_INDEX = {name: i for i, name in enumerate(("teacher", "student", "prune", "quant-act", "quant-weight", "bn-recal",
+                                                "prune-fc", "quant-fc", "skip-sp", "skip-rl"))}

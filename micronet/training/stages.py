@@ -1,11 +1,13 @@
-"""The eight stages of the compression pipeline (spec training.md §3) and the drivers that run them.
+"""The stages of the compression pipeline (and SkipNet's two) (spec training.md §3) and the drivers that run them.
 
 =============  ==============================  ==========================================================
 stage          starts from                     what it does
 =============  ==============================  ==========================================================
 teacher        scratch (``teacher_model``)     CE training
 student        scratch (``model``)             CE training
-prune          student                         conv masks by magnitude (refreshed, then frozen), KD
+skip-sp        scratch (a gated ``model``)     SkipNet supervised pre-training: hard gates, straight-through
+prune          student (or skip-sp)            conv masks by magnitude (refreshed, then frozen), KD
+skip-rl        skip-sp or prune                SkipNet hybrid RL: sampled gates, CE + rl_weight·REINFORCE
 quant-act      prune                           activation quantizers calibrated on training batches, KD
 quant-weight   quant-act                       conv weight quantizers (least-squares scales), KD
 bn-recal       quant-weight                    BatchNorm statistics re-estimated; nothing else changes
@@ -52,6 +54,7 @@ from micronet.training.loop import (
     Runtime,
     StepContext,
     accuracy_sums,
+    gate_statistics,
     lr_at,
     prepare_input,
     restore_state,
@@ -61,7 +64,7 @@ from micronet.training.loop import (
     train_epoch,
 )
 from micronet.training.recipe import Recipe
-from micronet.training.stage_specs import STAGE_SPECS, STAGES, StageSettings, TrainSettings
+from micronet.training.stage_specs import SEED_INDEX, STAGE_SPECS, StageSettings, TrainSettings
 
 
 @dataclass
@@ -130,9 +133,12 @@ def stage_normalization(recipe: Recipe, splits: Splits) -> Normalization:
         else get_normalization(recipe.normalization)
 
 
-def _canonical_model(spec: str, num_classes: int) -> str:
+def _canonical_model(spec: str, num_classes: int, stage: str | None = None) -> str:
     with torch.device("meta"):  # shapes only: checking a name costs nothing even for big models
-        return models.create(spec, num_classes=num_classes).micronet_spec["name"]
+        model = models.create(spec, num_classes=num_classes)
+    if stage is not None:
+        STAGE_SPECS[stage].check_model(model)  # e.g. a gate stage on a model without gates
+    return model.micronet_spec["name"]
 
 
 def _check_input_checkpoint(path: Path, *, role: str, stage: str, expect_stage: str | None, model: str | None,
@@ -180,6 +186,9 @@ def _loss_function(cfg: TrainSettings, forward: nn.Module, model: nn.Module, tea
             loss = cross_entropy(logits, labels, cfg.label_smoothing)
         if cfg.gate_penalty:
             loss = loss + cfg.gate_penalty * model.gate_penalty()
+        extra = cfg.auxiliary_loss(model, logits, labels)
+        if extra is not None:
+            loss = loss + extra
         return loss, logits
 
     return loss_fn
@@ -206,7 +215,7 @@ def run_stage(stage: str, recipe: Recipe, options: RunOptions, rt: Runtime | Non
     splits = load_splits(recipe, options)
     num_classes = splits.train.num_classes
     model_spec = recipe.model_for(stage)
-    _canonical_model(model_spec, num_classes)  # unknown model names fail here
+    _canonical_model(model_spec, num_classes, stage)  # unknown model names (and gate stages on plain ones) fail here
     resuming = options.resume and path.exists()
     if resuming:
         written_by = mio.read_header(path)["extra"].get("training", {}).get("stage")
@@ -245,7 +254,7 @@ class _StageRun:
         self.stage, self.cfg, self.recipe, self.options, self.rt = stage, cfg, recipe, options, rt
         self.spec = STAGE_SPECS[stage]
         self.splits, self.path = splits, path
-        index = STAGES.index(stage)
+        index = SEED_INDEX[stage]
         self.stage_seed = derive_seed(recipe.seed, index)
         torch.manual_seed(self.stage_seed)  # identical initial weights on every rank
         self.training_state: dict[str, Any] = {}
@@ -260,6 +269,7 @@ class _StageRun:
         else:
             ck = mio.load(options.init_from)
             self.model, self.history = ck.model, ck.history
+        self.spec.check_model(self.model)
         self.model.to(rt.device)
         if rt.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -294,9 +304,10 @@ class _StageRun:
                              rank=self.rt.rank, world_size=self.rt.world_size, even_shards=False)
         was_training = self.model.training
         self.model.eval()
-        sums = accuracy_sums(self.model, stream.epoch(0), self.normalize, self.rt)
+        with gate_statistics(self.model, self.splits.train.images.shape[1:], self.rt) as gates:
+            sums = accuracy_sums(self.model, stream.epoch(0), self.normalize, self.rt)
         self.model.train(was_training)
-        return summarize(sums, prefix)
+        return {**summarize(sums, prefix), **{f"{prefix}_{k}": v for k, v in gates.items()}}
 
     def shared_batches(self, count: int) -> Iterator[Tensor]:
         """``count`` normalized augmented training batches, the same on every rank."""

@@ -1,0 +1,105 @@
+"""Gated PyramidSkipNet to ONNX: one If per gate; decisions and top-1 equal PyTorch's; a shut gate's block
+is not executed at batch 1 (onnxruntime's own profile shows it); batch > 1 selects per sample."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from micronet import models
+from micronet.compress import deploy_form
+from micronet.export import export_onnx
+from tests.export.conftest import compressed
+
+TINY = "pyramidskipnet:depth=20,alpha=8"  # 3 gates
+
+
+def _inputs(n: int, seed: int = 1) -> torch.Tensor:
+    """Images whose brightness and contrast vary, so the gates decide differently per image."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(n, 1, 1, 1, generator=g) * 2
+    shift = (torch.rand(n, 3, 1, 1, generator=g) - 0.5) * 2
+    return torch.randn(n, 3, 32, 32, generator=g) * scale + shift
+
+
+def _gated(bias: float | None = None, compress: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = models.create(TINY, num_classes=10)
+    with torch.no_grad():
+        for gate in model.gates:  # sharper gates: decisions that differ from image to image
+            gate.conv.weight.mul_(30)
+        model.controller.proj.weight.mul_(10)
+    if compress:  # after sharpening, so the quantizers fit the weights they quantize
+        model = compressed(model)
+    with torch.no_grad():
+        if bias is None:  # centre the gates on these images: about half of the decisions open
+            model.eval()(_inputs(64))
+            bias = -float(torch.logit(torch.stack(model.gate_probs)).median())
+        model.controller.proj.bias.add_(bias)
+    return model.eval()
+
+
+def _decisions(model: torch.nn.Module, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch's per-image decisions [N, gates] and logits (eval: threshold 0.5, per image in any batch)."""
+    with torch.inference_mode():
+        logits = model(x).numpy()
+    return model.executed().T.numpy().astype(np.float32), logits
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["float", "int4"])
+def test_exported_gates_and_top1_match_pytorch_on_every_input(tmp_path, compress):
+    model = _gated(compress=compress)
+    # int4: 512 samples, as the statistical parity rule (99% of logits within 1e-4) is specified for >= 512
+    # (a 4-bit activation may round differently in one image of a hundred); float: fewer suffice
+    n = 512 if compress else 128
+    report = export_onnx(model, tmp_path / "m.onnx", samples=n, data=_inputs(n), timing=False)
+    assert any(note.startswith(f"gates: {n}/{n} samples") for note in report.notes), report.notes
+    assert any("at batch > 1 a block runs for the whole batch" in note for note in report.notes)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert sum(n.op_type == "If" for n in proto.graph.node) == 3
+    # independent check: onnxruntime run here, against the PyTorch deploy form image by image
+    x = _inputs(100, seed=2)
+    want_gates, want_logits = _decisions(deploy_form(model).eval(), x)
+    assert len(np.unique(want_gates, axis=0)) > 1 and 0 < want_gates.mean() < 1  # the decisions really vary
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = [sess.run(None, {"input": x[k : k + 1].numpy()}) for k in range(len(x))]
+    got_logits, got_gates = np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
+    np.testing.assert_array_equal(got_gates, want_gates)  # 100% of decisions
+    assert (got_logits.argmax(1) == want_logits.argmax(1)).all()  # 100% top-1
+    # batch > 1: the same per-image decisions and logits (the block runs for all, Where keeps it per image)
+    logits, gates = sess.run(None, {"input": x[:16].numpy()})
+    np.testing.assert_array_equal(gates, want_gates[:16])
+    np.testing.assert_allclose(logits, want_logits[:16], atol=1e-4)
+
+
+def _executed_nodes(path, x: np.ndarray, prefix: str) -> list[str]:
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(prefix)
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    sess.run(None, {"input": x})
+    with open(sess.end_profiling()) as f:
+        events = json.load(f)
+    return [e["name"] for e in events if e.get("cat") == "Node"]
+
+
+def test_a_shut_gate_runs_none_of_its_blocks_ops_at_batch_1(tmp_path):
+    x = _inputs(1).numpy()
+    executed = {}
+    for state, bias in (("shut", -60.0), ("open", 60.0)):
+        path = tmp_path / f"{state}.onnx"
+        export_onnx(_gated(bias=bias), path, samples=8, data=_inputs(8), timing=False)
+        executed[state] = _executed_nodes(path, x, tmp_path / state)
+    block_convs = {s: [n for n in names if ".then/Conv" in n] for s, names in executed.items()}
+    # every gated block's convolutions (3 per bottleneck) run when open, none when shut
+    assert {n.split(".then/")[0] for n in block_convs["open"]} == {"layer2.1", "layer3.0", "layer3.1"}
+    assert len(block_convs["open"]) >= 9 and block_convs["shut"] == []
+    assert any(".else/" in n for n in executed["shut"]) and not any(".else/" in n for n in executed["open"])
+    # and the shut model is the faster one: fewer convolutions in total
+    convs = {s: sum("Conv" in n for n in names) for s, names in executed.items()}
+    assert convs["shut"] + 9 <= convs["open"]
