@@ -168,11 +168,8 @@ class StepContext:
 def train_epoch(stream: BatchStream, epoch: int, step: int, ctx: StepContext, normalize: Normalization,
                 rt: Runtime) -> tuple[EpochResult, int]:
     """Run one epoch from global ``step``; returns the epoch's result and the next global step."""
-    from tqdm.auto import tqdm
-
     sums = torch.zeros(3, device=rt.device, dtype=torch.float64)  # loss·n, correct, n
-    bar = tqdm(total=len(stream), desc=f"{ctx.describe} epoch {epoch + 1}", disable=not (ctx.progress and rt.is_main),
-               leave=False, dynamic_ncols=True)
+    bar = _progress_bar(len(stream), f"{ctx.describe} epoch {epoch + 1}", ctx.progress and rt.is_main)
     start, lr = time.perf_counter(), 0.0
     for k, batch in enumerate(stream.epoch(epoch)):
         images, labels = (t.to(rt.device, non_blocking=True) for t in batch)
@@ -207,6 +204,29 @@ def train_epoch(stream: BatchStream, epoch: int, step: int, ctx: StepContext, no
     images_seen = int(totals[2])
     return EpochResult(float(totals[0] / max(images_seen, 1)), float(totals[1] / max(images_seen, 1)),
                        images_seen, time.perf_counter() - start, lr), step
+
+
+class _NoBar:
+    """What ``train_epoch`` calls on a progress bar, doing nothing (no bar shown)."""
+
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **kw: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, desc: str, show: bool):
+    """A tqdm bar, or a do-nothing one; tqdm is imported only when a bar is shown, so that ``make gpu-check``
+    (progress off) runs the real loop on bare GPU machines without tqdm."""
+    if not show:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def _check_finite(sums: Tensor, epoch: int, step: int, stage: str) -> None:

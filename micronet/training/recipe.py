@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from micronet.data import DATASETS, NORMALIZATIONS, TRAIN_STATS
 from micronet.errors import MicronetError
 from micronet.training.augment import TORCHVISION_POLICIES, AugmentConfig, load_policy
@@ -36,6 +34,17 @@ from micronet.training.kd import DIRECTIONS, KDConfig
 from micronet.training.stage_specs import FROM_SCRATCH, STAGE_SPECS, STAGES, StageSettings
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _yaml():
+    """PyYAML, imported when a recipe file or ``--set`` value is parsed.
+
+    Lazy on purpose: ``make gpu-check`` imports micronet.training on bare GPU machines that have torch but not
+    pyyaml, and only its recipe *files* need YAML (it builds its recipes as dicts).
+    """
+    import yaml
+
+    return yaml
 
 
 def _defaults(settings: type[StageSettings]) -> dict[str, Any]:
@@ -120,6 +129,7 @@ def load_recipe(source: str | Path, overrides: Mapping[str, Any] | None = None,
                 sets: Iterable[str] = ()) -> Recipe:
     """Read, override (``overrides`` from CLI flags, then ``KEY.PATH=VALUE`` strings) and validate a recipe."""
     path = resolve_recipe(source)
+    yaml = _yaml()
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -172,6 +182,7 @@ def apply_set(raw: dict[str, Any], item: str) -> dict[str, Any]:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise MicronetError(f"--set expects KEY=VALUE (e.g. stages.prune.sparsity=0.5), got {item!r}")
+    yaml = _yaml()
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
