@@ -289,6 +289,8 @@ def _augment_config(value: Any) -> AugmentConfig | None:
         v = getattr(cfg, name)
         if v is not None and v not in ("mean", "black"):
             raise MicronetError(f"recipe augment: {name} must be 'mean' or 'black', got {v!r}")
+    if not isinstance(cfg.cuda_graph, bool):
+        raise MicronetError(f"recipe augment: cuda_graph must be true or false, got {cfg.cuda_graph!r}")
     return cfg
 
 

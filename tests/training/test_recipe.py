@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from micronet.errors import MicronetError
-from micronet.training.recipe import STAGES, available_recipes, load_recipe
+from micronet.training.recipe import STAGES, available_recipes, load_recipe, parse_recipe
 
 
 def test_shipped_densenet_recipe_holds_the_winners_schedule():
@@ -95,3 +95,10 @@ def test_unknown_recipe_name_and_bad_set(tmp_path):
         load_recipe("no-such-recipe")
     with pytest.raises(MicronetError, match="KEY=VALUE"):
         load_recipe(_write(tmp_path, BASE), sets=["stages.student.epochs"])
+
+
+def test_augment_cuda_graph_is_a_boolean_option():
+    base = {"model": "densenet_bc:depth=10,growth=4", "stages": {"student": {"epochs": 1}}}
+    assert parse_recipe({**base, "augment": {"cuda_graph": True}}).augment.cuda_graph is True
+    with pytest.raises(MicronetError, match="cuda_graph must be true or false"):
+        parse_recipe({**base, "augment": {"cuda_graph": "yes"}})
