@@ -183,9 +183,10 @@ class StepContext:
     sync_every: int = 50
     describe: str = "train"
     progress: bool = True
-    # CUDA: every host synchronisation from producing a batch (its augmentation) to the end of ``after_step`` raises
-    # (torch.cuda.set_sync_debug_mode("error")), naming the op; the periodic metric reads stay outside.
-    sync_debug: bool = False
+    # CUDA: torch.cuda.set_sync_debug_mode(sync_debug) from producing a batch (its augmentation) to the end of
+    # ``after_step``: "error" makes every host synchronisation raise, naming the op; "warn" warns at each one.
+    # The periodic metric reads stay outside. None: off.
+    sync_debug: str | None = None
 
 
 def train_epoch(stream: BatchStream, epoch: int, step: int, ctx: StepContext, normalize: Normalization,
@@ -194,9 +195,9 @@ def train_epoch(stream: BatchStream, epoch: int, step: int, ctx: StepContext, no
     sums = torch.zeros(3, device=rt.device, dtype=torch.float64)  # loss·n, correct, n
     bar = _progress_bar(len(stream), f"{ctx.describe} epoch {epoch + 1}", ctx.progress and rt.is_main)
     start, lr = time.perf_counter(), 0.0
-    batches, check = stream.epoch(epoch), ctx.sync_debug and rt.device.type == "cuda"
+    batches = stream.epoch(epoch)
     for k in itertools.count():
-        with _host_syncs_raise(check):
+        with _host_syncs_raise(ctx.sync_debug, rt.device):
             batch = next(batches, None)
             if batch is None:
                 break
@@ -235,13 +236,14 @@ def train_epoch(stream: BatchStream, epoch: int, step: int, ctx: StepContext, no
 
 
 @contextmanager
-def _host_syncs_raise(enabled: bool) -> Iterator[None]:
-    """``torch.cuda.set_sync_debug_mode("error")`` inside (``StepContext.sync_debug``), the previous mode after."""
-    if not enabled:
+def _host_syncs_raise(mode: str | None, device: torch.device) -> Iterator[None]:
+    """On CUDA, ``torch.cuda.set_sync_debug_mode(mode)`` inside (``StepContext.sync_debug``: "error" or "warn"),
+    the previous mode after; nothing on the CPU (a test swaps in a CPU detector here)."""
+    if not mode or device.type != "cuda":
         yield
         return
     before = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode(mode)
     try:
         yield
     finally:

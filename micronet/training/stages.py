@@ -85,7 +85,7 @@ class RunOptions:
     after_step: Callable[[int, nn.Module], None] | None = None  # (global step, model) after every optimizer step
     # Checks (make gpu-check): host syncs in a CUDA training step raise; reproducible kernels for bit-identical
     # resumes; a process group (DDP, NCCL on CUDA) even at world size 1.
-    sync_debug: bool = False
+    sync_debug: str | None = None  # "error" | "warn": torch.cuda.set_sync_debug_mode inside each training step
     deterministic: bool = False
     process_group: bool = False
 
