@@ -145,3 +145,41 @@ def test_a_timed_out_child_keeps_its_partial_results(tmp_path, monkeypatch):
     result = gpu_check._boxed("compiled_throughput", s, 100)
     assert result["status"] == "incomplete" and result["incomplete"] is True and "kept" in result["why"]
     assert result["img_per_s"]["float"]["real_augmentation"] == 123.0
+
+
+def test_augment_ops_check_compares_every_op(monkeypatch):
+    # On a GPU it compares CUDA with the CPU; here the CPU with itself: every op is listed and passes its rule.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+    import torch
+
+    checks = gpu_check.augment_ops_check(torch.device("cpu"))
+    ops = {k.removeprefix("op ") for k in checks if k.startswith("op ")}
+    assert len(ops) == 15 and {"Rotate", "Sharpness", "Cutout", "Equalize"} <= ops
+    assert all(v["passed"] and v["identical"] for v in checks.values())
+    assert checks["op Contrast"]["rule"] == "within 1 level" and checks["op Rotate"]["rule"] == "bit-identical"
+
+
+def test_checked_run_reports_the_first_sync_then_lists_the_rest():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import warnings
+
+    import gpu_check
+
+    modes = []
+
+    def run(mode):
+        modes.append(mode)
+        if mode == "error":
+            raise RuntimeError("called a synchronizing CUDA operation")
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+        return "done"
+
+    value, syncs = gpu_check.checked_run(run, cuda=True)
+    assert value == "done" and modes == ["error", "warn"]
+    assert syncs["status"] == "failed" and syncs["syncs"] == 3 and syncs["first"]["where"]
+    value, syncs = gpu_check.checked_run(lambda mode: mode, cuda=True)
+    assert value == "error" and syncs == {"status": "passed", "mode": "error", "syncs": 0}
+    value, syncs = gpu_check.checked_run(lambda mode: mode, cuda=False)
+    assert value is None and syncs["status"] == "skipped"
