@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-from tabulate import tabulate
 
 from micronet.training.augment import OPS, Augmentation, AugmentConfig, available_policies
 
@@ -69,6 +68,9 @@ def measure(config: AugmentConfig, device: torch.device, batch: int, iters: int,
 
 def main() -> None:
     """Parse options, measure every pipeline on every device, print the table."""
+    # Lazy: gpu_check.py imports this module on bare GPU machines without tabulate (only main() prints).
+    from tabulate import tabulate
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--iters", type=int, default=None, help="timed batches (default 5 on CPU, 50 on CUDA)")

@@ -15,7 +15,6 @@ import statistics
 import time
 
 import torch
-from tabulate import tabulate
 
 from micronet.models import create
 from micronet.scoring import score
@@ -35,6 +34,9 @@ def _median_time(fn, repeats: int) -> float:
 
 def main() -> None:
     """Run the benchmark and print the table."""
+    # Lazy: gpu_check.py imports this module on bare GPU machines without tabulate (only main() prints).
+    from tabulate import tabulate
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)

@@ -15,7 +15,6 @@ import argparse
 import time
 
 import torch
-from tabulate import tabulate
 
 from micronet import compress, models
 from micronet.data import ImageSet, get_normalization
@@ -74,6 +73,9 @@ def measure(kind: str, model_name: str, device: str, batch: int, steps: int, war
 
 def main() -> None:
     """Parse options, measure every kind on every device, print the table."""
+    # Lazy: gpu_check.py imports this module on bare GPU machines without tabulate (only main() prints).
+    from tabulate import tabulate
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="densenet100_k12")
     parser.add_argument("--batch-size", type=int, default=64)

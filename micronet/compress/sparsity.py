@@ -134,21 +134,25 @@ def prune_(model: nn.Module, config: SparsityConfig) -> nn.Module:
 
 
 @torch.no_grad()
-def update_masks_(model: nn.Module) -> int:
-    """Re-select every unfrozen mask from the current dense weights; returns how many masks changed."""
+def update_masks_(model: nn.Module) -> Tensor:
+    """Re-select every unfrozen mask from the current dense weights; returns how many masks changed.
+
+    The count is a 0-d int64 tensor on the masks' device: it runs inside the training step (every
+    ``mask_update_every`` steps), where reading a comparison back per layer would stall CUDA once per layer.
+    """
     groups: dict[str, list[tuple[nn.Module, WeightMask]]] = defaultdict(list)
     for _, module in model.named_modules():
         mask = state.weight_mask(module)
         if mask is not None and not mask.frozen:
             groups[mask.group].append((module, mask))
-    changed = 0
+    flags: list[Tensor] = []
     for members in groups.values():
         sparsity, block = members[0][1].sparsity, members[0][1].block
         new = _compute_masks([(m, state.raw_weight(m)) for m, _ in members], sparsity, block)
         for (_, mask), new_mask in zip(members, new):
-            changed += int(not torch.equal(mask.mask, new_mask))
+            flags.append((mask.mask != new_mask).any())  # on the device: torch.equal would read back to the host
             mask.mask.copy_(new_mask)
-    return changed
+    return torch.stack(flags).sum() if flags else torch.zeros((), dtype=torch.int64)
 
 
 def freeze_masks_(model: nn.Module) -> None:

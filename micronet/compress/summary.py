@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from tabulate import tabulate
 from torch import nn
 
 from micronet.compress import state
@@ -39,5 +38,8 @@ def compression_summary(model: nn.Module) -> str:
     sizes = [m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]  # same order
     total = sum(sizes)
     zeros = sum(r["sparsity"] * n for r, n in zip(rows, sizes))
+    # Lazy: only this printout needs tabulate, and `make gpu-check` imports micronet.compress on bare GPU machines.
+    from tabulate import tabulate
+
     table = tabulate(rows, headers="keys", floatfmt=".4f")
     return f"{table}\n\noverall conv/linear sparsity: {zeros / max(total, 1):.4f} of {total:,} weights"

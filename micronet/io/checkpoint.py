@@ -25,8 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from micronet import models
@@ -35,6 +33,23 @@ from micronet.errors import MicronetError
 
 FORMAT_VERSION = "1"
 EXTRA_PREFIX = "__extra__."
+
+
+def _safetensors():
+    """The safetensors package, imported when a checkpoint is read or written.
+
+    Lazy on purpose: ``make gpu-check`` imports micronet.training on bare GPU machines that have torch but not
+    safetensors; its throughput and augmentation sections never touch a checkpoint.
+    """
+    import safetensors
+    import safetensors.torch
+
+    return safetensors
+
+
+def save_file(tensors: dict[str, Tensor], filename: str, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` (one module-level name, so tests can make a save fail)."""
+    _safetensors().torch.save_file(tensors, filename, metadata=metadata)
 
 
 @dataclass
@@ -119,12 +134,11 @@ def save(
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str] | None:
     """The safetensors header metadata of ``path``, or ``None`` if it is not a safetensors file."""
-    from safetensors import safe_open
-
+    st = _safetensors()
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with st.safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError):
+    except (st.SafetensorError, OSError, ValueError, RuntimeError):
         return None
 
 
@@ -166,9 +180,10 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> C
     """Load a micronet ``.safetensors`` checkpoint: rebuild the model, its compression state and tensors."""
     path = Path(path)
     metadata = _micronet_metadata(path)
+    st = _safetensors()
     try:
-        tensors = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        tensors = st.torch.load_file(str(path), device="cpu")
+    except (st.SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise MicronetError(f"cannot read {path}: {exc}") from None
     stored_hash = metadata.pop("content_sha256", None)
     if stored_hash != _content_hash(tensors, metadata):
@@ -220,9 +235,10 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     path = Path(path)
     _check_readable(path)
     if read_metadata(path) is not None:
+        st = _safetensors()
         try:
-            return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            return st.torch.load_file(str(path), device="cpu")
+        except (st.SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise MicronetError(f"cannot read {path}: {exc}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -124,8 +124,8 @@ def _kernel(name: str) -> Callable[[Callable[[Tensor, Tensor], Tensor]], Callabl
 
 
 # --- geometric ops: one inverse affine matrix per image, sampled in a single nearest-neighbour warp
-def inverse_affine(angle: Tensor, shear_x: Tensor, shear_y: Tensor, tx: Tensor, ty: Tensor, cx: float,
-                   cy: float) -> Tensor:
+def inverse_affine(angle: Tensor, shear_x: Tensor, shear_y: Tensor, tx: Tensor, ty: Tensor, cx: float | Tensor,
+                   cy: float | Tensor) -> Tensor:
     """Per-image output→input matrices ``[B, 2, 3]`` (float64), torchvision's ``_get_inverse_affine_matrix``.
 
     Angles in radians, shear as angles (radians), translation in pixels, centre relative to the image centre;
@@ -179,27 +179,31 @@ for _name, _matrix in (("ShearX", _shear_x), ("ShearY", _shear_y), ("TranslateX"
 
 
 @functools.lru_cache(maxsize=16)
-def _base_grid(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Pixel-centre coordinates ``[1, H·W, 3]`` about the image centre and the ``[w/2, h/2]`` divisor, per device."""
-    grid = torch.empty(1, h, w, 3, device=device)
-    grid[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=device))
-    grid[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=device).unsqueeze(-1))
-    grid[..., 2].fill_(1)
-    half = torch.full((2,), 0.5 * w, device=device)
-    half[1].fill_(0.5 * h)
-    return grid.view(1, h * w, 3), half
+def _base_grid(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Pixel-centre coordinates about the image centre, x ``[1, 1, W]`` and y ``[1, H, 1]`` (float32, exact
+    half-integers), and the ``[w/2, h/2]`` divisor ``[1, 2, 1]``, per device."""
+    xs = (torch.arange(w, device=device, dtype=torch.float32) - (w - 1) * 0.5).view(1, 1, w)
+    ys = (torch.arange(h, device=device, dtype=torch.float32) - (h - 1) * 0.5).view(1, h, 1)
+    half = torch.full((1, 2, 1), 0.5 * w, device=device)
+    half[:, 1].fill_(0.5 * h)
+    return xs, ys, half
 
 
 def warp(x: Tensor, matrices: Tensor, fill: Fill) -> Tensor:
     """Resample each image through its own inverse affine matrix (``[B, 2, 3]``), nearest neighbour.
 
-    The grid arithmetic is torchvision's (float32 grid from pixel centres, normalised after the matrix), so
+    The grid is torchvision's (float32, pixel centres, normalised after the matrix) with the same values, so
     results equal ``TF.affine``/``TF.rotate`` pixel for pixel; pixels from outside the image become ``fill``.
+    The grid is computed elementwise, one IEEE multiply or add per kernel, not as torchvision's matrix product:
+    on CUDA a matmul runs in TF32 when training enables it (a 10-bit mantissa moves sampling points), and a fused
+    kernel may round differently; separate float32 multiplies and adds give the same grid on every device.
     """
     b, c, h, w = x.shape
-    base, half = _base_grid(h, w, x.device)
-    theta = matrices.to(torch.float32).transpose(1, 2) / half
-    grid = base.expand(b, -1, -1).bmm(theta).view(b, h, w, 2)
+    xs, ys, half = _base_grid(h, w, x.device)
+    theta = (matrices.to(torch.float32) / half).view(b, 2, 3, 1, 1)
+    gx = (xs * theta[:, 0, 0]) + (ys * theta[:, 0, 1]) + theta[:, 0, 2]
+    gy = (xs * theta[:, 1, 0]) + (ys * theta[:, 1, 1]) + theta[:, 1, 2]
+    grid = torch.stack([gx, gy], -1)
     # A ones channel sampled with the image marks the pixels that came from inside it.
     img = torch.cat([x.to(torch.float32), torch.ones_like(x[:, :1], dtype=torch.float32)], 1)
     out = F.grid_sample(img, grid, mode="nearest", padding_mode="zeros", align_corners=False)
@@ -293,18 +297,24 @@ def brightness(x: Tensor, m: Tensor) -> Tensor:
 
 @functools.lru_cache(maxsize=16)
 def _smooth_kernel(channels: int, device: torch.device) -> Tensor:
-    """PIL's SMOOTH filter ``[[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13`` per channel, built once per device."""
-    kernel = torch.full((3, 3), 1.0 / 13.0, device=device)
-    kernel[1, 1].fill_(5.0 / 13.0)
+    """PIL's SMOOTH filter times 13, ``[[1, 1, 1], [1, 5, 1], [1, 1, 1]]``, per channel, built once per device."""
+    kernel = torch.ones((3, 3), device=device)
+    kernel[1, 1].fill_(5.0)
     return kernel.expand(channels, 1, 3, 3)
 
 
 @_kernel("Sharpness")
 def sharpness(x: Tensor, m: Tensor) -> Tensor:
-    """Blend with a smoothed copy by factor ``m`` (PIL ``ImageEnhance.Sharpness``; border pixels unchanged)."""
+    """Blend with a smoothed copy by factor ``m`` (PIL ``ImageEnhance.Sharpness``; border pixels unchanged).
+
+    The 3×3 filter sums with integer weights, then divides by 13: every product and partial sum is an integer
+    below 2^12, exact in float32 and in TF32 (what cuDNN uses on CUDA when training enables it), so the blur is
+    the same on every device. It equals torchvision's ``conv(x, kernel / 13).round()``: a sum ``S`` of integers
+    never puts ``S / 13`` within 0.038 of a rounding tie, far beyond float32's error.
+    """
     c = x.shape[1]
     out = x.to(torch.float32)
-    blurred = F.conv2d(out, _smooth_kernel(c, x.device), groups=c).round_()
+    blurred = F.conv2d(out, _smooth_kernel(c, x.device), groups=c).div_(13.0).round_()
     inner = out[..., 1:-1, 1:-1]
     inner.add_((blurred - inner) * (1.0 - _col(m)).to(torch.float32))
     return out.clamp_(0, 255).to(x.dtype)
@@ -586,13 +596,17 @@ class PolicyAugment:
     from the generator (copied to the device once), so a batch is a pure function of images and generator.
     """
 
-    def __init__(self, policy: Policy, ops_per_image: int = 1, fill: Fill | None = None) -> None:
+    def __init__(self, policy: Policy, ops_per_image: int = 1, fill: Fill | None = None,
+                 cuda_graph: bool = False) -> None:
         if ops_per_image < 1:
             raise MicronetError(f"ops_per_image must be at least 1, got {ops_per_image}")
-        self.policy, self.ops_per_image = policy, ops_per_image
+        self.policy, self.ops_per_image, self.cuda_graph = policy, ops_per_image, cuda_graph
         self.fill = policy.fill if fill is None else fill
         self._magnitude = LEVEL_CONVENTIONS[policy.levels]
         self._tables: dict[tuple[torch.device, int], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self._geometry: dict[tuple[torch.device, int], Tensor] = {}
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]] = {}
+        self.graph_error: str | None = None  # why the CUDA-graph path fell back to eager (None: it did not)
         names = sorted({op.name for sub in policy.subpolicies for op in sub})
         self._op_names = ["Identity", *names]  # index 0: the padding of short sub-policies
         self._longest = max(len(s) for s in policy.subpolicies)
@@ -641,11 +655,19 @@ class PolicyAugment:
         return active
 
     def __call__(self, x: Tensor, g: torch.Generator) -> Tensor:
-        b, _, h, w = x.shape
+        b = x.shape[0]
+        # Per image and draw: [choice, then (coin, sign, centre row, centre column) per op position].
+        u = torch.rand(b, self.ops_per_image, 1 + 4 * self._longest, generator=g, dtype=torch.float64)
+        u = host_to_device(u, x.device)
+        if self.cuda_graph and x.device.type == "cuda" and self.graph_error is None:
+            return self._replay(x, u)
+        return self._apply(x, u)
+
+    def _apply(self, x: Tensor, u: Tensor) -> Tensor:
+        """The policy on ``x`` given its draws ``u`` (device tensors only: what a CUDA graph captures)."""
+        _, _, h, w = x.shape
         depth, longest = self.ops_per_image, self._longest
         op_table, prob_table, mag_table, signed_table = self._policy_tables(x.device, w)
-        # Per image and draw: [choice, then (coin, sign, centre row, centre column) per op position].
-        u = host_to_device(torch.rand(b, depth, 1 + 4 * longest, generator=g, dtype=torch.float64), x.device)
         choice = self._choose(u[..., 0])
         active = self._active(w)
         geometric = [k for k in active if self._op_names[k] in MATRICES]
@@ -672,18 +694,71 @@ class PolicyAugment:
         return x
 
     def _warp_step(self, x: Tensor, op: Tensor, m: Tensor, geometric: list[int]) -> Tensor:
-        """One warp for every image that drew a geometric op at this position (identity matrix for the rest)."""
-        h, w = x.shape[-2:]
-        zero = torch.zeros_like(m)
-        matrices = inverse_affine(zero, zero, zero, zero, zero, 0.0, 0.0)  # identity
-        moved = torch.zeros_like(op, dtype=torch.bool)
-        for k in geometric:
-            chosen = op == k
-            m_k = torch.where(chosen, m, 0.0)
-            matrices = torch.where(chosen.view(-1, 1, 1), MATRICES[self._op_names[k]](m_k, h, w), matrices)
-            moved |= chosen
-        return _where_chosen(x, moved, functools.partial(warp, fill=self.fill), matrices)
+        """One warp for every image that drew a geometric op at this position (identity matrix for the rest).
 
+        Each geometric op sets one argument of ``inverse_affine`` (the others stay 0), so the slot each op index
+        fills is a table: the matrices of the whole batch come from one gather, one scatter and one
+        ``inverse_affine`` (what ``MATRICES`` computes op by op, with the same arithmetic), not one chain per op.
+        """
+        h, w = x.shape[-2:]
+        slot = self._geometry_table(x.device, w, geometric)[op]  # 0 angle, 1 shear x, 2 shear y, 3 tx, 4 ty, 5 none
+        shear = (slot == _SHEAR_X) | (slot == _SHEAR_Y)
+        value = torch.where(shear, torch.atan(m), torch.where(slot == _ANGLE, torch.deg2rad(-m), -m))
+        args = torch.zeros(m.shape[0], _NO_WARP + 1, dtype=m.dtype, device=m.device)
+        args.scatter_(1, slot[:, None], value[:, None])
+        corner = torch.where(shear, -0.5, 0.0).to(m.dtype)  # shears act about the top-left corner (PIL)
+        matrices = inverse_affine(*args[:, :_NO_WARP].unbind(1), corner * w, corner * h)
+        return _where_chosen(x, slot != _NO_WARP, functools.partial(warp, fill=self.fill), matrices)
+
+    def _geometry_table(self, device: torch.device, width: int, geometric: list[int]) -> Tensor:
+        """``[K]`` the ``inverse_affine`` argument each op index sets (``_NO_WARP`` for colour and inactive ops)."""
+        key = (device, width)
+        if key not in self._geometry:
+            table = torch.full((len(self._op_names),), _NO_WARP, dtype=torch.int64)
+            for k in geometric:
+                table[k] = _GEOMETRY_SLOT[self._op_names[k]]
+            self._geometry[key] = host_to_device(table, device)
+        return self._geometry[key]
+
+    def _replay(self, x: Tensor, u: Tensor) -> Tensor:
+        """``_apply`` through a CUDA graph captured once per batch shape: one launch instead of ~1000 small ones.
+
+        The graph replays the very kernels ``_apply`` runs, so its batches are bit-identical to the eager path's
+        (section e of ``make gpu-check`` compares them). A capture that fails is reported in ``graph_error`` and
+        this instance goes on eagerly.
+        """
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = self._capture(x, u)
+            except RuntimeError as exc:
+                self.graph_error = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+                warnings.warn(f"augmentation CUDA graph capture failed, running eagerly: {self.graph_error}",
+                              stacklevel=3)
+                return self._apply(x, u)
+        graph, static_x, static_u, static_out = self._graphs[key]
+        static_x.copy_(x)
+        static_u.copy_(u)
+        graph.replay()
+        return static_out.clone()  # the next replay overwrites static_out
+
+    def _capture(self, x: Tensor, u: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]:
+        static_x, static_u = x.clone(), u.clone()
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):  # warm-up: every cached constant and library handle exists before capture
+            for _ in range(2):
+                self._apply(static_x, static_u)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._apply(static_x, static_u)
+        return graph, static_x, static_u, static_out
+
+
+# The inverse_affine argument each geometric op sets (see PolicyAugment._warp_step).
+_ANGLE, _SHEAR_X, _SHEAR_Y, _TX, _TY, _NO_WARP = range(6)
+_GEOMETRY_SLOT = {"Rotate": _ANGLE, "ShearX": _SHEAR_X, "ShearY": _SHEAR_Y, "TranslateX": _TX, "TranslateY": _TY}
 
 SUBSET_ON_CPU = True  # False runs the CUDA strategy on the CPU too (tests prove both give the same batches)
 
@@ -711,6 +786,10 @@ class TorchvisionPolicy:
     These transforms draw from torch's global RNG and apply one choice to a whole tensor, so each
     image is transformed separately inside a forked RNG seeded from ``g`` (deterministic, thread-unsafe
     only in the sense that the global RNG is briefly reseeded in this thread).
+
+    On CUDA they are slow and synchronise: a Python loop over the batch, torchvision's host-side matrices and
+    value reads per image, so training waits for the augmentation (a warning says so). For a sync-free batched
+    policy on the device, use a policy file (``PolicyAugment``), e.g. the shipped ones.
     """
 
     def __init__(self, name: str, fill: Fill = (0, 0, 0)) -> None:
@@ -722,8 +801,13 @@ class TorchvisionPolicy:
         if name not in makers:
             raise MicronetError(f"unknown torchvision policy {name!r}; choose {', '.join(makers)}")
         self.name, self.transform = name, makers[name]()
+        self._warned = False
 
     def __call__(self, x: Tensor, g: torch.Generator) -> Tensor:
+        if x.device.type == "cuda" and not self._warned:
+            self._warned = True
+            warnings.warn(f"augment policy {self.name!r} (torchvision) runs per image and synchronises with the host "
+                          "on CUDA; a policy file runs batched on the device without syncs", stacklevel=2)
         seed = int(torch.randint(2**62, (1,), generator=g))
         with torch.random.fork_rng(devices=[]):
             # Seed only the CPU generator torchvision draws from: torch.manual_seed would also reset every CUDA
@@ -747,6 +831,7 @@ class AugmentConfig:
     pad_fill: str = "black"  # "mean" reproduces the winner (zero padding in normalized space)
     flip: bool = True
     cutout: int = 0  # side of the final Cutout patch in pixels (16 in both 2019 recipes); 0 = off
+    cuda_graph: bool = False  # on CUDA, replay a policy file's ops as one captured CUDA graph (same batches)
 
 
 class Augmentation:
@@ -759,7 +844,7 @@ class Augmentation:
         if config.policy in TORCHVISION_POLICIES:
             self.policy = TorchvisionPolicy(config.policy, fill or (0, 0, 0))
         elif config.policy:
-            self.policy = PolicyAugment(load_policy(config.policy), config.ops_per_image, fill)
+            self.policy = PolicyAugment(load_policy(config.policy), config.ops_per_image, fill, config.cuda_graph)
         self.pad_fill = _parse_fill(config.pad_fill, "augment.pad_fill")
 
     def __call__(self, x: Tensor, g: torch.Generator) -> Tensor:

@@ -9,12 +9,13 @@ and are read every ``sync_every`` steps, which is also when a non-finite loss is
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ class Runtime:
     amp: bool = False  # bf16 autocast (CUDA only)
     channels_last: bool = False
     compile: bool = False
+    process_group: bool = False  # joined a process group (always when world_size > 1; forced at 1 for checks)
 
     @property
     def is_main(self) -> bool:
@@ -54,8 +56,8 @@ class Runtime:
 
     @property
     def distributed(self) -> bool:
-        """True when running under torchrun with more than one process."""
-        return self.world_size > 1
+        """True in a process group: under torchrun with more than one process, or one forced at world size 1."""
+        return self.world_size > 1 or self.process_group
 
     def autocast(self, enabled: bool = True):
         """The forward-pass precision context (bf16 on CUDA when AMP is on and ``enabled``)."""
@@ -86,8 +88,13 @@ class Runtime:
 
 
 def setup_runtime(device: str = "auto", *, amp: bool | None = None, channels_last: bool | None = None,
-                  compile: bool = False) -> Runtime:
-    """Pick the device and join the torchrun process group if ``WORLD_SIZE`` > 1 (nccl on GPU, gloo on CPU)."""
+                  compile: bool = False, deterministic: bool = False, process_group: bool = False) -> Runtime:
+    """Pick the device and join the torchrun process group if ``WORLD_SIZE`` > 1 (nccl on GPU, gloo on CPU).
+
+    ``deterministic``: cuDNN/cuBLAS pick reproducible kernels (no autotuning), so a resumed run can be compared
+    bit for bit with an uninterrupted one. ``process_group``: join the group even at world size 1, so DDP and
+    NCCL run on a one-GPU machine (``make gpu-check``).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -99,6 +106,11 @@ def setup_runtime(device: str = "auto", *, amp: bool | None = None, channels_las
         raise MicronetError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type not in ("cpu", "cuda"):
         raise MicronetError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    if deterministic:
+        # cuBLAS reads this when it first initialises: before any CUDA work in a fresh process (torchrun's).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: an op without a deterministic kernel warns (the bit-identity comparison then tells).
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise MicronetError("--device cuda asked for, but PyTorch sees no CUDA device")
@@ -110,12 +122,20 @@ def setup_runtime(device: str = "auto", *, amp: bool | None = None, channels_las
         # TF32 matmuls/convs: free speed on Ampere+ for the fp32 parts (quantizer maths is fp32 in-op).
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    if world_size > 1 and not dist.is_initialized():
+        torch.backends.cudnn.benchmark = not deterministic  # autotuning may pick different kernels per run
+        torch.backends.cudnn.deterministic = deterministic
+    grouped = world_size > 1 or process_group
+    if grouped and not dist.is_initialized():
+        if world_size == 1:  # a forced group outside torchrun: a one-process rendezvous on this machine
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     cuda = dev.type == "cuda"
     return Runtime(dev, rank, world_size, amp=cuda if amp is None else amp and cuda,
-                   channels_last=cuda if channels_last is None else channels_last, compile=compile)
+                   channels_last=cuda if channels_last is None else channels_last, compile=compile,
+                   process_group=grouped)
 
 
 def prepare_input(images: Tensor, normalize: Normalization, rt: Runtime) -> Tensor:
@@ -165,41 +185,47 @@ class StepContext:
     sync_every: int = 50
     describe: str = "train"
     progress: bool = True
+    # CUDA: torch.cuda.set_sync_debug_mode(sync_debug) from producing a batch (its augmentation) to the end of
+    # ``after_step``: "error" makes every host synchronisation raise, naming the op; "warn" warns at each one.
+    # The periodic metric reads stay outside. None: off.
+    sync_debug: str | None = None
 
 
 def train_epoch(stream: BatchStream, epoch: int, step: int, ctx: StepContext, normalize: Normalization,
                 rt: Runtime) -> tuple[EpochResult, int]:
     """Run one epoch from global ``step``; returns the epoch's result and the next global step."""
-    from tqdm.auto import tqdm
-
     sums = torch.zeros(3, device=rt.device, dtype=torch.float64)  # loss·n, correct, n
-    bar = tqdm(total=len(stream), desc=f"{ctx.describe} epoch {epoch + 1}", disable=not (ctx.progress and rt.is_main),
-               leave=False, dynamic_ncols=True)
+    bar = _progress_bar(len(stream), f"{ctx.describe} epoch {epoch + 1}", ctx.progress and rt.is_main)
     start, lr = time.perf_counter(), 0.0
-    for k, batch in enumerate(stream.epoch(epoch)):
-        images, labels = (t.to(rt.device, non_blocking=True) for t in batch)
-        if ctx.before_step is not None:
-            ctx.before_step(step, k)
-        lr = ctx.lr(step)
-        for group in ctx.optimizer.param_groups:
-            group["lr"] = lr
-        x = prepare_input(images, normalize, rt)
-        loss, logits = ctx.loss_fn(x, labels)
-        ctx.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if ctx.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(ctx.params, ctx.grad_clip, foreach=True)
-        ctx.optimizer.step()
-        with torch.no_grad():
-            n = labels.shape[0]
-            correct = (logits.argmax(1) == labels).sum()
-            sums[0] += loss.detach().double() * n
-            sums[1] += correct
-            sums[2] += n
-        step += 1
-        bar.update(1)
-        if ctx.after_step is not None:
-            ctx.after_step(step)
+    batches = stream.epoch(epoch)
+    for k in itertools.count():
+        with _host_syncs_raise(ctx.sync_debug, rt.device):
+            batch = next(batches, None)
+            if batch is None:
+                break
+            images, labels = (t.to(rt.device, non_blocking=True) for t in batch)
+            if ctx.before_step is not None:
+                ctx.before_step(step, k)
+            lr = ctx.lr(step)
+            for group in ctx.optimizer.param_groups:
+                group["lr"] = lr
+            x = prepare_input(images, normalize, rt)
+            loss, logits = ctx.loss_fn(x, labels)
+            ctx.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if ctx.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(ctx.params, ctx.grad_clip, foreach=True)
+            ctx.optimizer.step()
+            with torch.no_grad():
+                n = labels.shape[0]
+                correct = (logits.argmax(1) == labels).sum()
+                sums[0] += loss.detach().double() * n
+                sums[1] += correct
+                sums[2] += n
+            step += 1
+            bar.update(1)
+            if ctx.after_step is not None:
+                ctx.after_step(step)
         if (k + 1) % ctx.sync_every == 0:  # the only host syncs: progress display and the finite check
             _check_finite(sums, epoch, step, ctx.describe)
             bar.set_postfix(loss=f"{float(sums[0] / sums[2]):.4f}", lr=f"{lr:.2e}")
@@ -209,6 +235,44 @@ def train_epoch(stream: BatchStream, epoch: int, step: int, ctx: StepContext, no
     images_seen = int(totals[2])
     return EpochResult(float(totals[0] / max(images_seen, 1)), float(totals[1] / max(images_seen, 1)),
                        images_seen, time.perf_counter() - start, lr), step
+
+
+@contextmanager
+def _host_syncs_raise(mode: str | None, device: torch.device) -> Iterator[None]:
+    """On CUDA, ``torch.cuda.set_sync_debug_mode(mode)`` inside (``StepContext.sync_debug``: "error" or "warn"),
+    the previous mode after; nothing on the CPU (a test swaps in a CPU detector here)."""
+    if not mode or device.type != "cuda":
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+
+
+class _NoBar:
+    """What ``train_epoch`` calls on a progress bar, doing nothing (no bar shown)."""
+
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **kw: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, desc: str, show: bool):
+    """A tqdm bar, or a do-nothing one; tqdm is imported only when a bar is shown, so that ``make gpu-check``
+    (progress off) runs the real loop on bare GPU machines without tqdm."""
+    if not show:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def _check_finite(sums: Tensor, epoch: int, step: int, stage: str) -> None:

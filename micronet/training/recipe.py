@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from micronet import models
 from micronet.data import DATASETS, NORMALIZATIONS, TRAIN_STATS
@@ -38,6 +37,17 @@ from micronet.training.kd import DIRECTIONS, KDConfig
 from micronet.training.stage_specs import FROM_SCRATCH, STAGE_SPECS, STAGES, StageSettings
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _yaml():
+    """PyYAML, imported when a recipe file or ``--set`` value is parsed.
+
+    Lazy on purpose: ``make gpu-check`` imports micronet.training on bare GPU machines that have torch but not
+    pyyaml, and only its recipe *files* need YAML (it builds its recipes as dicts).
+    """
+    import yaml
+
+    return yaml
 
 
 def _defaults(settings: type[StageSettings]) -> dict[str, Any]:
@@ -125,6 +135,7 @@ def load_recipe(source: str | Path, overrides: Mapping[str, Any] | None = None,
     ``strict_track`` turns the warning about a policy searched on another dataset than the track into an error.
     """
     path = resolve_recipe(source)
+    yaml = _yaml()
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -179,6 +190,7 @@ def apply_set(raw: dict[str, Any], item: str) -> dict[str, Any]:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise MicronetError(f"--set expects KEY=VALUE (e.g. stages.prune.sparsity=0.5), got {item!r}")
+    yaml = _yaml()
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -285,6 +297,8 @@ def _augment_config(value: Any) -> AugmentConfig | None:
         v = getattr(cfg, name)
         if v is not None and v not in ("mean", "black"):
             raise MicronetError(f"recipe augment: {name} must be 'mean' or 'black', got {v!r}")
+    if not isinstance(cfg.cuda_graph, bool):
+        raise MicronetError(f"recipe augment: cuda_graph must be true or false, got {cfg.cuda_graph!r}")
     return cfg
 
 

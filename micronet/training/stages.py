@@ -86,6 +86,11 @@ class RunOptions:
     progress: bool = True
     eval_batch_size: int = 500
     after_step: Callable[[int, nn.Module], None] | None = None  # (global step, model) after every optimizer step
+    # Checks (make gpu-check): host syncs in a CUDA training step raise; reproducible kernels for bit-identical
+    # resumes; a process group (DDP, NCCL on CUDA) even at world size 1.
+    sync_debug: str | None = None  # "error" | "warn": torch.cuda.set_sync_debug_mode inside each training step
+    deterministic: bool = False
+    process_group: bool = False
 
 
 @dataclass
@@ -204,11 +209,17 @@ def _load_teacher(path: Path, cfg: TrainSettings, rt: Runtime) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------- one stage
+def _runtime(options: RunOptions) -> Runtime:
+    """The runtime ``options`` ask for."""
+    return setup_runtime(options.device, amp=options.amp, channels_last=options.channels_last,
+                         compile=options.compile, deterministic=options.deterministic,
+                         process_group=options.process_group)
+
+
 def run_stage(stage: str, recipe: Recipe, options: RunOptions, rt: Runtime | None = None) -> StageResult:
     """Run one stage of ``recipe``: validate inputs, build or resume the model, train, evaluate, save."""
     cfg = recipe.stage(stage)
-    rt = rt or setup_runtime(options.device, amp=options.amp, channels_last=options.channels_last,
-                             compile=options.compile)
+    rt = rt or _runtime(options)
     path = Path(options.out) / f"{stage}.safetensors"
 
     # Everything that can be wrong with the inputs is checked before any training.
@@ -394,6 +405,7 @@ class _StageRun:
             after_step=(lambda s: self.options.after_step(s, model)) if self.options.after_step else None,
             describe=stage,
             progress=self.options.progress,
+            sync_debug=self.options.sync_debug,
         )
         best_path = self.path.with_name(f"{stage}.best.safetensors")
         metrics: dict[str, Any] = {}
@@ -430,7 +442,7 @@ class _StageRun:
 # ----------------------------------------------------------------------------------------------- the chain
 def run_all(recipe: Recipe, options: RunOptions) -> list[StageResult]:
     """Run every stage of the recipe in order into ``options.out``, skipping finished ones, resuming partial ones."""
-    rt = setup_runtime(options.device, amp=options.amp, channels_last=options.channels_last, compile=options.compile)
+    rt = _runtime(options)
     out = Path(options.out)
     results = []
     for stage in recipe.chain:

@@ -5,6 +5,7 @@ from torch import nn
 from micronet.compress import SparsityConfig, freeze_masks_, prune_, update_masks_, weight_mask
 from micronet.compress.state import raw_weight
 from micronet.errors import MicronetError
+from tests.host_syncs import HostSyncOps
 
 
 def _convs(model):
@@ -94,3 +95,11 @@ def test_sparsity_outside_range_is_an_error(bad):
 def test_unknown_layer_name_is_an_error(tiny_densenet):
     with pytest.raises(MicronetError, match="no_such_layer"):
         prune_(tiny_densenet, SparsityConfig(0.5, include=("no_such_layer",)))
+
+
+def test_update_masks_reads_nothing_back(tiny_densenet):
+    # It runs inside the training step: on CUDA a per-layer comparison read back to the host would stall each time.
+    prune_(tiny_densenet, SparsityConfig(0.5))
+    with HostSyncOps() as mode:
+        changed = update_masks_(tiny_densenet)
+    assert mode.seen == [] and changed.dtype == torch.int64 and changed.dim() == 0

@@ -12,6 +12,7 @@ Two independent references:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -20,12 +21,12 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageEnhance, ImageOps
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from micronet.data import ImageSet
 from micronet.training import augment
 from micronet.training.augment import MEAN_COLOUR, OPS, Augmentation, AugmentConfig, PolicyAugment, parse_policy
 from micronet.training.batches import BatchStream
+from tests.host_syncs import HostSyncOps
 
 B = 24
 
@@ -182,21 +183,6 @@ def test_fast_aa_solarize_at_level_one_is_a_no_op():
     assert torch.equal(OPS["Solarize"](x, 256.0, (0, 0, 0), torch.Generator()), x)
 
 
-class _HostSyncOps(TorchDispatchMode):
-    """Records aten ops that read tensor values back to the host (.item(), nonzero, boolean masks)."""
-
-    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "unique", "masked_scatter")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if any(s in func.__name__ for s in self.SYNCING):
-            self.seen.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def _fast_aa_shaped(tmp_path) -> str:
     names = sorted(set(MAGNITUDES) | {"Cutout"})
     rng = np.random.default_rng(0)
@@ -215,8 +201,7 @@ def test_the_cuda_strategy_reads_nothing_back_and_gives_the_same_batches(policy,
     aug = Augmentation(AugmentConfig(policy=policy, ops_per_image=2, cutout=16))
     on_cpu = aug(test_images(), torch.Generator().manual_seed(0))
     monkeypatch.setattr(augment, "SUBSET_ON_CPU", False)
-    mode = _HostSyncOps()
-    with mode:
+    with HostSyncOps() as mode:
         whole_batch = aug(test_images(), torch.Generator().manual_seed(0))
     assert mode.seen == []
     assert torch.equal(whole_batch, on_cpu)
@@ -236,3 +221,18 @@ def test_augmented_batch_is_a_pure_function_of_seed_epoch_rank_and_index():
     assert torch.equal(a.make_batch(2, 1)[0], b.make_batch(2, 1)[0])
     assert not torch.equal(a.make_batch(2, 1)[0], a.make_batch(3, 1)[0])
     assert not torch.equal(a.make_batch(2, 1)[0], stream(1).make_batch(2, 1)[0])
+
+
+def test_sharpness_blur_equals_torchvision_exactly():
+    # Factor 0 is the smoothed image itself: the integer-weight sum divided by 13 equals torchvision's kernel / 13.
+    x = test_images()
+    want = torch.stack([TF.adjust_sharpness(x[i], 0.0) for i in range(B)])
+    assert torch.equal(OPS["Sharpness"](x, 0.0, (0, 0, 0), torch.Generator()), want)
+
+
+def test_cuda_graph_option_changes_nothing_on_the_cpu():
+    config = AugmentConfig(policy="micronet2019", ops_per_image=2, cutout=16)
+    eager = Augmentation(config)(test_images(), torch.Generator().manual_seed(5))
+    graphed_aug = Augmentation(dataclasses.replace(config, cuda_graph=True))
+    graphed = graphed_aug(test_images(), torch.Generator().manual_seed(5))
+    assert torch.equal(eager, graphed)

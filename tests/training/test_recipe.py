@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from micronet.errors import MicronetError
-from micronet.training.recipe import available_recipes, load_recipe
+from micronet.training.recipe import available_recipes, load_recipe, parse_recipe
 from micronet.training.stage_specs import STAGE_SPECS
 
 #: The compression pipeline's stages (SkipNet's gate stages are tested in test_skipnet.py).
@@ -116,3 +116,10 @@ def test_unknown_recipe_name_and_bad_set(tmp_path):
         load_recipe("no-such-recipe")
     with pytest.raises(MicronetError, match="KEY=VALUE"):
         load_recipe(_write(tmp_path, BASE), sets=["stages.student.epochs"])
+
+
+def test_augment_cuda_graph_is_a_boolean_option():
+    base = {"model": "densenet_bc:depth=10,growth=4", "stages": {"student": {"epochs": 1}}}
+    assert parse_recipe({**base, "augment": {"cuda_graph": True}}).augment.cuda_graph is True
+    with pytest.raises(MicronetError, match="cuda_graph must be true or false"):
+        parse_recipe({**base, "augment": {"cuda_graph": "yes"}})
