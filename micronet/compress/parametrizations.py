@@ -61,15 +61,13 @@ def least_squares_scale(w: Tensor, bits: int, per_channel: bool = True, iters: i
     amax = rows.abs().amax(dim=1)
     scale = torch.where(amax > 0, amax / (2 ** (bits - 1)), torch.ones_like(amax))
     codes = torch.clamp(torch.round(rows / scale[:, None]), qmin, qmax)
+    # A fixed number of rounds, no early exit: testing for convergence would read back to the host on every
+    # round (a sync per layer on CUDA), and once the codes stop changing every further round is a fixed point.
     for _ in range(iters):
         qq = (codes * codes).sum(1)
         new = torch.where(qq > 0, (rows * codes).sum(1) / qq.clamp_min(1e-30), scale)
-        new = torch.where(new > 0, new, scale)
-        new_codes = torch.clamp(torch.round(rows / new[:, None]), qmin, qmax)
-        done = torch.equal(new_codes, codes)
-        scale, codes = new, new_codes
-        if done:
-            break
+        scale = torch.where(new > 0, new, scale)
+        codes = torch.clamp(torch.round(rows / scale[:, None]), qmin, qmax)
     return scale
 
 
