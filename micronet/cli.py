@@ -31,6 +31,7 @@ from micronet.training import (
 )
 from micronet.training.augment import load_policy
 from micronet.training.policy_search import SearchSettings, plot_policy, policy_summary, search
+from micronet.training.provenance import run_chain
 
 _FORMAT = click.Choice(io.FORMATS)
 _DATASET = click.Choice(["auto", *DATASETS])
@@ -169,6 +170,11 @@ def _score_target(checkpoint: str | None, model: str | None, format: str, recipe
 @click.option("--from", "init_from", type=click.Path(dir_okay=False), help="Previous stage's checkpoint.")
 @click.option("--teacher", type=click.Path(dir_okay=False), help="Teacher checkpoint for distillation.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted stage from OUT/STAGE.safetensors.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a finished OUT/STAGE.safetensors (kept as STAGE.prev.safetensors until the new one is "
+                   "complete).")
+@click.option("--rerun-from", type=click.Choice(STAGES),
+              help="all: recompute this stage and every later one (after a recipe, data or input change).")
 @click.option("--model", help="Override the recipe's model (zoo name or FAMILY:key=value spec).")
 @click.option("--teacher-model", help="Override the recipe's teacher architecture.")
 @click.option("--epochs", type=int, help="Epochs of every stage run (warm-up keeps its fraction).")
@@ -189,10 +195,18 @@ def _score_target(checkpoint: str | None, model: str | None, format: str, recipe
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--strict-track", is_flag=True,
               help="Refuse an augmentation policy searched on another dataset than the track (default: warn).")
-def train_stage_command(stage, recipe, data_root, out_dir, init_from, teacher, resume, model, teacher_model, epochs,
-                        batch_size, lr, dataset, subsample, subsample_seed, seed, sets, device, use_compile, no_amp,
-                        workers, download, tensorboard, no_progress, strict_track) -> None:
-    """Run one compression stage, or `all` of them in order (resumable), as the recipe says."""
+@click.option("--json", "as_json", is_flag=True, help="Print the stage results as a JSON list.")
+def train_stage_command(stage, recipe, data_root, out_dir, init_from, teacher, resume, overwrite, rerun_from, model,
+                        teacher_model, epochs, batch_size, lr, dataset, subsample, subsample_seed, seed, sets, device,
+                        use_compile, no_amp, workers, download, tensorboard, no_progress, strict_track,
+                        as_json) -> None:
+    """Run one compression stage, or `all` of them in order (resumable), as the recipe says.
+
+    A finished stage is reused only when its recorded fingerprint (recipe settings, model, data and split, seed,
+    input checkpoints, micronet version) matches; otherwise the run stops before any work and says what changed.
+    """
+    if rerun_from is not None and stage != "all":
+        raise MicronetError("--rerun-from belongs to `train-stage all`; for one stage use --overwrite")
     overrides = {"model": model, "teacher_model": teacher_model, "epochs": epochs, "batch_size": batch_size,
                  "lr": lr, "dataset": dataset, "seed": seed, "stages_only": None if stage == "all" else [stage]}
     data_sets = [f"data.{key}={value}" for key, value in (("subsample", subsample), ("subsample_seed", subsample_seed))
@@ -201,13 +215,56 @@ def train_stage_command(stage, recipe, data_root, out_dir, init_from, teacher, r
     options = RunOptions(
         data_root=Path(data_root), out=Path(out_dir or Path("runs") / spec.name),
         init_from=Path(init_from) if init_from else None, teacher=Path(teacher) if teacher else None,
-        resume=resume, device=device, amp=False if no_amp else None, compile=use_compile, num_workers=workers,
-        download=download, tensorboard=tensorboard, progress=not no_progress,
+        resume=resume, overwrite=overwrite, rerun_from=rerun_from, device=device, amp=False if no_amp else None,
+        compile=use_compile, num_workers=workers, download=download, tensorboard=tensorboard,
+        progress=_progress(no_progress),
     )
     results = run_all(spec, options) if stage == "all" else [run_stage(stage, spec, options)]
-    for r in results:
-        shown = {k: round(v, 2) for k, v in r.metrics.items() if k in ("val_top1", "test_top1", "test_top5")}
-        click.echo(f"{r.stage:<13} {'(done before) ' if r.skipped else ''}{r.path}  {shown}")
+    if as_json:
+        click.echo(json.dumps([{"stage": r.stage, "path": str(r.path), "reused": r.skipped, "metrics": r.metrics}
+                               for r in results], indent=2, sort_keys=True))
+        return
+    rows = [(r.stage, "reused" if r.skipped else "trained", *(r.metrics.get(k) for k in _ACCURACY), str(r.path))
+            for r in results]
+    click.echo(tabulate(rows, headers=["stage", "this run", "val top-1 %", "test top-1 %", "test top-5 %",
+                                       "checkpoint"], floatfmt=".2f", missingval="-"))
+
+
+_ACCURACY = ("val_top1", "test_top1", "test_top5")
+
+
+def _progress(no_progress: bool) -> bool:
+    """Progress bars only for a person watching a terminal (not in pipes, logs or CI), unless --no-progress."""
+    return not no_progress and sys.stderr.isatty()
+
+
+@main.group("runs")
+def runs_group() -> None:
+    """Training runs: what produced each stage checkpoint in a run folder."""
+
+
+@runs_group.command("show")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the chain as a JSON list.")
+def runs_show_command(run_dir: str, as_json: bool) -> None:
+    """The stage chain in RUN_DIR: stage, status, fingerprint, accuracy, time, and whether each input is linked."""
+    rows = run_chain(run_dir)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    hashes = {row["stage"]: row["content_sha256"] for row in rows}
+    table = []
+    for i, row in enumerate(rows):
+        before = rows[i - 1]["stage"] if i else None
+        linked = "-" if row["from"] is None else ("yes" if row["from"] == hashes.get(before) else "NO (stale)")
+        fingerprint = (row["fingerprint"] or "none")[:12]
+        seconds = row["seconds"]
+        table.append((row["stage"], row["status"], fingerprint, linked,
+                      *(row["metrics"].get(k) for k in _ACCURACY),
+                      None if seconds is None else f"{seconds:,.0f} s", row["finished"] or "-"))
+    click.echo(tabulate(table, headers=["stage", "status", "fingerprint", "input = previous file", "val top-1 %",
+                                        "test top-1 %", "test top-5 %", "took", "finished"],
+                        floatfmt=".2f", missingval="-"))
 
 
 @main.command("eval")
