@@ -38,7 +38,28 @@ _DATASET = click.Choice(["auto", *DATASETS])
 
 
 class _Group(click.Group):
-    """Click group that turns MicronetError into a one-line message and a non-zero exit."""
+    """Click group that turns MicronetError and click's usage errors into one-line messages and a non-zero exit."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """Run the command line; usage errors print ``error: ...`` on one line and exit 2 (``--help`` unchanged)."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group (`micronet runs`): its help is the answer
+                click.echo(exc.format_message(), err=True)
+                sys.exit(2)
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"error: {exc.format_message().strip()}{where}".replace("\n", " "), err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message().strip()}".replace("\n", " "), err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
 
     def invoke(self, ctx: click.Context):
         try:
