@@ -365,9 +365,9 @@ class _StageRun:
     # -- the two kinds of stage
     def recalibrate(self) -> StageResult:
         """bn-recal: re-estimate BatchNorm statistics over training batches; nothing else changes."""
-        cfg = self.cfg
-        used = compress.recalibrate_bn_(self.model, self.shared_batches(cfg.batches), batches=cfg.batches,
-                                        device=self.rt.device)
+        count = self.cfg.batch_count(len(self.splits.train))
+        used = compress.recalibrate_bn_(self.model, self.shared_batches(count), batches=count, device=self.rt.device,
+                                        progress=self.options.progress and self.rt.is_main)
         metrics = {"bn_batches": used, **self.evaluate_split(self.splits.val, "val"),
                    **self.evaluate_split(self.splits.test, "test")}
         self.log.write({"event": "done", **metrics})
