@@ -138,13 +138,15 @@ def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the per-layer rows as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw per-layer contributions (PNG).")
 @click.option("--all-rows", is_flag=True, help="Print every layer row (default: the first 40).")
+@click.option("--no-progress", is_flag=True, help="No status bar (it is shown only on a terminal anyway).")
 def score_command(checkpoint, model_name, file_format, recipe, policy, sets, track, input_size, samples, data_root,
-                  as_json, csv_path, plot_path, all_rows) -> None:
+                  as_json, csv_path, plot_path, all_rows, no_progress) -> None:
     """Score a model by the MicroNet rules: params and ops in 32-bit units, per layer."""
     overrides = parse_overrides(sets)
     target, name, notes = _score_target(checkpoint, model_name, file_format, recipe)
     data = io.checkpoint_test_images(checkpoint, data_root, samples or 16) if data_root else None
-    report = score(target, policy, track, input_size, samples=samples, data=data, model_name=name, **overrides)
+    report = score(target, policy, track, input_size, samples=samples, data=data, model_name=name,
+                   progress=_progress(no_progress), **overrides)
     report.notes[:0] = notes
     if csv_path:
         report.write_csv(csv_path)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from micronet.compress import deploy_form
 from micronet.compress.state import has_training_form, model_device, preserved_modes
@@ -97,22 +98,29 @@ def score(
     data: Tensor | Iterable[Any] | None = None,
     in_channels: int = 3,
     model_name: str = "",
+    progress: bool = False,
     **overrides: Any,
 ) -> ScoreReport:
     """Score ``model`` under a policy and track; ops per example (mean over ``samples`` for dynamic nets).
 
     The caller's model is not modified and no hooks are left behind. ``overrides`` replace policy fields
-    (e.g. ``accumulator="adder_tree"``).
+    (e.g. ``accumulator="adder_tree"``). ``progress`` shows a status bar (deploy form, one step per traced
+    example, accounting): a large or dynamic model takes many seconds, and a library stays quiet unless asked.
     """
     pol = resolve_policy(policy, overrides)
     trk = get_track(track)
     # Every model, float or compressed, is scored as it deploys: its integer form, BN folded (a deep copy,
     # so resetting gate counters and the train-mode parameter trace leave the caller's model alone).
+    bar = tqdm(total=None, desc="scoring: deploy form", unit="step", disable=not progress, leave=False)
     target = deploy_form(model)
     dynamic = is_dynamic(target)
     n = samples if samples is not None else (16 if dynamic else 1)
     if n < 1:
+        bar.close()
         raise MicronetError("--samples must be at least 1")
+    bar.total = 1 + n + (1 if dynamic else 0) + 1  # deploy form, the examples, the all-blocks trace, accounting
+    bar.update()
+    bar.set_description(f"scoring: tracing {n} example{'s' if n > 1 else ''}")
     device = model_device(target)
     examples = (
         _split_examples(data, n)
@@ -126,6 +134,7 @@ def score(
             traces.append(
                 trace_model(target, x.to(device), input_bits=pol.model_input_bits, float_bits=pol.float_bits)
             )
+            bar.update()
         rates = _gate_rates(target) if dynamic else {}
         param_traces = []
         if dynamic and traces:
@@ -139,9 +148,14 @@ def score(
                     float_bits=pol.float_bits,
                 )
             )
+            bar.update()
+    bar.set_description("scoring: accounting")
     if not traces:
+        bar.close()
         raise MicronetError("no input examples to score (empty data)")
     acc = account(traces, pol, param_traces)
+    bar.update()
+    bar.close()
     if pol.freebie and acc.quantized:
         raise MicronetError(
             f"policy {pol.name!r} uses the 16-bit freebie, which the rules forbid for a quantized model; "
