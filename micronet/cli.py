@@ -108,12 +108,16 @@ def models_command(as_json: bool) -> None:
 @click.option("--format", "fmt", type=_FORMAT,
               default="auto", show_default=True, help="Checkpoint format.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--force-extension", is_flag=True, help="Allow an -o name that does not end in .onnx.")
 @click.option("--no-timing", is_flag=True, help="Skip the latency table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool, no_verify: bool, device: str,
-                   samples: int, data_root: str | None, arch: str | None, fmt: str, force: bool, no_timing: bool,
-                   as_json: bool) -> None:
+                   samples: int, data_root: str | None, arch: str | None, fmt: str, force: bool,
+                   force_extension: bool, no_timing: bool, as_json: bool) -> None:
     """Export CHECKPOINT to one small, verified ONNX file (packed INT4 weights, dynamic batch)."""
+    if Path(output).suffix.lower() != ".onnx" and not force_extension:
+        raise MicronetError(f"-o {output}: export writes an ONNX model, so the name should end in .onnx "
+                            "(pass --force-extension to keep this name)")
     report = export_checkpoint(checkpoint, output, format=fmt, model=arch, form=form,
                                sparse_weights=sparse_weights, verify=not no_verify, device=device,
                                samples=samples, data=data_root, force=force, timing=not no_timing,

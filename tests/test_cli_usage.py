@@ -32,3 +32,9 @@ def test_help_is_still_click_help():
 def test_runs_show_on_a_folder_without_checkpoints_is_one_line(tmp_path):
     r = CliRunner().invoke(main, ["runs", "show", str(tmp_path)])
     assert r.exit_code == 2 and r.output == f"error: {tmp_path} holds no stage checkpoints (*.safetensors)\n"
+
+
+def test_export_refuses_an_output_name_that_is_not_onnx(tmp_path):
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "absent.safetensors"), "-o", str(tmp_path / "model.pt")])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "should end in .onnx" in r.output, r.output
+    assert "--force-extension" in r.output and not (tmp_path / "model.pt").exists()
