@@ -4,15 +4,28 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install clean gpu-check
+.PHONY: demo test lint install gpu clean gpu-check
+
+# The CPU ONNX Runtime by default; `make gpu` switches this environment to onnxruntime-gpu for good (the two
+# wheels share one package directory, so exactly one of them may be installed; the choice is kept in ONNX_FILE
+# so a later reinstall keeps it).
+ONNX_FILE := $(VENV)/.onnx-extra
+ONNX      := $(shell cat $(ONNX_FILE) 2>/dev/null || echo onnx)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip >/dev/null
-	$(BIN)/pip install -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -c constraints.txt -e ".[dev,$(ONNX)]"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+gpu:
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	echo onnx-gpu > $(ONNX_FILE)
+	$(BIN)/pip uninstall -y onnxruntime >/dev/null 2>&1 || true
+	rm -f $(STAMP)
+	$(MAKE) install
 
 demo: $(STAMP)
 	$(BIN)/micronet score

@@ -32,13 +32,35 @@ from micronet.training import (
 )
 from micronet.training.augment import load_policy
 from micronet.training.policy_search import SearchSettings, plot_policy, policy_summary, search
+from micronet.training.provenance import run_chain
 
 _FORMAT = click.Choice(io.FORMATS)
 _DATASET = click.Choice(["auto", *DATASETS])
 
 
 class _Group(click.Group):
-    """Click group that turns MicronetError into a one-line message and a non-zero exit."""
+    """Click group that turns MicronetError and click's usage errors into one-line messages and a non-zero exit."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """Run the command line; usage errors print ``error: ...`` on one line and exit 2 (``--help`` unchanged)."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group (`micronet runs`): its help is the answer
+                click.echo(exc.format_message(), err=True)
+                sys.exit(2)
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"error: {exc.format_message().strip()}{where}".replace("\n", " "), err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message().strip()}".replace("\n", " "), err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -87,12 +109,16 @@ def models_command(as_json: bool) -> None:
 @click.option("--format", "fmt", type=_FORMAT,
               default="auto", show_default=True, help="Checkpoint format.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--force-extension", is_flag=True, help="Allow an -o name that does not end in .onnx.")
 @click.option("--no-timing", is_flag=True, help="Skip the latency table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool, no_verify: bool, device: str,
-                   samples: int, data_root: str | None, arch: str | None, fmt: str, force: bool, no_timing: bool,
-                   as_json: bool) -> None:
+                   samples: int, data_root: str | None, arch: str | None, fmt: str, force: bool,
+                   force_extension: bool, no_timing: bool, as_json: bool) -> None:
     """Export CHECKPOINT to one small, verified ONNX file (packed INT4 weights, dynamic batch)."""
+    if Path(output).suffix.lower() != ".onnx" and not force_extension:
+        raise MicronetError(f"-o {output}: export writes an ONNX model, so the name should end in .onnx "
+                            "(pass --force-extension to keep this name)")
     report = export_checkpoint(checkpoint, output, format=fmt, model=arch, form=form,
                                sparse_weights=sparse_weights, verify=not no_verify, device=device,
                                samples=samples, data=data_root, force=force, timing=not no_timing,
@@ -127,8 +153,10 @@ def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the per-layer rows as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw per-layer contributions (PNG).")
 @click.option("--all-rows", is_flag=True, help="Print every layer row (default: the first 40).")
+@click.option("--no-progress", is_flag=True, help="No status bar (it is shown only on a terminal anyway).")
 def score_command(checkpoint, model_name, model_arg_items, trust_pickle, file_format, recipe, policy, sets, track,
-                  input_size, input_shape, strict, samples, data_root, as_json, csv_path, plot_path, all_rows) -> None:
+                  input_size, input_shape, strict, samples, data_root, as_json, csv_path, plot_path, all_rows,
+                  no_progress) -> None:
     """Score a model by the MicroNet rules: params and ops in 32-bit units, per layer."""
     overrides = parse_overrides(sets)
     model_args = io.parse_model_args(model_arg_items)
@@ -139,7 +167,8 @@ def score_command(checkpoint, model_name, model_arg_items, trust_pickle, file_fo
     target, name, notes = _score_target(checkpoint, model_name, file_format, recipe, trust_pickle, model_args)
     data = io.checkpoint_test_images(checkpoint, data_root, samples or 16) if data_root else None
     report = score(target, policy, track, None if size is None else (size[0], size[-1]), samples=samples, data=data,
-                   input_shape=shape, strict=strict, model_name=name, **overrides)
+                   input_shape=shape, strict=strict, model_name=name, progress=_progress(no_progress),
+                   **overrides)
     report.notes[:0] = notes
     if csv_path:
         report.write_csv(csv_path)
@@ -199,6 +228,11 @@ def _score_target(checkpoint: str | None, model: str | None, format: str, recipe
 @click.option("--from", "init_from", type=click.Path(dir_okay=False), help="Previous stage's checkpoint.")
 @click.option("--teacher", type=click.Path(dir_okay=False), help="Teacher checkpoint for distillation.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted stage from OUT/STAGE.safetensors.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a finished OUT/STAGE.safetensors (kept as STAGE.prev.safetensors until the new one is "
+                   "complete).")
+@click.option("--rerun-from", type=click.Choice(STAGES),
+              help="all: recompute this stage and every later one (after a recipe, data or input change).")
 @click.option("--model", help="Override the recipe's model (zoo name or FAMILY:key=value spec).")
 @click.option("--teacher-model", help="Override the recipe's teacher architecture.")
 @click.option("--epochs", type=int, help="Epochs of every stage run (warm-up keeps its fraction).")
@@ -219,10 +253,18 @@ def _score_target(checkpoint: str | None, model: str | None, format: str, recipe
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--strict-track", is_flag=True,
               help="Refuse an augmentation policy searched on another dataset than the track (default: warn).")
-def train_stage_command(stage, recipe, data_root, out_dir, init_from, teacher, resume, model, teacher_model, epochs,
-                        batch_size, lr, dataset, subsample, subsample_seed, seed, sets, device, use_compile, no_amp,
-                        workers, download, tensorboard, no_progress, strict_track) -> None:
-    """Run one compression stage, or `all` of them in order (resumable), as the recipe says."""
+@click.option("--json", "as_json", is_flag=True, help="Print the stage results as a JSON list.")
+def train_stage_command(stage, recipe, data_root, out_dir, init_from, teacher, resume, overwrite, rerun_from, model,
+                        teacher_model, epochs, batch_size, lr, dataset, subsample, subsample_seed, seed, sets, device,
+                        use_compile, no_amp, workers, download, tensorboard, no_progress, strict_track,
+                        as_json) -> None:
+    """Run one compression stage, or `all` of them in order (resumable), as the recipe says.
+
+    A finished stage is reused only when its recorded fingerprint (recipe settings, model, data and split, seed,
+    input checkpoints, micronet version) matches; otherwise the run stops before any work and says what changed.
+    """
+    if rerun_from is not None and stage != "all":
+        raise MicronetError("--rerun-from belongs to `train-stage all`; for one stage use --overwrite")
     overrides = {"model": model, "teacher_model": teacher_model, "epochs": epochs, "batch_size": batch_size,
                  "lr": lr, "dataset": dataset, "seed": seed, "stages_only": None if stage == "all" else [stage]}
     data_sets = [f"data.{key}={value}" for key, value in (("subsample", subsample), ("subsample_seed", subsample_seed))
@@ -231,13 +273,56 @@ def train_stage_command(stage, recipe, data_root, out_dir, init_from, teacher, r
     options = RunOptions(
         data_root=Path(data_root), out=Path(out_dir or Path("runs") / spec.name),
         init_from=Path(init_from) if init_from else None, teacher=Path(teacher) if teacher else None,
-        resume=resume, device=device, amp=False if no_amp else None, compile=use_compile, num_workers=workers,
-        download=download, tensorboard=tensorboard, progress=not no_progress,
+        resume=resume, overwrite=overwrite, rerun_from=rerun_from, device=device, amp=False if no_amp else None,
+        compile=use_compile, num_workers=workers, download=download, tensorboard=tensorboard,
+        progress=_progress(no_progress),
     )
     results = run_all(spec, options) if stage == "all" else [run_stage(stage, spec, options)]
-    for r in results:
-        shown = {k: round(v, 2) for k, v in r.metrics.items() if k in ("val_top1", "test_top1", "test_top5")}
-        click.echo(f"{r.stage:<13} {'(done before) ' if r.skipped else ''}{r.path}  {shown}")
+    if as_json:
+        click.echo(json.dumps([{"stage": r.stage, "path": str(r.path), "reused": r.skipped, "metrics": r.metrics}
+                               for r in results], indent=2, sort_keys=True))
+        return
+    rows = [(r.stage, "reused" if r.skipped else "trained", *(r.metrics.get(k) for k in _ACCURACY), str(r.path))
+            for r in results]
+    click.echo(tabulate(rows, headers=["stage", "this run", "val top-1 %", "test top-1 %", "test top-5 %",
+                                       "checkpoint"], floatfmt=".2f", missingval="-"))
+
+
+_ACCURACY = ("val_top1", "test_top1", "test_top5")
+
+
+def _progress(no_progress: bool) -> bool:
+    """Progress bars only for a person watching a terminal (not in pipes, logs or CI), unless --no-progress."""
+    return not no_progress and sys.stderr.isatty()
+
+
+@main.group("runs")
+def runs_group() -> None:
+    """Training runs: what produced each stage checkpoint in a run folder."""
+
+
+@runs_group.command("show")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the chain as a JSON list.")
+def runs_show_command(run_dir: str, as_json: bool) -> None:
+    """The stage chain in RUN_DIR: stage, status, fingerprint, accuracy, time, and whether each input is linked."""
+    rows = run_chain(run_dir)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    hashes = {row["stage"]: row["content_sha256"] for row in rows}
+    table = []
+    for i, row in enumerate(rows):
+        before = rows[i - 1]["stage"] if i else None
+        linked = "-" if row["from"] is None else ("yes" if row["from"] == hashes.get(before) else "NO (stale)")
+        fingerprint = (row["fingerprint"] or "none")[:12]
+        seconds = row["seconds"]
+        table.append((row["stage"], row["status"], fingerprint, linked,
+                      *(row["metrics"].get(k) for k in _ACCURACY),
+                      None if seconds is None else f"{seconds:,.0f} s", row["finished"] or "-"))
+    click.echo(tabulate(table, headers=["stage", "status", "fingerprint", "input = previous file", "val top-1 %",
+                                        "test top-1 %", "test top-5 %", "took", "finished"],
+                        floatfmt=".2f", missingval="-"))
 
 
 @main.command("eval")

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from micronet.compress.state import model_device, preserved_modes
 from micronet.errors import MicronetError
@@ -15,14 +16,16 @@ _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 @torch.no_grad()
 def recalibrate_bn_(model: nn.Module, loader: Iterable, batches: int | None = None,
-                    device: torch.device | str | None = None) -> int:
+                    device: torch.device | str | None = None, progress: bool = False) -> int:
     """Re-estimate every BatchNorm's running mean/var as an exact cumulative average over ``batches``.
 
     Statistics are reset and ``momentum=None`` is used (the cumulative average), so the result does not
     depend on batch order the way the original 10-epoch EMA did. Only BN buffers change: all other
     modules run in eval mode (quantizers quantize, ShakeDrop/SkipNet behave as at inference), no
-    parameter is touched. Returns the number of batches used.
+    parameter is touched. ``progress`` shows a tqdm bar (libraries stay quiet unless asked). Returns the
+    number of batches used.
     """
+
     bns = [m for m in model.modules() if isinstance(m, _BN_TYPES) and m.track_running_stats]
     if not bns:
         raise MicronetError("model has no BatchNorm layers with running statistics to recalibrate")
@@ -36,6 +39,7 @@ def recalibrate_bn_(model: nn.Module, loader: Iterable, batches: int | None = No
             m.reset_running_stats()
             m.momentum = None
             m.train()
+        bar = tqdm(total=batches, desc="BN recalibration", unit="batch", disable=not progress, leave=False)
         try:
             for batch in loader:
                 if batches is not None and used >= batches:
@@ -43,7 +47,9 @@ def recalibrate_bn_(model: nn.Module, loader: Iterable, batches: int | None = No
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
                 model(x.to(device))
                 used += 1
+                bar.update()
         finally:
+            bar.close()
             for m, momentum in momenta.items():
                 m.momentum = momentum
     if used == 0:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from micronet.compress import deploy_form
 from micronet.compress.state import has_training_form, model_device, preserved_modes
@@ -172,6 +173,7 @@ def score(
     input_shape: tuple[int, ...] | None = None,
     strict: bool = False,
     model_name: str = "",
+    progress: bool = False,
     **overrides: Any,
 ) -> ScoreReport:
     """Score ``model`` under a policy and track; ops per example (mean over ``samples`` for dynamic nets).
@@ -180,12 +182,15 @@ def score(
     (e.g. ``(1, 16, 64)`` for a sequence model) replaces the image shape. ``strict=True`` raises when any op
     has no cost rule. The caller's model is not modified and no hooks are left behind. ``overrides`` replace
     policy fields (e.g. ``accumulator="adder_tree"``).
+    ``progress`` shows a status bar (deploy form, one step per traced example, accounting): a large or dynamic
+    model takes many seconds, and a library stays quiet unless asked.
     """
     pol = resolve_policy(policy, overrides)
     trk = get_track(track)
     shape = input_shape_for(trk, input_size, input_shape, in_channels)
     # Every model, float or compressed, is scored as it deploys: its integer form, BN folded (a deep copy,
     # so resetting gate counters and the train-mode parameter trace leave the caller's model alone).
+    bar = tqdm(total=None, desc="scoring: deploy form", unit="step", disable=not progress, leave=False)
     target = deploy_form(model)
     # torch.ao fake-quantizers keep observing while they run: freeze their ranges on this copy, so scoring
     # prices the quantization the model has instead of re-calibrating it on the synthetic input.
@@ -193,7 +198,11 @@ def score(
     dynamic = is_dynamic(target)
     n = samples if samples is not None else (16 if dynamic else 1)
     if n < 1:
+        bar.close()
         raise MicronetError("--samples must be at least 1")
+    bar.total = 1 + n + (1 if dynamic else 0) + 1  # deploy form, the examples, the all-blocks trace, accounting
+    bar.update()
+    bar.set_description(f"scoring: tracing {n} example{'s' if n > 1 else ''}")
     device = model_device(target)
     dtype = _model_dtype(target)
     examples = (
@@ -212,6 +221,7 @@ def score(
             traces.append(
                 trace_model(target, x.to(device), input_bits=pol.model_input_bits, float_bits=pol.float_bits)
             )
+            bar.update()
         rates = _gate_rates(target) if dynamic else {}
         param_traces = []
         if dynamic and traces:
@@ -226,10 +236,13 @@ def score(
                 )
             )
         if not traces:
+            bar.close()
             raise MicronetError("no input examples to score (empty data)")
         if data is not None:
             shape = tuple(traces[0].input_shape)
+        bar.set_description("scoring: accounting")
         acc = account(traces, pol, param_traces)
+        bar.update()
         dynamic_compute = None
         if dynamic:
             target.eval()
@@ -240,6 +253,7 @@ def score(
 
             dynamic_compute = _dynamic_compute(target, traces, param_traces, pol, trk, acc,
                                                data is not None, trace_one)
+    bar.close()
     if pol.freebie and acc.quantized:
         raise MicronetError(
             f"policy {pol.name!r} uses the 16-bit freebie, which the rules forbid for a quantized model; "

@@ -365,7 +365,7 @@ class ScoreReport:
             raise MicronetError(f"cannot write CSV {path}: {exc.strerror or exc}") from None
 
     def plot(self, path: str | Path) -> None:
-        """Bar chart of each row's share of the param and op scores (needs matplotlib)."""
+        """Draw :meth:`figure` to a PNG (needs matplotlib)."""
         try:
             import matplotlib
 
@@ -373,34 +373,7 @@ class ScoreReport:
             import matplotlib.pyplot as plt
         except ImportError:
             raise MicronetError("--plot needs matplotlib: pip install 'micronet[plot]'") from None
-        rows = [r for r in self.layers if r.params or r.ops]
-        names = [f"{r.name or '(root)'} [{r.kind}]" for r in rows]
-        p = [float(r.params / self.track.baseline_params) for r in rows]
-        o = [float(r.ops / self.track.baseline_ops) for r in rows]
-        if self.dynamic is not None and self.dynamic.ops_per_example:
-            fig, (ax, hist) = plt.subplots(2, 1, figsize=(max(8, len(rows) * 0.12), 9),
-                                           gridspec_kw={"height_ratios": [5, 3]})
-            hist.hist(self.dynamic.ops_per_example, bins=20, color="tab:orange")
-            hist.axvline(float(self.dynamic.worst_ops), color="black", linestyle="--", label="every gate open")
-            hist.set(xlabel="ops per example (32-bit units)", ylabel="examples",
-                     title=f"ops per example: {self.dynamic.label}")
-            hist.legend()
-        else:
-            fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.12), 5))
-        xs = range(len(rows))
-        ax.bar(xs, p, label="param score", color="tab:blue")
-        ax.bar(xs, o, bottom=p, label="op score", color="tab:orange")
-        ax.set_ylabel("score contribution")
-        ax.set_title(
-            f"{self.model or 'model'}: score {self.score:.5f} ({self.policy.name}, {self.track.name})"
-        )
-        if len(rows) <= 60:
-            ax.set_xticks(list(xs), names, rotation=90, fontsize=6)
-        else:
-            ax.set_xticks([])
-            ax.set_xlabel(f"{len(rows)} layers in execution order")
-        ax.legend()
-        fig.tight_layout()
+        fig = self.figure(plt)
         try:
             fig.savefig(path, dpi=120)
         except OSError as exc:
@@ -409,6 +382,119 @@ class ScoreReport:
             raise MicronetError(f"cannot write plot {path}: {str(exc).splitlines()[0]}") from None
         finally:
             plt.close(fig)
+
+    def figure(self, plt: Any) -> Any:
+        """Three panels of score contributions (param and op parts stacked): per block in execution order with the
+        network's stages marked, the top layers, and the op kinds. ``plt`` is ``matplotlib.pyplot``."""
+        from matplotlib.ticker import FuncFormatter  # matplotlib is optional: only a plot needs it
+
+        rows = [r for r in self.layers if r.params or r.ops]
+        pb, ob = self.track.baseline_params, self.track.baseline_ops
+        blocks = _blocks(rows)
+        top = sorted(rows, key=lambda r: -(r.params / pb + r.ops / ob))[:15]
+        kinds = sorted(self.by_kind().items(), key=lambda kv: -(kv[1]["params"] / pb + kv[1]["ops"] / ob))
+        kinds = [(k, v) for k, v in kinds if v["params"] or v["ops"]]
+        colours = {"param": "#1f77b4", "op": "#ff7f0e"}
+        plain = FuncFormatter(_plain_number)
+
+        lower = 0.26 * max(len(top), len(kinds)) + 1.2
+        dynamic = self.dynamic is not None and bool(self.dynamic.ops_per_example)
+        heights = [5.0, lower, 3.0] if dynamic else [5.0, lower]
+        fig = plt.figure(figsize=(14, sum(heights)), layout="constrained")
+        grid = fig.add_gridspec(len(heights), 2, height_ratios=heights)
+        ax = fig.add_subplot(grid[0, :])
+        xs = list(range(len(blocks)))
+        p = [float(sum((r.params for r in rs), Fraction(0)) / pb) for _, _, rs in blocks]
+        o = [float(sum((r.ops for r in rs), Fraction(0)) / ob) for _, _, rs in blocks]
+        ax.bar(xs, p, color=colours["param"], label="param score (params / baseline params)", width=0.8)
+        ax.bar(xs, o, bottom=p, color=colours["op"], label="op score (ops / baseline ops)", width=0.8)
+        size = 7 if len(blocks) <= 60 else 5
+        ax.set_xticks(xs, [name for _, name, _ in blocks], rotation=90, fontsize=size)
+        ax.set_xlim(-0.7, len(blocks) - 0.3)
+        ax.yaxis.set_major_formatter(plain)
+        ax.set_ylabel("score contribution")
+        ax.set_title(f"per block, in execution order ({len(rows)} layer rows in {len(blocks)} blocks; shaded: "
+                     "stages of the network)", fontsize=10)
+        stage_runs: list[tuple[str, int, int]] = []
+        for i, (stage, _, _) in enumerate(blocks):
+            if stage_runs and stage_runs[-1][0] == stage:
+                stage_runs[-1] = (stage, stage_runs[-1][1], i)
+            else:
+                stage_runs.append((stage, i, i))
+        top_y = max((a + b for a, b in zip(p, o)), default=0) or 1.0
+        ax.set_ylim(0, top_y * 1.12)
+        for j, (stage, first, last) in enumerate(stage_runs):
+            if last > first:  # a stage of several blocks: shade it and name it above its bars
+                ax.axvspan(first - 0.45, last + 0.45, color="0.93" if j % 2 else "0.86", zorder=0)
+                ax.text((first + last) / 2, top_y * 1.06, stage, ha="center", va="center", fontsize=9,
+                        fontweight="bold")
+
+        ax_top = fig.add_subplot(grid[1, 0])
+        ys = list(range(len(top)))[::-1]
+        tp = [float(r.params / pb) for r in top]
+        to = [float(r.ops / ob) for r in top]
+        ax_top.barh(ys, tp, color=colours["param"])
+        ax_top.barh(ys, to, left=tp, color=colours["op"])
+        ax_top.set_yticks(ys, [f"{r.name or '(root)'} [{r.kind}]" for r in top], fontsize=8)
+        ax_top.xaxis.set_major_formatter(plain)
+        ax_top.set_xlabel("score contribution")
+        ax_top.set_title(f"top {len(top)} layer rows", fontsize=10)
+        ax_top.legend(*ax.get_legend_handles_labels(), loc="lower right", fontsize=8, framealpha=0.9)
+
+        ax_kind = fig.add_subplot(grid[1, 1])
+        ys = list(range(len(kinds)))[::-1]
+        kp = [float(Fraction(v["params"]) / pb) for _, v in kinds]
+        ko = [float(Fraction(v["ops"]) / ob) for _, v in kinds]
+        ax_kind.barh(ys, kp, color=colours["param"])
+        ax_kind.barh(ys, ko, left=kp, color=colours["op"])
+        ax_kind.set_yticks(ys, [f"{k} ({v['layers']} rows)" for k, v in kinds], fontsize=8)
+        ax_kind.xaxis.set_major_formatter(plain)
+        ax_kind.set_xlabel("score contribution")
+        ax_kind.set_title("by op kind", fontsize=10)
+        totals = [a + b for a, b in zip(kp, ko)]
+        for y, v in zip(ys, totals):  # each kind's share of the whole score
+            ax_kind.text(v, y, f" {100 * v / (sum(totals) or 1.0):.1f}%", va="center", fontsize=7)
+        ax_kind.set_xlim(0, max(totals, default=1.0) * 1.18 or 1.0)
+
+        if dynamic:  # a gated model: how its ops spread over the examples, against every gate open
+            hist = fig.add_subplot(grid[2, :])
+            hist.hist(self.dynamic.ops_per_example, bins=20, color=colours["op"])
+            hist.axvline(float(self.dynamic.worst_ops), color="black", linestyle="--", label="every gate open")
+            hist.set(xlabel="ops per example (32-bit units)", ylabel="examples",
+                     title=f"ops per example: {self.dynamic.label}")
+            hist.legend(fontsize=8)
+
+        fig.suptitle(f"{self.model or 'model'}: score {self.score:.4f} = param {self.param_score:.4f} + op "
+                     f"{self.op_score:.4f}  ({self.policy.name} policy, {self.track.name} baseline)", fontsize=12)
+        return fig
+
+
+def _plain_number(value: float, _position: Any = None) -> str:
+    """Axis labels as plain decimals (no 1e-5 offsets): enough digits for the value, trailing zeros dropped."""
+    if value == 0:
+        return "0"
+    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    return text if text not in ("", "-0", "0") else f"{value:.2g}"
+
+
+def _blocks(rows: list[LayerRow]) -> list[tuple[str, str, list[LayerRow]]]:
+    """Consecutive layer rows grouped by block: ``(stage, block, rows)`` in execution order.
+
+    The stage is the first name component where the rows differ (``block1``, ``layer2``); the block adds the
+    next component when it is an index (``block1.3``), so repeated blocks of one stage are told apart."""
+    parts = [(r.name or "(root)").split(".") for r in rows]
+    depth = 0
+    while len({tuple(p[: depth + 1]) for p in parts}) < 2 and any(len(p) > depth + 1 for p in parts):
+        depth += 1  # skip a wrapper every name shares (features.*)
+    groups: list[tuple[str, str, list[LayerRow]]] = []
+    for row, p in zip(rows, parts):
+        stage = ".".join(p[: depth + 1])
+        block = ".".join(p[: depth + 2]) if len(p) > depth + 2 and p[depth + 1].isdigit() else stage
+        if groups and groups[-1][1] == block:
+            groups[-1][2].append(row)
+        else:
+            groups.append((stage, block, [row]))
+    return groups
 
 
 # ----------------------------------------------------------------------------------------------- gates

@@ -156,7 +156,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[s
 
     ``epochs``, ``lr`` and ``batch_size`` set that key in every stage that accepts it (``stages_only``
     restricts them to the listed stages; ``epochs`` also rescales a warm-up to the same fraction of the
-    stage); ``model``, ``teacher_model``, ``dataset``, ``seed`` are top-level.
+    stage, and rescales a stage sized relative to the one before it, bn-recal, by the same factor as that
+    stage instead of setting it); ``model``, ``teacher_model``, ``dataset``, ``seed`` are top-level.
     """
     raw = _deep_copy(raw)
     stages_only = overrides.get("stages_only")
@@ -168,21 +169,45 @@ def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[s
         stages = raw.get("stages")
         if not isinstance(stages, dict):
             raise MicronetError("recipe has no stages mapping to apply --epochs/--lr/--batch-size to")
+        defaults = raw.get("train") or {}
+        before = {name: (s or {}).get("epochs", defaults.get("epochs", 1)) if isinstance(s or {}, dict) else 1
+                  for name, s in stages.items()}
         for name, settings in stages.items():
             if stages_only is not None and name not in stages_only:
                 continue
             settings = stages[name] = dict(settings or {})
             for key, value in per_stage.items():
+                spec = STAGE_SPECS.get(name)
+                if key == "epochs" and spec is not None and getattr(spec.settings, "epochs_follow_previous", False):
+                    _rescale_with_previous(name, settings, stages, before, value)
+                    continue
                 if key not in STAGE_KEYS.get(name, set()):
                     continue
                 if key == "epochs":  # keep the warm-up the same fraction of the (shorter) stage
-                    defaults = raw.get("train") or {}
                     warmup = settings.get("warmup_epochs", defaults.get("warmup_epochs", 0))
                     old = settings.get("epochs", defaults.get("epochs", 1))
                     if isinstance(warmup, int | float) and isinstance(old, int) and warmup and old > 0:
                         settings["warmup_epochs"] = warmup * value / old
                 settings[key] = value
     return raw
+
+
+def _rescale_with_previous(name: str, settings: dict[str, Any], stages: Mapping[str, Any],
+                           before: Mapping[str, Any], epochs: int) -> None:
+    """A stage sized relative to the stage before it (bn-recal): scale its length by epochs / that stage's epochs."""
+    earlier = [s for s in STAGES if s in stages and STAGES.index(s) < STAGES.index(name) and s != "teacher"
+               and "epochs" in STAGE_KEYS.get(s, set())]
+    old = before.get(earlier[-1]) if earlier else None
+    if not isinstance(old, int) or isinstance(old, bool) or old < 1 or isinstance(epochs, bool):
+        return  # nothing to scale against (or a bad value the validation reports)
+    ratio = epochs / old
+    if settings.get("batches"):
+        if isinstance(settings["batches"], int):
+            settings["batches"] = max(1, round(settings["batches"] * ratio))
+        return
+    length = settings.get("passes", 1.0)
+    if isinstance(length, int | float) and not isinstance(length, bool):
+        settings["passes"] = length * ratio
 
 
 def apply_set(raw: dict[str, Any], item: str) -> dict[str, Any]:

@@ -8,8 +8,10 @@ Settings that configure compression are validated by building the ``compress`` c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -276,15 +278,28 @@ class SkipRLSettings(TrainSettings):
 
 @dataclass(frozen=True)
 class BNRecalSettings(StageSettings):
-    """The BatchNorm-recalibration stage: forward passes only."""
+    """The BatchNorm-recalibration stage: forward passes only, a cumulative average over its batches.
 
-    batches: int = 200
+    Its length is ``passes`` over the training split (default 1: what the winner did in data terms, one
+    forward epoch over the augmented training set, spec training.md §3.6; its 700 batches of 64 = 44,800 images
+    are one pass over the 45,000-image split), or an explicit ``batches`` count. ``--epochs N`` scales it by
+    N / (the recipe's epochs of the stage before it), so it keeps its size relative to the training stages
+    (the 2019 recipe's one pass after 300 epochs becomes 1/300 pass, 3 batches, under ``--epochs 1``)."""
+
+    passes: float = 1.0
+    batches: int = 0  # an explicit batch count instead of ``passes`` (0: from passes)
+    epochs_follow_previous: ClassVar[bool] = True  # --epochs rescales instead of setting (recipe.apply_overrides)
+
+    def batch_count(self, images: int) -> int:
+        """Batches the stage runs for a training split of ``images`` images (at least one)."""
+        return self.batches or max(1, math.ceil(self.passes * images / self.batch_size))
 
     def check(self, stage: str) -> None:
         """Raise a MicronetError (message without location) if the settings are unusable for ``stage``."""
         super().check(stage)
-        if self.batches < 1:
-            raise MicronetError(f"batches must be positive, got {self.batches}")
+        if self.batches < 0 or self.passes <= 0:
+            raise MicronetError(f"passes must be positive and batches non-negative, got {self.passes} and "
+                                f"{self.batches}")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ What each stage compresses, trains and accepts is its spec in ``training/stage_s
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from micronet.data import (
     training_split,
 )
 from micronet.errors import MicronetError
+from micronet.training import provenance
 from micronet.training.augment import build_augmentation
 from micronet.training.batches import BatchStream, derive_seed
 from micronet.training.kd import cross_entropy, kd_loss
@@ -76,6 +78,8 @@ class RunOptions:
     init_from: Path | None = None  # --from: the previous stage's checkpoint
     teacher: Path | None = None  # --teacher: the distillation teacher's checkpoint
     resume: bool = False
+    overwrite: bool = False  # replace a finished checkpoint (kept as STAGE.prev.safetensors until the new one is done)
+    rerun_from: str | None = None  # run_all: recompute this stage and every later one
     device: str = "auto"
     amp: bool | None = None  # None: bf16 autocast on CUDA
     channels_last: bool | None = None  # None: on CUDA
@@ -166,12 +170,16 @@ def _check_input_checkpoint(path: Path, *, role: str, stage: str, expect_stage: 
                             "(pass --model to match, or the right --from)")
 
 
-def stage_status(path: Path) -> str:
-    """``missing``, ``partial`` (resumable) or ``complete`` for a stage checkpoint path."""
-    if not Path(path).exists():
-        return "missing"
-    training = mio.read_header(path)["extra"].get("training", {})
-    return "complete" if training.get("complete") else "partial"
+stage_status = provenance.stage_status
+
+
+def _expected_provenance(stage: str, recipe: Recipe, splits: Splits, data: provenance.DataIdentity,
+                         init_from: Path | None, teacher: Path | None) -> dict[str, Any]:
+    num_classes = splits.train.num_classes
+    return provenance.stage_provenance(
+        stage, recipe, model=_canonical_model(recipe.model_for(stage), num_classes), num_classes=num_classes,
+        data=data, init_from=None if STAGE_SPECS[stage].from_scratch else init_from,
+        teacher=teacher if recipe.stage(stage).uses_teacher else None)
 
 
 # ----------------------------------------------------------------------------------------------- stage semantics
@@ -216,25 +224,27 @@ def _runtime(options: RunOptions) -> Runtime:
                          process_group=options.process_group)
 
 
-def run_stage(stage: str, recipe: Recipe, options: RunOptions, rt: Runtime | None = None) -> StageResult:
-    """Run one stage of ``recipe``: validate inputs, build or resume the model, train, evaluate, save."""
+def run_stage(stage: str, recipe: Recipe, options: RunOptions, rt: Runtime | None = None,
+              splits: Splits | None = None) -> StageResult:
+    """Run one stage of ``recipe``: validate inputs, build or resume the model, train, evaluate, save.
+
+    An existing checkpoint is resumed or reused only with ``resume`` and a matching provenance, and replaced
+    only with ``overwrite`` (training/provenance.py)."""
     cfg = recipe.stage(stage)
     rt = rt or _runtime(options)
     path = Path(options.out) / f"{stage}.safetensors"
 
     # Everything that can be wrong with the inputs is checked before any training.
-    splits = load_splits(recipe, options)
+    splits = splits or load_splits(recipe, options)
     num_classes = splits.train.num_classes
     model_spec = recipe.model_for(stage)
     _canonical_model(model_spec, num_classes, stage)  # unknown model names (and gate stages on plain ones) fail here
-    resuming = options.resume and path.exists()
+    resuming = options.resume and path.exists() and not options.overwrite
     if resuming:
         written_by = mio.read_header(path)["extra"].get("training", {}).get("stage")
         if written_by != stage:
             raise MicronetError(f"--resume: {path} was written by stage {written_by!r}, not {stage!r}")
-        if stage_status(path) == "complete":
-            return StageResult(stage, path, mio.read_header(path)["extra"].get("metrics", {}), skipped=True)
-    elif not STAGE_SPECS[stage].from_scratch:
+    if not resuming and not STAGE_SPECS[stage].from_scratch:
         previous = recipe.previous(stage)
         if options.init_from is None:
             raise MicronetError(f"stage {stage!r} starts from a {previous or 'previous-stage'!r} checkpoint: "
@@ -247,10 +257,20 @@ def run_stage(stage: str, recipe: Recipe, options: RunOptions, rt: Runtime | Non
                                 "`train-stage all` with a teacher stage), or set loss: ce")
         _check_input_checkpoint(Path(options.teacher), role="--teacher", stage=stage, expect_stage=None,
                                 model=None, num_classes=num_classes)
+    data = provenance.DataIdentity.of(splits.dataset, splits.train, splits.val, splits.test)
+    expected = _expected_provenance(stage, recipe, splits, data, options.init_from, options.teacher)
+    action = provenance.decide(path, expected, resume=options.resume, overwrite=options.overwrite,
+                               previous=recipe.previous(stage))
+    if action == "reuse":
+        return StageResult(stage, path, mio.read_header(path)["extra"].get("metrics", {}), skipped=True)
     if rt.is_main:
+        if action == "fresh":
+            provenance.set_aside(path)  # an --overwrite'n checkpoint waits as STAGE.prev until this one is done
         path.parent.mkdir(parents=True, exist_ok=True)
     rt.barrier()
     run = _StageRun(stage, cfg, recipe, options, rt, splits, path, resuming)
+    run.provenance = expected
+    run.log_start()
     try:
         return run.recalibrate() if STAGE_SPECS[stage].trains == "bn-statistics" else run.train()
     finally:
@@ -305,6 +325,15 @@ class _StageRun:
             "teacher": Path(options.teacher).name if options.teacher and cfg.uses_teacher else None,
             "world_size": rt.world_size,
         }
+        self.provenance: dict[str, Any] = {}
+        self.started = time.time()
+        self.started_text = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started))
+
+    def log_start(self) -> None:
+        """The stage's first JSONL line: what runs, on what, from which fingerprint."""
+        self.log.write({"event": "start", "stage": self.stage, "time": self.started_text,
+                        "fingerprint": self.provenance.get("fingerprint"), "resumed": bool(self.training_state),
+                        "model": self.entry["model"], "from": self.entry["from"], "teacher": self.entry["teacher"]})
 
     # -- data helpers
     def evaluate_split(self, data: ImageSet | None, prefix: str) -> dict[str, float]:
@@ -336,7 +365,11 @@ class _StageRun:
              optimizer: torch.optim.Optimizer | None = None, best: dict[str, Any] | None = None) -> None:
         """Write the stage checkpoint atomically (rank 0); in-progress ones carry the resume state."""
         if self.rt.is_main:
-            record = {**self.entry, "complete": complete, "epochs_done": epochs_done, "metrics": metrics}
+            now = time.time()
+            record = {**self.entry, "complete": complete, "epochs_done": epochs_done, "metrics": metrics,
+                      "fingerprint": self.provenance.get("fingerprint"), "started": self.started_text,
+                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)) if complete else None,
+                      "seconds": round(now - self.started, 3)}
             training: dict[str, Any] = {"stage": self.stage, "complete": complete, "epochs_done": epochs_done,
                                         "step": step, "best": best}
             tensors = None
@@ -344,17 +377,19 @@ class _StageRun:
                 tensors, training["optimizer"] = resume_state(optimizer)
             extra = {"normalization": self.recipe.normalization, "dataset": self.splits.dataset,
                      "normalization_stats": normalization_record(self.normalize),
-                     "training": training, "metrics": metrics}
+                     "training": training, "metrics": metrics, "provenance": self.provenance}
             mio.save(self.path, self.model, history=self.history + [record], metrics=metrics, extra=extra,
                      extra_tensors=tensors)
+            if complete:
+                provenance.drop_previous(self.path)
         self.rt.barrier()
 
     # -- the two kinds of stage
     def recalibrate(self) -> StageResult:
         """bn-recal: re-estimate BatchNorm statistics over training batches; nothing else changes."""
-        cfg = self.cfg
-        used = compress.recalibrate_bn_(self.model, self.shared_batches(cfg.batches), batches=cfg.batches,
-                                        device=self.rt.device)
+        count = self.cfg.batch_count(len(self.splits.train))
+        used = compress.recalibrate_bn_(self.model, self.shared_batches(count), batches=count, device=self.rt.device,
+                                        progress=self.options.progress and self.rt.is_main)
         metrics = {"bn_batches": used, **self.evaluate_split(self.splits.val, "val"),
                    **self.evaluate_split(self.splits.test, "test")}
         self.log.write({"event": "done", **metrics})
@@ -441,21 +476,35 @@ class _StageRun:
 
 # ----------------------------------------------------------------------------------------------- the chain
 def run_all(recipe: Recipe, options: RunOptions) -> list[StageResult]:
-    """Run every stage of the recipe in order into ``options.out``, skipping finished ones, resuming partial ones."""
+    """Run every stage of the recipe in order into ``options.out``: reuse finished stages whose provenance matches,
+    resume partial ones, refuse (before any work) to reuse or replace anything else unless ``rerun_from`` says so."""
     rt = _runtime(options)
     out = Path(options.out)
-    results = []
-    for stage in recipe.chain:
-        path = out / f"{stage}.safetensors"
-        if stage == "teacher" and options.teacher is not None:
-            continue  # the user brought a teacher
-        status = stage_status(path)
-        if status == "complete":
-            results.append(StageResult(stage, path, mio.read_header(path)["extra"].get("metrics", {}), skipped=True))
-            continue
+    splits = load_splits(recipe, options)
+    data = provenance.DataIdentity.of(splits.dataset, splits.train, splits.val, splits.test)
+    chain = [s for s in recipe.chain if not (s == "teacher" and options.teacher is not None)]  # brought a teacher
+    inputs: dict[str, tuple[Path | None, Path | None]] = {}
+    for stage in chain:
         previous = recipe.previous(stage)
         init_from = out / f"{previous}.safetensors" if previous else options.init_from
         teacher = options.teacher or (out / "teacher.safetensors" if "teacher" in recipe.stages else None)
-        stage_options = dataclasses.replace(options, init_from=init_from, teacher=teacher, resume=status == "partial")
-        results.append(run_stage(stage, recipe, stage_options, rt))
+        inputs[stage] = (init_from, teacher)
+    expected = {}
+    for stage in chain:  # known only where the inputs exist now; plan_chain never needs the others
+        init_from, teacher = inputs[stage]
+        needed = [p for p, used in ((init_from, not STAGE_SPECS[stage].from_scratch),
+                                    (teacher, recipe.stage(stage).uses_teacher)) if used and p is not None]
+        known = all(p.is_file() for p in needed)
+        expected[stage] = _expected_provenance(stage, recipe, splits, data, init_from, teacher) if known else None
+    plan = provenance.plan_chain(chain, out, expected, {s: recipe.previous(s) for s in chain}, options.rerun_from)
+    results = []
+    for stage in chain:
+        path = out / f"{stage}.safetensors"
+        if plan[stage] == "reuse":
+            results.append(StageResult(stage, path, mio.read_header(path)["extra"].get("metrics", {}), skipped=True))
+            continue
+        init_from, teacher = inputs[stage]
+        stage_options = dataclasses.replace(options, init_from=init_from, teacher=teacher,
+                                            resume=plan[stage] == "resume", overwrite=plan[stage] == "rerun")
+        results.append(run_stage(stage, recipe, stage_options, rt, splits=splits))
     return results

@@ -88,9 +88,11 @@ def test_every_stage_writes_a_complete_checkpoint_with_its_history(pipeline):
         expected = ["teacher"] if stage == "teacher" else [s for s in STAGES[1 : i + 1]]
         assert stages == expected and all(h["complete"] for h in ck.history)
         assert ck.extra["training"]["complete"] and not ck.extra_tensors  # no resume state left in the result
+        log = [json.loads(line) for line in (out / f"{stage}.jsonl").read_text().splitlines()]
+        assert log[0]["event"] == "start" and log[-1]["event"] == "done"
+        assert log[0]["fingerprint"] == ck.extra["provenance"]["fingerprint"] == ck.history[-1]["fingerprint"]
         if stage != "bn-recal":
-            log = (out / f"{stage}.jsonl").read_text().splitlines()
-            assert len(log) == TINY["stages"][stage]["epochs"] + 1  # one line per epoch + "done"
+            assert len(log) == TINY["stages"][stage]["epochs"] + 2  # "start", one line per epoch, "done"
 
 
 def test_prune_reaches_the_exact_global_conv_sparsity(pipeline):
@@ -291,7 +293,7 @@ def test_cli_runs_a_stage_with_overrides(cifar10_root, tmp_path):
         r = _cli("student", "--recipe", recipe, "--data-root", str(cifar10_root), "--out", str(tmp_path / "o"),
                  "--epochs", "1", "--batch-size", "64", "--lr", "0.05", "--no-progress")
     assert r.exit_code == 0, r.output
-    assert "student.safetensors" in r.output and "test_top1" in r.output
+    assert "student.safetensors" in r.output and "test top-1 %" in r.output and "trained" in r.output
     entry = mio.load(tmp_path / "o" / "student.safetensors").history[-1]
     assert (entry["settings"]["epochs"], entry["settings"]["batch_size"], entry["settings"]["lr"]) == (1, 64, 0.05)
 
@@ -314,7 +316,7 @@ def test_select_best_keeps_the_best_epoch_on_the_held_out_split(cifar10_root, tm
     recipe = load_recipe(write_recipe(tmp_path / "best.yaml", tree))
     with _OneThread():
         result = run_stage("student", recipe, RunOptions(data_root=cifar10_root, out=tmp_path / "o", progress=False))
-    epochs = [json.loads(line) for line in (tmp_path / "o" / "student.jsonl").read_text().splitlines()][:-1]
+    epochs = [json.loads(line) for line in (tmp_path / "o" / "student.jsonl").read_text().splitlines()][1:-1]
     best = max(epochs, key=lambda e: e["val_top1"])  # first maximum, as the stage keeps it
     assert result.metrics["selected_epoch"] == best["epoch"]
     assert result.metrics["val_top1"] == pytest.approx(best["val_top1"])

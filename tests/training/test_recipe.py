@@ -123,3 +123,19 @@ def test_augment_cuda_graph_is_a_boolean_option():
     assert parse_recipe({**base, "augment": {"cuda_graph": True}}).augment.cuda_graph is True
     with pytest.raises(MicronetError, match="cuda_graph must be true or false"):
         parse_recipe({**base, "augment": {"cuda_graph": "yes"}})
+
+
+def test_bn_recal_is_one_pass_by_default_and_scales_with_epochs_relative_to_the_stage_before(tmp_path):
+    from micronet.training.recipe import resolve_recipe
+
+    full = load_recipe("micronet2019-densenet").stage("bn-recal")
+    # the winner: one forward epoch over the training split; 45,000 images / 64 per batch = 703.1 -> 704 batches
+    assert full.passes == 1 and full.batch_count(45_000) == 704
+    # --epochs 1: quant-weight (the stage before) goes 300 -> 1 epochs, so bn-recal 1 -> 1/300 pass = 3 batches
+    short = load_recipe("micronet2019-densenet", {"epochs": 1}).stage("bn-recal")
+    assert short.passes == pytest.approx(1 / 300) and short.batch_count(45_000) == 3
+    assert load_recipe("micronet2019-densenet", {"epochs": 600}).stage("bn-recal").batch_count(45_000) == 1407
+    # an explicit batch count scales by the same factor
+    text = resolve_recipe("micronet2019-densenet").read_text().replace("{passes: 1}", "{batches: 700}")
+    (tmp_path / "explicit.yaml").write_text(text)
+    assert load_recipe(tmp_path / "explicit.yaml", {"epochs": 150}).stage("bn-recal").batch_count(45_000) == 350

@@ -11,8 +11,6 @@ import contextlib
 import traceback
 from pathlib import Path
 
-import pytest
-
 from micronet.training import RunOptions, augment, loop, run_all
 from micronet.training.recipe import parse_recipe
 from tests.host_syncs import HostSyncOps
