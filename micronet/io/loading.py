@@ -17,12 +17,15 @@ from micronet.data import Normalization, get_normalization, normalization_from_r
 from micronet.errors import MicronetError
 from micronet.io.checkpoint import load, load_into, load_state_dict_file, read_header, read_metadata
 from micronet.io.riair2019 import build_riair2019, looks_like_riair2019
+from micronet.io.untrusted import check_model_budget
 
 FORMATS = ("auto", "micronet", "state_dict", "riair2019")
 
 
-def create_model(name: str, num_classes: int = 100) -> nn.Module:
-    """Build a zoo model by name or spec string, with a one-line error for unknown names."""
+def create_model(name: str, num_classes: int = 100, *, allow_large: bool = False) -> nn.Module:
+    """Build a zoo model by name or spec string, with a one-line error for unknown names; specs above the
+    parameter budget (``io.untrusted.MAX_PARAMS``) are refused unless ``allow_large``."""
+    check_model_budget(name, num_classes, allow_large=allow_large)
     try:
         return models.create(name, num_classes=num_classes)
     except MicronetError:
@@ -31,13 +34,13 @@ def create_model(name: str, num_classes: int = 100) -> nn.Module:
         raise MicronetError(f"unknown model {name!r}: {exc}") from None
 
 
-def _model_for_state(name: str, state: dict[str, Tensor]) -> nn.Module:
+def _model_for_state(name: str, state: dict[str, Tensor], allow_large: bool = False) -> nn.Module:
     """The zoo model ``name`` with as many classes as the state_dict's classifier has rows."""
-    model = create_model(name)
+    model = create_model(name, allow_large=allow_large)
     fc = classifier_name(model)
     rows = state.get(f"{fc}.weight")
     if rows is not None and rows.dim() == 2 and rows.shape[0] != model.get_submodule(fc).out_features:
-        model = create_model(name, num_classes=int(rows.shape[0]))
+        model = create_model(name, num_classes=int(rows.shape[0]), allow_large=allow_large)
     return model
 
 
@@ -54,9 +57,10 @@ def detect_format(path: str | Path) -> str:
     return "riair2019" if looks_like_riair2019(load_state_dict_file(path)) else "state_dict"
 
 
-def load_model(path: str | Path, format: str = "auto", model: str | None = None, **riair_kwargs: Any) -> nn.Module:
+def load_model(path: str | Path, format: str = "auto", model: str | None = None, *, allow_large: bool = False,
+               **riair_kwargs: Any) -> nn.Module:
     """Load a model from a micronet checkpoint, a plain state_dict (``model`` names the architecture) or a
-    riair2019 merged checkpoint. Errors are one-line MicronetErrors."""
+    riair2019 merged checkpoint. Errors are one-line MicronetErrors; ``allow_large`` lifts the parameter budget."""
     path = Path(path)
     if format not in FORMATS:
         raise MicronetError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
@@ -65,7 +69,7 @@ def load_model(path: str | Path, format: str = "auto", model: str | None = None,
     if path.is_dir():
         raise MicronetError(f"{path} is a directory, not a checkpoint file")
     if format in ("auto", "micronet") and _is_micronet_checkpoint(path):
-        return load(path).model
+        return load(path, allow_large=allow_large).model
     if format == "micronet":
         raise MicronetError(f"{path} is not a micronet checkpoint (no micronet metadata)")
     state = load_state_dict_file(path)
@@ -73,7 +77,7 @@ def load_model(path: str | Path, format: str = "auto", model: str | None = None,
         return build_riair2019(state, source=str(path), **riair_kwargs)
     if model is None:
         raise MicronetError(f"{path} is a plain state_dict: name its architecture with --model")
-    return load_into(_model_for_state(model, state), state, source=str(path))
+    return load_into(_model_for_state(model, state, allow_large), state, source=str(path))
 
 
 def checkpoint_normalization(path: str | Path, format: str = "auto") -> Normalization:
