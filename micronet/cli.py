@@ -31,6 +31,8 @@ from micronet.training import (
 )
 
 _FORMAT = click.Choice(io.FORMATS)
+_ALLOW_LARGE = click.option("--allow-large", is_flag=True,
+                            help="Build models above the parameter budget (100 M parameters) named by a file or spec.")
 _DATASET = click.Choice(["auto", *DATASETS])
 
 
@@ -86,14 +88,15 @@ def models_command(as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--no-timing", is_flag=True, help="Skip the latency table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_ALLOW_LARGE
 def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool, no_verify: bool, device: str,
                    samples: int, data_root: str | None, arch: str | None, fmt: str, force: bool, no_timing: bool,
-                   as_json: bool) -> None:
+                   as_json: bool, allow_large: bool) -> None:
     """Export CHECKPOINT to one small, verified ONNX file (packed INT4 weights, dynamic batch)."""
     report = export_checkpoint(checkpoint, output, format=fmt, model=arch, form=form,
                                sparse_weights=sparse_weights, verify=not no_verify, device=device,
                                samples=samples, data=data_root, force=force, timing=not no_timing,
-                               storage=_storage_bytes)
+                               storage=_storage_bytes, allow_large=allow_large)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
 
 
@@ -113,19 +116,24 @@ def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the per-layer rows as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw per-layer contributions (PNG).")
+@click.option("--force", is_flag=True, help="Overwrite existing --csv/--plot files.")
 @click.option("--all-rows", is_flag=True, help="Print every layer row (default: the first 40).")
+@_ALLOW_LARGE
 def score_command(checkpoint, model_name, file_format, recipe, policy, sets, track, input_size, samples, data_root,
-                  as_json, csv_path, plot_path, all_rows) -> None:
+                  as_json, csv_path, plot_path, force, all_rows, allow_large) -> None:
     """Score a model by the MicroNet rules: params and ops in 32-bit units, per layer."""
     overrides = parse_overrides(sets)
-    target, name, notes = _score_target(checkpoint, model_name, file_format, recipe)
+    for out in (csv_path, plot_path):  # refuse a bad output path before the (long) scoring run
+        if out:
+            io.check_output_path(out, force)
+    target, name, notes = _score_target(checkpoint, model_name, file_format, recipe, allow_large)
     data = io.checkpoint_test_images(checkpoint, data_root, samples or 16) if data_root else None
     report = score(target, policy, track, input_size, samples=samples, data=data, model_name=name, **overrides)
     report.notes[:0] = notes
     if csv_path:
-        report.write_csv(csv_path)
+        report.write_csv(csv_path, force=force)
     if plot_path:
-        report.plot(plot_path)
+        report.plot(plot_path, force=force)
     click.echo(report.to_json() if as_json else report.table(None if all_rows else 40))
 
 
@@ -135,20 +143,20 @@ def _storage_bytes(model: nn.Module) -> int:
 
 
 def _score_target(checkpoint: str | None, model: str | None, format: str, recipe: str | None,
-                  ) -> tuple[nn.Module, str, list[str]]:
+                  allow_large: bool = False) -> tuple[nn.Module, str, list[str]]:
     """What `score` scores: a file, a zoo model (optionally projected through a recipe), or by default
     ``densenet100_k12`` under the 2019 recipe's compression. Returns (model, name, notes)."""
     if checkpoint is not None:
         if recipe is not None:
             raise MicronetError("--recipe projects an untrained zoo model; it cannot be combined with a checkpoint")
-        loaded = io.load_model(checkpoint, format=format, model=model)
+        loaded = io.load_model(checkpoint, format=format, model=model, allow_large=allow_large)
         spec = getattr(loaded, "micronet_spec", None) or {}
         return loaded, f"{Path(checkpoint).name} ({spec.get('name', type(loaded).__name__)})", []
     name = model or "densenet100_k12"
     with torch.random.fork_rng(devices=[]):
         # Untrained weights decide where global pruning puts the zeros: seed them so the figures repeat.
         torch.manual_seed(0)
-        net = io.create_model(name)
+        net = io.create_model(name, allow_large=allow_large)
     if model is not None and recipe is None:
         return net, name, []
     projection = projection_from_recipe(recipe)
@@ -222,12 +230,13 @@ def train_stage_command(stage, recipe, data_root, out_dir, init_from, teacher, r
               help="Also evaluate on this dataset's test set (same classes) and report the accuracy drop with its "
                    "95% interval; under --data-root unless =DIR is given (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_ALLOW_LARGE
 def eval_command(checkpoint, data_root, dataset, fmt, model, normalization, half, batch_size, device, also_on,
-                 as_json) -> None:
+                 as_json, allow_large) -> None:
     """Top-1/top-5 accuracy of a checkpoint on the test set (and on others with --also-on)."""
     r = evaluate_checkpoint(checkpoint, data_root, dataset=dataset, format=fmt, model=model,
                             normalization=normalization, half=half, device=device, batch_size=batch_size,
-                            also_on=also_on)
+                            also_on=also_on, allow_large=allow_large)
     if as_json:
         click.echo(json.dumps(r, sort_keys=True))
         return
