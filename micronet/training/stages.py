@@ -52,6 +52,7 @@ from micronet.training.loop import (
     Runtime,
     StepContext,
     accuracy_sums,
+    check_training_state,
     lr_at,
     prepare_input,
     restore_state,
@@ -255,6 +256,8 @@ class _StageRun:
             ck = mio.load(path)
             self.model, self.history = ck.model, ck.history[:-1]
             self.training_state, self.resume_tensors = ck.extra.get("training", {}), ck.extra_tensors
+            if self.training_state:
+                check_training_state(self.training_state, str(path))
         elif self.spec.from_scratch:
             self.model, self.history = models.create(model_spec, num_classes=splits.train.num_classes), []
         else:
