@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io as _io
 import pickle
+import tokenize
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,7 +86,8 @@ def _npy_header(stream: Any, where: str) -> tuple[tuple[int, ...], np.dtype]:
         version = fmt.read_magic(stream)
         reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
         shape, _, dtype = reader(stream)
-    except (ValueError, EOFError, OSError, SyntaxError, TypeError) as exc:
+    except (ValueError, EOFError, OSError, SyntaxError, TypeError, tokenize.TokenError) as exc:
+        # numpy parses the header dict with Python's tokenizer and literal_eval: damaged text raises these.
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MicronetError(f"{where}: not a valid .npy array ({detail})") from None
     return tuple(shape), dtype

@@ -35,8 +35,8 @@ from torch.nn.modules.module import register_module_parameter_registration_hook
 from micronet import models
 from micronet.errors import MicronetError
 
-MAX_HEADER_BYTES = 16 * 2**20  # micronet headers are a few hundred KB at most (safetensors allows 100 MB)
-MAX_TENSORS = 100_000
+MAX_HEADER_BYTES = 8 * 2**20  # micronet headers are a few hundred KB at most (safetensors allows 100 MB)
+MAX_TENSORS = 50_000
 MAX_DIMS = 8
 MAX_UNZIPPED_BYTES = 8 * 2**30
 MAX_ZIP_RATIO = 20
@@ -63,11 +63,11 @@ def first_line(exc: BaseException) -> str:
 
 # ----------------------------------------------------------------------------------------------- JSON and YAML
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"duplicate key {duplicate[:80]!r}")
     return out
 
 
@@ -146,7 +146,7 @@ def parse_yaml(where: str, text: str) -> Any:
             loader.dispose()
     except RecursionError:  # the composer recurses once per nesting level
         raise MicronetError(f"{where}: YAML nested too deeply") from None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer of over 4300 digits
         raise MicronetError(f"{where}: invalid YAML ({first_line(exc)})") from None
     check_tree(where, tree)
     return tree

@@ -232,7 +232,10 @@ def _load_yaml(path: Path) -> Policy:
         raise MicronetError(f"policy file {path}: base must be one of {', '.join(PRESETS)}, not {base_name!r}")
     base = PRESETS[base_name]
     data.setdefault("name", path.stem)
-    return with_overrides(base, data)
+    try:
+        return with_overrides(base, data)
+    except MicronetError as exc:
+        raise MicronetError(f"policy file {path}: {exc}") from None
 
 
 def resolve_policy(

@@ -505,7 +505,10 @@ def load_policy(name_or_path: str | Path) -> Policy:
             )
         path = shipped
     obj = load_json_file(path, "policy")  # size and nesting bounded, duplicate keys refused
-    return parse_policy(obj, path.stem)
+    try:
+        return parse_policy(obj, path.stem)
+    except MicronetError as exc:
+        raise MicronetError(f"policy {path}: {exc}") from None
 
 
 class PolicyAugment:

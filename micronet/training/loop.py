@@ -291,7 +291,8 @@ def _index(text: Any) -> int:
 
 
 def _check_resume(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    """The saved optimizer and RNG state fit this optimizer: groups, settings, parameter indices and shapes."""
+    """The saved optimizer and RNG state fit this optimizer: groups, settings, parameter indices and shapes.
+    Messages start with "resume state"; ``restore_state`` names the file."""
     own = optimizer.state_dict()["param_groups"]
     groups = meta.get("param_groups")
     if not isinstance(groups, list) or len(groups) != len(own):
@@ -332,9 +333,13 @@ def _check_resume(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], 
 
 
 def restore_state(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any],
-                  device: torch.device) -> None:
-    """Inverse of ``resume_state``: load optimizer state and RNG streams (validated first: one-line errors)."""
-    _check_resume(optimizer, tensors, meta)
+                  device: torch.device, source: str = "checkpoint") -> None:
+    """Inverse of ``resume_state``: load optimizer state and RNG streams (validated first: one-line errors
+    naming ``source``)."""
+    try:
+        _check_resume(optimizer, tensors, meta)
+    except MicronetError as exc:
+        raise MicronetError(f"{source}: {exc}") from None
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):

@@ -134,7 +134,12 @@ def load_recipe(source: str | Path, overrides: Mapping[str, Any] | None = None,
     raw = apply_overrides(raw, overrides or {})
     for item in sets:
         raw = apply_set(raw, item)
-    return parse_recipe(raw, source=str(path))
+    try:
+        return parse_recipe(raw, source=str(path))
+    except MicronetError as exc:
+        if path.name in str(exc):
+            raise
+        raise MicronetError(f"recipe {path.name}: {exc}") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

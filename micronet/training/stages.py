@@ -355,7 +355,8 @@ class _StageRun:
                                     weight_decay=cfg.weight_decay, foreach=True)
         start_epoch, step, best = 0, 0, None
         if resuming:
-            restore_state(optimizer, self.resume_tensors, self.training_state["optimizer"], rt.device)
+            restore_state(optimizer, self.resume_tensors, self.training_state["optimizer"], rt.device,
+                          str(self.path))
             start_epoch, step = self.training_state["epochs_done"], self.training_state["step"]
             best = self.training_state.get("best")
             if rt.rank > 0:
