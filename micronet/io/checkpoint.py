@@ -303,7 +303,10 @@ def _torch_load(path: Path) -> Any:
     if zipfile.is_zipfile(path):
         check_zip_archive(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # An open file, not the path: torch.load hands any path ending in .safetensors to safetensors, bypassing
+        # the header validation (files that start like safetensors never get here).
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = _unpickler_detail(str(exc))
         if "GLOBAL" in detail or "global" in detail:  # an object the safe unpickler will not rebuild
