@@ -86,13 +86,15 @@ def check_output_path(path: str | os.PathLike, force: bool) -> Path:
     """Refuse an output path we must not write: missing folder, link, non-regular file, or existing without force."""
     path = Path(path)
     parent = path.parent
-    if not parent.is_dir():
-        raise MicronetError(f"output directory {parent} does not exist; create it first")
     try:
+        if not stat.S_ISDIR(parent.stat().st_mode):
+            raise MicronetError(f"output directory {parent} is not a directory")
         info = path.lstat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        if not parent.exists():
+            raise MicronetError(f"output directory {parent} does not exist; create it first") from None
         return path
-    except OSError as exc:
+    except OSError as exc:  # e.g. a folder we may not even look into
         raise MicronetError(f"cannot write {path}: {_reason(exc)}") from None
     if stat.S_ISLNK(info.st_mode):
         raise MicronetError(f"{path} is a symbolic link; micronet does not write through links (name the target "
