@@ -46,7 +46,6 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -54,7 +53,7 @@ from micronet import io, models
 from micronet.compress import QuantConfig, SparsityConfig, freeze_masks_, prune_, quantize_
 from micronet.data import load_dataset
 from micronet.errors import MicronetError
-from micronet.io.checkpoint import _content_hash
+from micronet.io.checkpoint import _content_hash, _read_tensors
 from micronet.io.riair2019 import random_riair2019_state
 from micronet.io.untrusted import parse_json
 from micronet.scoring.policy import Policy as ScorePolicy
@@ -783,10 +782,11 @@ class ResumeTarget(Target):
 
     def load(self, path: Path) -> Any:
         """What a resumed stage does with the file: the checkpoint reader, then the resume validation."""
-        io.read_metadata(path)  # the same validated header first, as io.load does
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
-            record = parse_json(f"{path} training", f.metadata()["training"])
+        metadata = io.read_metadata(path)  # the same validated header as io.load
+        if metadata is None or "training" not in metadata:
+            raise MicronetError(f"{path} is not a stage checkpoint with resume state")
+        tensors = _read_tensors(path)
+        record = parse_json(f"{path} training", metadata["training"])
         check_training_state(record, str(path))
         with torch.random.fork_rng(devices=[]):
             restore_state(self._optimizer(), tensors, record["optimizer"], torch.device("cpu"), str(path))

@@ -43,7 +43,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except MicronetError as exc:
-            click.echo(f"error: {exc}", err=True)
+            # One line, whatever a file smuggled into the message (a key name with a newline, say).
+            click.echo("error: " + " ".join(str(exc).splitlines()), err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)

@@ -270,7 +270,8 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], source: str = "st
     shapes = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
     if missing or unexpected or shapes:
         def few(keys: list[str]) -> str:
-            return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+            shown = [k if k.isprintable() and len(k) <= 120 else repr(k)[:120] for k in keys[:4]]  # one line
+            return ", ".join(shown) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
 
         parts = []
         if missing:

@@ -9,7 +9,7 @@ one-line :class:`~micronet.errors.MicronetError` naming the file and what is wro
   file's data section exactly (no gap, no overlap, nothing after), no duplicate keys;
 * zip-based ``.pt`` files: declared sizes consistent with the archive, at most ``MAX_UNZIPPED_BYTES`` in all,
   at most ``MAX_ZIP_RATIO`` expansion per compressed member (torch itself stores members uncompressed);
-* JSON and YAML text (metadata, recipes, policies): at most ``MAX_TEXT_BYTES`` of text, nesting at most
+* JSON and YAML files (recipes, policies): at most ``MAX_TEXT_BYTES`` of text; JSON and YAML text: nesting at most
   ``MAX_DEPTH``, at most ``MAX_NODES`` values once YAML aliases are expanded, no self-referencing aliases;
 * models built from names found in files or given on the command line: at most ``MAX_PARAMS`` parameters in
   at most ``MAX_PARAM_TENSORS`` tensors (measured by building on the ``meta`` device, aborted as soon as the
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ MAX_TENSORS = 50_000
 MAX_DIMS = 8
 MAX_UNZIPPED_BYTES = 8 * 2**30
 MAX_ZIP_RATIO = 20
-MAX_TEXT_BYTES = 4 * 2**20
+MAX_TEXT_BYTES = 256 * 2**10  # shipped recipes are ~2 KB; PyYAML parses ~1 MB/s, so this bounds the time
 MAX_DEPTH = 32
 MAX_NODES = 200_000
 MAX_PARAMS = 100_000_000  # ~3x the zoo's largest model (wrn28_10: 36.5 M)
@@ -136,8 +137,24 @@ class _LimitedLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+def _flow_depth(text: str) -> int:
+    """Deepest ``[``/``{`` nesting of YAML flow collections (quotes ignored: an over-estimate at worst)."""
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(text):
+        depth = depth + 1 if bracket in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
 def parse_yaml(where: str, text: str) -> Any:
     """YAML text with the safe loader, aliases bounded, nesting and expanded size checked."""
+    # PyYAML's scanner is quadratic in the nesting of flow collections ("[[[[...": 1.5 s for 5,000 levels): refuse
+    # deep flow nesting before parsing; the tree check below bounds block nesting.
+    if _flow_depth(text) > 2 * MAX_DEPTH:
+        raise MicronetError(f"{where}: YAML nested deeper than {MAX_DEPTH} levels")
     try:
         loader = _LimitedLoader(text)
         try:
