@@ -247,8 +247,11 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, a
     stored_hash = metadata.pop("content_sha256", None)
     if stored_hash != _content_hash(tensors, metadata):
         raise MicronetError(f"{path} failed its content hash check (corrupted or modified)")
-    model = models.create(spec["name"], num_classes=spec["num_classes"])
-    apply_layout(model, header["layout"])
+    try:
+        model = models.create(spec["name"], num_classes=spec["num_classes"])
+        apply_layout(model, header["layout"])
+    except MicronetError as exc:  # the messages name the model or module; say which file asked for it
+        raise MicronetError(f"{path}: {exc}") from None
     extra_tensors = {k[len(EXTRA_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(EXTRA_PREFIX)}
     load_into(model, tensors, source=str(path), same_dtype=True)
     model.to(map_location)

@@ -288,7 +288,15 @@ def check_model_budget(spec: str, num_classes: int = 100, *, allow_large: bool =
     """Refuse a zoo spec whose network would exceed ``MAX_PARAMS`` parameters (or ``MAX_PARAM_TENSORS``
     tensors, or options above ``MAX_OPTION_VALUE``) unless ``allow_large``; built on ``meta``, so nothing is
     allocated and the build stops as soon as the budget is passed. Names outside the zoo are left to the caller."""
-    where = f"{source}: " if source else ""
+    try:
+        _check_budget(spec, num_classes, allow_large, f"{source}: " if source else "")
+    except MicronetError as exc:
+        if source and source not in str(exc):
+            raise MicronetError(f"{source}: {exc}") from None
+        raise
+
+
+def _check_budget(spec: str, num_classes: int, allow_large: bool, where: str) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
         raise MicronetError(f"{where}num_classes must be an integer in 1..{MAX_CLASSES:,}, got {num_classes!r}")
     if allow_large:

@@ -77,6 +77,8 @@ def test_a_float_weight_stored_as_int32_is_refused_even_with_a_valid_hash(saved,
     ({"name": "wrn:depth=10000", "num_classes": 100}, "more than"),
     ({"name": SPEC, "num_classes": 2**40}, "num_classes"),
     ({"name": SPEC, "num_classes": True}, "num_classes"),
+    ({"name": "densenet_bc:depth=5", "num_classes": 100}, "cannot build"),
+    ({"name": "nope", "num_classes": 100}, "unknown model"),
 ])
 def test_wrong_or_huge_model_metadata_is_refused_before_building(saved, tmp_path, model, match):
     start = time.monotonic()
