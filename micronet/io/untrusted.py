@@ -306,6 +306,8 @@ def _check_budget(spec: str, num_classes: int, allow_large: bool, where: str) ->
         if not isinstance(value, bool) and not abs(value) <= MAX_OPTION_VALUE:  # also refuses nan
             raise MicronetError(f"{where}model option {key}={value} is above the limit of {MAX_OPTION_VALUE:,}; "
                                 "pass --allow-large (allow_large=True) to build it anyway")
+    if not options and num_classes <= 1000 and name in models.zoo():
+        return  # a zoo preset as published: all are far below the budget (wrn28_10, the largest, has 36.5 M)
     try:
         models.resolve(name)
     except KeyError:
