@@ -54,7 +54,8 @@ def read_pickle(path: Path) -> dict[str, Any]:
         with open(path, "rb") as f:
             obj = ArrayUnpickler(_io.BytesIO(f.read()), encoding="latin1").load()
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, AttributeError,
-            MemoryError, RecursionError, OverflowError) as exc:  # OverflowError: a FRAME length above 2**63
+            MemoryError, RecursionError, OverflowError, LookupError) as exc:
+        # OverflowError: a FRAME length above 2**63; LookupError: a damaged encoding name for _codecs.encode.
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MicronetError(f"cannot read pickle {path}: {detail}") from None
     if not isinstance(obj, dict):

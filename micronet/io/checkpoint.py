@@ -332,6 +332,9 @@ def _check_state(path: Path, obj: Any) -> dict[str, Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
         raise MicronetError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+    odd = next((k for k in obj if not k.isprintable() or len(k) > 1000), None)
+    if odd is not None:  # no module has such a name; refuse it before it reaches a message or a model
+        raise MicronetError(f"{path}: tensor name {odd[:80]!r} is not a module parameter name")
     for key, value in obj.items():
         if value.dtype not in TORCH_DTYPES:
             raise MicronetError(f"{path}: {key[:80]} has dtype {value.dtype}; only real floating, integer and "

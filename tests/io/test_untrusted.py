@@ -160,6 +160,7 @@ def test_zip_bomb_pt_is_refused_before_torch_load(tmp_path):
     ({5: torch.zeros(3)}, "does not hold a state_dict"),
     ({"w": torch.zeros(3, dtype=torch.complex64)}, "only real floating"),
     ([torch.zeros(3)], "does not hold a state_dict"),
+    ({"block1.0.\nconv1.weight": torch.zeros(3)}, "not a module parameter name"),  # would split the message
 ])
 def test_odd_plain_state_dicts_are_refused(tmp_path, obj, match):
     _refused(tmp_path, _torch_bytes(obj), match, name="odd.pt", model=SPEC)
