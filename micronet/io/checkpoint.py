@@ -320,9 +320,10 @@ def _torch_load(path: Path) -> Any:
     except (RuntimeError, EOFError, OSError, ValueError, OverflowError, MemoryError) as exc:
         raise MicronetError(f"cannot read {path} as a PyTorch state_dict (truncated or corrupted?): "
                             f"{first_line(exc)}") from None
-    except (IndexError, KeyError, TypeError, AttributeError, struct_error) as exc:
+    except (IndexError, KeyError, TypeError, AttributeError, AssertionError, NotImplementedError, struct_error) as exc:
         # torch's weights-only unpickler and zip reader raise these on damaged streams (a truncated opcode, a
-        # storage key the archive lacks, a negative element count): damaged input, not a micronet bug.
+        # storage key the archive lacks, a negative element count, "saved_id must be a tuple"): damaged input,
+        # not a micronet bug.
         raise MicronetError(f"cannot read {path} as a PyTorch state_dict (damaged file: "
                             f"{type(exc).__name__}: {first_line(exc)})") from None
 

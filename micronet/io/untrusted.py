@@ -261,7 +261,8 @@ def check_zip_archive(path: str | os.PathLike) -> None:
         size = path.stat().st_size
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        # NotImplementedError: a damaged "version needed" or compression field
         raise MicronetError(f"cannot read {path} as a PyTorch zip file: {first_line(exc)}") from None
     if len(infos) > MAX_TENSORS + 16:
         raise MicronetError(f"{path}: more than {MAX_TENSORS:,} archive members")
