@@ -189,7 +189,7 @@ def _entry(where: str, key: str, value: Any) -> TensorEntry:
     if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data_offsets"}:
         raise MicronetError(f"{where}: tensor {key!r} needs exactly dtype, shape and data_offsets")
     dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise MicronetError(f"{where}: tensor {key!r} has dtype {str(dtype)[:20]!r}; supported: "
                             f"{', '.join(SAFETENSORS_DTYPES)}")
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS
