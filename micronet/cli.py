@@ -35,6 +35,8 @@ from micronet.training.policy_search import SearchSettings, plot_policy, policy_
 from micronet.training.provenance import run_chain
 
 _FORMAT = click.Choice(io.FORMATS)
+_ALLOW_LARGE = click.option("--allow-large", is_flag=True,
+                            help="Build models above the parameter budget (100 M parameters) named by a file or spec.")
 _DATASET = click.Choice(["auto", *DATASETS])
 
 
@@ -66,7 +68,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except MicronetError as exc:
-            click.echo(f"error: {exc}", err=True)
+            # One line, whatever a file smuggled into the message (a key name with a newline, say).
+            click.echo("error: " + " ".join(str(exc).splitlines()), err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
@@ -112,9 +115,10 @@ def models_command(as_json: bool) -> None:
 @click.option("--force-extension", is_flag=True, help="Allow an -o name that does not end in .onnx.")
 @click.option("--no-timing", is_flag=True, help="Skip the latency table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_ALLOW_LARGE
 def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool, no_verify: bool, device: str,
                    samples: int, data_root: str | None, arch: str | None, fmt: str, force: bool,
-                   force_extension: bool, no_timing: bool, as_json: bool) -> None:
+                   force_extension: bool, no_timing: bool, as_json: bool, allow_large: bool) -> None:
     """Export CHECKPOINT to one small, verified ONNX file (packed INT4 weights, dynamic batch)."""
     if Path(output).suffix.lower() != ".onnx" and not force_extension:
         raise MicronetError(f"-o {output}: export writes an ONNX model, so the name should end in .onnx "
@@ -122,7 +126,7 @@ def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool
     report = export_checkpoint(checkpoint, output, format=fmt, model=arch, form=form,
                                sparse_weights=sparse_weights, verify=not no_verify, device=device,
                                samples=samples, data=data_root, force=force, timing=not no_timing,
-                               storage=_storage_bytes)
+                               storage=_storage_bytes, allow_large=allow_large)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
 
 
@@ -152,11 +156,13 @@ def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the per-layer rows as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw per-layer contributions (PNG).")
+@click.option("--force", is_flag=True, help="Overwrite existing --csv/--plot files.")
 @click.option("--all-rows", is_flag=True, help="Print every layer row (default: the first 40).")
 @click.option("--no-progress", is_flag=True, help="No status bar (it is shown only on a terminal anyway).")
+@_ALLOW_LARGE
 def score_command(checkpoint, model_name, model_arg_items, trust_pickle, file_format, recipe, policy, sets, track,
-                  input_size, input_shape, strict, samples, data_root, as_json, csv_path, plot_path, all_rows,
-                  no_progress) -> None:
+                  input_size, input_shape, strict, samples, data_root, as_json, csv_path, plot_path, force, all_rows,
+                  no_progress, allow_large) -> None:
     """Score a model by the MicroNet rules: params and ops in 32-bit units, per layer."""
     overrides = parse_overrides(sets)
     model_args = io.parse_model_args(model_arg_items)
@@ -164,16 +170,20 @@ def score_command(checkpoint, model_name, model_arg_items, trust_pickle, file_fo
     if size is not None and len(size) not in (1, 2):
         raise MicronetError(f"--input-size must be H or HxW, got {input_size!r}")
     shape = (1, *_dims(input_shape, "--input-shape")) if input_shape else None
-    target, name, notes = _score_target(checkpoint, model_name, file_format, recipe, trust_pickle, model_args)
+    for out in (csv_path, plot_path):  # refuse a bad output path before the (long) scoring run
+        if out:
+            io.check_output_path(out, force)
+    target, name, notes = _score_target(checkpoint, model_name, file_format, recipe, trust_pickle, model_args,
+                                        allow_large)
     data = io.checkpoint_test_images(checkpoint, data_root, samples or 16) if data_root else None
     report = score(target, policy, track, None if size is None else (size[0], size[-1]), samples=samples, data=data,
                    input_shape=shape, strict=strict, model_name=name, progress=_progress(no_progress),
                    **overrides)
     report.notes[:0] = notes
     if csv_path:
-        report.write_csv(csv_path)
+        report.write_csv(csv_path, force=force)
     if plot_path:
-        report.plot(plot_path)
+        report.plot(plot_path, force=force)
     click.echo(report.to_json() if as_json else report.table(None if all_rows else 40))
 
 
@@ -195,21 +205,22 @@ def _storage_bytes(model: nn.Module) -> int:
 
 
 def _score_target(checkpoint: str | None, model: str | None, format: str, recipe: str | None,
-                  trust_pickle: bool = False, model_args: dict | None = None) -> tuple[nn.Module, str, list[str]]:
+                  trust_pickle: bool = False, model_args: dict | None = None, allow_large: bool = False,
+                  ) -> tuple[nn.Module, str, list[str]]:
     """What `score` scores: a file, a zoo model (optionally projected through a recipe), or by default
     ``densenet100_k12`` under the 2019 recipe's compression. Returns (model, name, notes)."""
     if checkpoint is not None:
         if recipe is not None:
             raise MicronetError("--recipe projects an untrained zoo model; it cannot be combined with a checkpoint")
         loaded = io.load_model(checkpoint, format=format, model=model, trust_pickle=trust_pickle,
-                               model_args=model_args)
+                               model_args=model_args, allow_large=allow_large)
         spec = getattr(loaded, "micronet_spec", None) or {}
         return loaded, f"{Path(checkpoint).name} ({spec.get('name', type(loaded).__name__)})", []
     name = model or "densenet100_k12"
     with torch.random.fork_rng(devices=[]):
         # Untrained weights decide where global pruning puts the zeros: seed them so the figures repeat.
         torch.manual_seed(0)
-        net = io.create_model(name, model_args=model_args)
+        net = io.create_model(name, model_args=model_args, allow_large=allow_large)
     if model is not None and recipe is None:
         return net, name, []
     projection = projection_from_recipe(recipe)
@@ -343,12 +354,13 @@ def runs_show_command(run_dir: str, as_json: bool) -> None:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Gated models: draw per-gate rates and the executed-blocks / MACs-per-image histograms (PNG).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_ALLOW_LARGE
 def eval_command(checkpoint, data_root, dataset, fmt, model, normalization, half, batch_size, device, also_on,
-                 plot_path, as_json) -> None:
+                 plot_path, as_json, allow_large) -> None:
     """Top-1/top-5 accuracy of a checkpoint on the test set (and on others with --also-on)."""
     r = evaluate_checkpoint(checkpoint, data_root, dataset=dataset, format=fmt, model=model,
                             normalization=normalization, half=half, device=device, batch_size=batch_size,
-                            also_on=also_on)
+                            also_on=also_on, allow_large=allow_large)
     if plot_path:
         if "gates" not in r:
             raise MicronetError("--plot draws the gate report of a gated model; this model has no gates")

@@ -24,12 +24,16 @@ from torch import Tensor
 
 from micronet.data.cifar102 import LAYOUTS
 from micronet.data.normalization import Normalization, get_normalization, train_stats
-from micronet.data.readers import read_pickle
+from micronet.data.readers import as_class_names, as_images, as_labels, read_pickle
 from micronet.errors import MicronetError
 
 # The original three first (auto-detection tries them in this order), then the CIFAR-10.2 study's sets.
 DATASETS = ("cifar100", "cifar10", "folder", *LAYOUTS)
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+# Folder datasets are small images (CIFAR's are 32x32): anything above this many pixels is refused before it is
+# decoded (a 20000x20000 PNG of a few KB would otherwise decode to 1.2 GB).
+MAX_IMAGE_PIXELS = 1024 * 1024
+MAX_FOLDER_IMAGES = 2_000_000
 _CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 
 
@@ -65,40 +69,65 @@ def _read_pickle(path: Path) -> dict:
     return obj
 
 
-def _batch_tensors(path: Path, label_key: str) -> tuple[Tensor, Tensor]:
+def _batch_tensors(path: Path, label_key: str, num_classes: int) -> tuple[Tensor, Tensor]:
     d = _read_pickle(path)
-    try:
-        data = torch.as_tensor(d["data"], dtype=torch.uint8)
-        labels = torch.as_tensor(list(d[label_key]), dtype=torch.int64)
-    except KeyError as exc:
-        raise MicronetError(f"CIFAR batch {path} lacks the key {exc}") from None
-    if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
-        raise MicronetError(f"CIFAR batch {path}: expected N×3072 uint8 data and N labels, got {tuple(data.shape)}")
-    return data.view(-1, 3, 32, 32), labels
+    for key in ("data", label_key):
+        if key not in d:
+            raise MicronetError(f"CIFAR batch {path} lacks the key {key!r}")
+    images = as_images(f"CIFAR batch {path} 'data'", d["data"], "planar")
+    labels = as_labels(f"CIFAR batch {path} {label_key!r}", d[label_key], images.shape[0], num_classes)
+    return images, labels
+
+
+def _class_names(path: Path, key: str) -> tuple[str, ...]:
+    meta = _read_pickle(path)
+    if key not in meta:
+        raise MicronetError(f"CIFAR meta file {path} lacks the key {key!r}")
+    names = meta[key]
+    count = len(names) if isinstance(names, list | tuple) or getattr(names, "ndim", 0) == 1 else -1
+    if not 1 <= count <= 100_000:
+        raise MicronetError(f"CIFAR meta file {path} {key!r}: expected a list of 1..100,000 class names")
+    return as_class_names(f"CIFAR meta file {path} {key!r}", names, count)
 
 
 def _load_cifar(root: Path, dataset: str, split: str) -> ImageSet:
+    # Labels, pixels and class names are validated (types, shapes, ranges), never cast: a string label, a
+    # label of 2**70 or a float pixel array is a one-line error naming the file.
     if dataset == "cifar100":
         base = root / "cifar-100-python"
-        images, labels = _batch_tensors(base / ("train" if split == "train" else "test"), "fine_labels")
-        classes = tuple(_read_pickle(base / "meta")["fine_label_names"])
+        classes = _class_names(base / "meta", "fine_label_names")
+        images, labels = _batch_tensors(base / ("train" if split == "train" else "test"), "fine_labels",
+                                        len(classes))
     else:
         base = root / "cifar-10-batches-py"
+        classes = _class_names(base / "batches.meta", "label_names")
         files = _CIFAR10_TRAIN if split == "train" else ("test_batch",)
-        parts = [_batch_tensors(base / f, "labels") for f in files]
+        parts = [_batch_tensors(base / f, "labels", len(classes)) for f in files]
         images = torch.cat([p[0] for p in parts])
         labels = torch.cat([p[1] for p in parts])
-        classes = tuple(_read_pickle(base / "batches.meta")["label_names"])
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-        raise MicronetError(f"{base}: labels outside 0..{len(classes) - 1}")
     return ImageSet(images.contiguous(), labels, classes)
 
 
-def _load_folder(root: Path, split: str) -> ImageSet:
-    # PIL rather than torchvision.io: torchvision 0.29 deprecates its image decoders.
+def _decode_image(file: Path) -> Any:
+    """One image file as an ``H×W×3`` uint8 array; size checked from its header before decoding."""
+    # PIL rather than torchvision.io: torchvision 0.29 deprecates its image decoders. Imported here: only folder
+    # datasets need it.
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        with Image.open(file) as im:
+            width, height = im.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise MicronetError(f"image {file} is {width}x{height}, above the {MAX_IMAGE_PIXELS:,}-pixel limit")
+            return np.asarray(im.convert("RGB")).copy()
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise MicronetError(f"cannot decode image {file}: {str(exc).splitlines()[0][:160]}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # what PIL's decoders raise on damaged data
+        raise MicronetError(f"cannot decode image {file}: {type(exc).__name__}: {str(exc)[:160]}") from None
+
+
+def _load_folder(root: Path, split: str) -> ImageSet:
     base = root / ("training_set" if split == "train" else "test_set")
     classes = tuple(sorted(p.name for p in base.iterdir() if p.is_dir()))
     if not classes:
@@ -108,12 +137,9 @@ def _load_folder(root: Path, split: str) -> ImageSet:
         for file in sorted((base / name).iterdir()):
             if file.suffix.lower() not in _IMAGE_SUFFIXES:
                 continue
-            try:
-                with Image.open(file) as im:
-                    pixels = np.asarray(im.convert("RGB"))
-            except (UnidentifiedImageError, OSError) as exc:
-                raise MicronetError(f"cannot decode image {file}: {exc}") from None
-            images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
+            if len(images) >= MAX_FOLDER_IMAGES:
+                raise MicronetError(f"{base} holds more than {MAX_FOLDER_IMAGES:,} images")
+            images.append(torch.from_numpy(_decode_image(file)).permute(2, 0, 1))
             labels.append(label)
     if not images:
         raise MicronetError(f"{base} holds no images; expected {base.name}/<class>/*.png")

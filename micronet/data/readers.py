@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io as _io
 import pickle
+import pickletools
+import tokenize
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,13 +49,31 @@ class ArrayUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
 
 
+# Picklers number their memo entries 0, 1, 2, ...; an index far beyond the opcodes read so far makes the C
+# unpickler grow its memo table to that size (a 90 KB file asking for 1.4 GB), so it is refused first.
+MAX_PICKLE_OPCODES = 10_000_000
+
+
+def _check_opcodes(data: bytes) -> None:
+    """Walk the pickle's opcodes without running any (``pickletools.genops``): declared lengths must fit the file,
+    memo indices must be plausible, the opcode count bounded."""
+    for count, (op, arg, _) in enumerate(pickletools.genops(_io.BytesIO(data))):
+        if count > MAX_PICKLE_OPCODES:
+            raise pickle.UnpicklingError(f"more than {MAX_PICKLE_OPCODES:,} opcodes")
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and isinstance(arg, int) and arg > count:
+            raise pickle.UnpicklingError(f"memo index {arg:,} at opcode {count:,} (a memo bomb?)")
+
+
 def read_pickle(path: Path) -> dict[str, Any]:
     """A CIFAR-style pickled dict through the restricted unpickler; bytes keys (Python-3 writers) become str."""
     try:
         with open(path, "rb") as f:
-            obj = ArrayUnpickler(_io.BytesIO(f.read()), encoding="latin1").load()
+            data = f.read()
+        _check_opcodes(data)
+        obj = ArrayUnpickler(_io.BytesIO(data), encoding="latin1").load()
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, AttributeError,
-            MemoryError, RecursionError) as exc:
+            MemoryError, RecursionError, OverflowError, LookupError) as exc:
+        # OverflowError: a FRAME length above 2**63; LookupError: a damaged encoding name for _codecs.encode.
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MicronetError(f"cannot read pickle {path}: {detail}") from None
     if not isinstance(obj, dict):
@@ -85,7 +105,8 @@ def _npy_header(stream: Any, where: str) -> tuple[tuple[int, ...], np.dtype]:
         version = fmt.read_magic(stream)
         reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
         shape, _, dtype = reader(stream)
-    except (ValueError, EOFError, OSError, SyntaxError, TypeError) as exc:
+    except (ValueError, EOFError, OSError, SyntaxError, TypeError, tokenize.TokenError) as exc:
+        # numpy parses the header dict with Python's tokenizer and literal_eval: damaged text raises these.
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MicronetError(f"{where}: not a valid .npy array ({detail})") from None
     return tuple(shape), dtype

@@ -33,7 +33,7 @@ from micronet.errors import MicronetError
 from micronet.export import verify as _verify
 from micronet.export.gated import BATCH_NOTE, build_gated_graph, is_gated, verify_gates
 from micronet.export.graph import BuiltGraph, WeightRecord, build_graph
-from micronet.io import atomic_write
+from micronet.io import atomic_write, check_output_path
 
 INPUT_SHAPE = (3, 32, 32)
 
@@ -113,15 +113,8 @@ class ExportReport:
 
 
 def _check_output_path(path: Path, force: bool) -> None:
-    parent = path.parent
-    if not parent.exists():
-        raise MicronetError(f"output directory {parent} does not exist; create it first")
-    if not parent.is_dir():
-        raise MicronetError(f"{parent} is not a directory")
-    if path.is_dir():
-        raise MicronetError(f"output path {path} is a directory; give a file name such as model.onnx")
-    if path.exists() and not force:
-        raise MicronetError(f"{path} already exists; pass --force (force=True) to overwrite it")
+    # Early, before any work: the same rules atomic_write enforces again (race-free) when the file is put in place.
+    check_output_path(path, force)
 
 
 def _fp32_bytes(model: nn.Module) -> int:
@@ -215,7 +208,7 @@ def export_onnx(
                 report.latency = _verify.measure_latency(tmp, deploy, device=device)
         reports.append(report)
 
-    atomic_write(path, write_and_verify)  # the file appears only once it has passed verification
+    atomic_write(path, write_and_verify, force=force)  # the file appears only once it has passed verification
     report = reports[0]
     if is_gated(deploy):
         report.notes.append(BATCH_NOTE)
@@ -281,6 +274,7 @@ def export_checkpoint(
     format: str = "auto",
     model: str | None = None,
     storage: Callable[[nn.Module], int] | None = None,
+    allow_large: bool = False,
     **kwargs: Any,
 ) -> ExportReport:
     """Export any checkpoint ``io.load_model`` accepts (micronet, plain state_dict + ``model``, riair2019).
@@ -289,7 +283,7 @@ def export_checkpoint(
     scorer's), which the report compares the file with; other keyword arguments go to ``export_onnx``.
     """
     _check_output_path(Path(path), bool(kwargs.get("force", False)))
-    net = io.load_model(checkpoint, format=format, model=model)
+    net = io.load_model(checkpoint, format=format, model=model, allow_large=allow_large)
     if storage is not None:
         kwargs["storage_bytes"] = storage(net)
     data = kwargs.get("data")

@@ -3,7 +3,6 @@
 
 from micronet.io.checkpoint import (
     Checkpoint,
-    atomic_write,
     load,
     load_into,
     load_state_dict_file,
@@ -11,6 +10,7 @@ from micronet.io.checkpoint import (
     read_metadata,
     save,
 )
+from micronet.io.files import atomic_write, check_output_path
 from micronet.io.loading import (
     FORMATS,
     build_external,
@@ -22,8 +22,9 @@ from micronet.io.loading import (
     load_model,
     parse_model_args,
 )
+from micronet.io.untrusted import check_model_budget, load_json_file, load_yaml_file
 
-__all__ = ["FORMATS", "Checkpoint", "build_external", "is_external_spec", "parse_model_args",
-           "atomic_write", "checkpoint_normalization", "checkpoint_test_images",
-           "create_model", "detect_format", "load", "load_into", "load_model", "load_state_dict_file",
-           "read_header", "read_metadata", "save"]
+__all__ = ["FORMATS", "Checkpoint", "atomic_write", "build_external", "check_model_budget", "check_output_path",
+           "checkpoint_normalization", "checkpoint_test_images", "create_model", "detect_format",
+           "is_external_spec", "load", "load_into", "load_json_file", "load_model", "load_state_dict_file",
+           "load_yaml_file", "parse_model_args", "read_header", "read_metadata", "save"]

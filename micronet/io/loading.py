@@ -23,6 +23,7 @@ from micronet.data import Normalization, get_normalization, normalization_from_r
 from micronet.errors import MicronetError
 from micronet.io.checkpoint import load, load_into, load_state_dict_file, read_header, read_metadata
 from micronet.io.riair2019 import build_riair2019, looks_like_riair2019
+from micronet.io.untrusted import check_model_budget
 
 FORMATS = ("auto", "micronet", "state_dict", "riair2019")
 
@@ -122,13 +123,16 @@ def build_external(spec: str, model_args: dict[str, Any] | None = None) -> nn.Mo
     return model
 
 
-def create_model(name: str, num_classes: int = 100, model_args: dict[str, Any] | None = None) -> nn.Module:
+def create_model(name: str, num_classes: int = 100, model_args: dict[str, Any] | None = None, *,
+                 allow_large: bool = False) -> nn.Module:
     """Build a zoo model by name or spec string, or an external one (see ``build_external``), with a one-line
-    error for unknown names."""
+    error for unknown names; zoo specs above the parameter budget (``io.untrusted.MAX_PARAMS``) are refused
+    unless ``allow_large``."""
     if is_external_spec(name):
         return build_external(name, model_args)
     if model_args:
         raise MicronetError("--model-arg applies to torchvision:, timm:, module:callable and file.py:callable models")
+    check_model_budget(name, num_classes, allow_large=allow_large)
     try:
         return models.create(name, num_classes=num_classes)
     except MicronetError:
@@ -137,17 +141,18 @@ def create_model(name: str, num_classes: int = 100, model_args: dict[str, Any] |
         raise MicronetError(f"unknown model {name!r}: {exc}") from None
 
 
-def _model_for_state(name: str, state: dict[str, Tensor], model_args: dict[str, Any] | None = None) -> nn.Module:
+def _model_for_state(name: str, state: dict[str, Tensor], model_args: dict[str, Any] | None = None,
+                     allow_large: bool = False) -> nn.Module:
     """The zoo model ``name`` with as many classes as the state_dict's classifier has rows (an external model
     is built as its factory says)."""
     if is_external_spec(name):
         return build_external(name, model_args)
     # Which layer is the classifier is read off a shape-only build, so the real model is built once.
-    fc = classifier_name(models.build_for_sizing(lambda: create_model(name)))
+    fc = classifier_name(models.build_for_sizing(lambda: create_model(name, allow_large=allow_large)))
     rows = state.get(f"{fc}.weight")
     if rows is not None and rows.dim() == 2:
-        return create_model(name, num_classes=int(rows.shape[0]))
-    return create_model(name)
+        return create_model(name, num_classes=int(rows.shape[0]), allow_large=allow_large)
+    return create_model(name, allow_large=allow_large)
 
 
 def _is_micronet_checkpoint(path: Path) -> bool:
@@ -191,10 +196,10 @@ def _holds_pickled_objects(path: Path) -> bool:
 
 
 def load_model(path: str | Path, format: str = "auto", model: str | None = None, *, trust_pickle: bool = False,
-               model_args: dict[str, Any] | None = None, **riair_kwargs: Any) -> nn.Module:
+               model_args: dict[str, Any] | None = None, allow_large: bool = False, **riair_kwargs: Any) -> nn.Module:
     """Load a model from a micronet checkpoint, a plain state_dict (``model`` names the architecture: zoo or
     external spec), a riair2019 merged checkpoint, or with ``trust_pickle`` a whole pickled module. Errors are
-    one-line MicronetErrors."""
+    one-line MicronetErrors; ``allow_large`` lifts the parameter budget."""
     path = Path(path)
     if format not in FORMATS:
         raise MicronetError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
@@ -203,7 +208,7 @@ def load_model(path: str | Path, format: str = "auto", model: str | None = None,
     if path.is_dir():
         raise MicronetError(f"{path} is a directory, not a checkpoint file")
     if format in ("auto", "micronet") and _is_micronet_checkpoint(path):
-        return load(path).model
+        return load(path, allow_large=allow_large).model
     if format == "micronet":
         raise MicronetError(f"{path} is not a micronet checkpoint (no micronet metadata)")
     try:
@@ -222,7 +227,7 @@ def load_model(path: str | Path, format: str = "auto", model: str | None = None,
         return build_riair2019(state, source=str(path), **riair_kwargs)
     if model is None:
         raise MicronetError(f"{path} is a plain state_dict: name its architecture with --model")
-    return load_into(_model_for_state(model, state, model_args), state, source=str(path))
+    return load_into(_model_for_state(model, state, model_args, allow_large), state, source=str(path))
 
 
 def checkpoint_normalization(path: str | Path, format: str = "auto") -> Normalization:

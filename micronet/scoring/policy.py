@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from micronet.errors import MicronetError
+from micronet.io import load_yaml_file
 
 ACCUMULATORS = (
     "fp32",
@@ -225,23 +226,18 @@ def with_overrides(policy: Policy, overrides: dict[str, Any]) -> Policy:
 
 
 def _load_yaml(path: Path) -> Policy:
-    try:
-        import yaml
-    except ImportError:  # pragma: no cover - pyyaml is a dependency
-        raise MicronetError("reading a policy file needs pyyaml (pip install pyyaml)") from None
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise MicronetError(f"cannot read policy file {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
-        raise MicronetError(f"policy file {path} is not valid YAML: {first}") from None
+    data = load_yaml_file(path, "policy file")  # safe loader; size, nesting and alias expansion bounded
     if not isinstance(data, dict):
         raise MicronetError(f"policy file {path} must hold a mapping of policy fields")
     base_name = data.pop("base", "official")
-    base = resolve_policy(str(base_name))
+    if not isinstance(base_name, str) or base_name not in PRESETS:  # a file as base could name itself
+        raise MicronetError(f"policy file {path}: base must be one of {', '.join(PRESETS)}, not {base_name!r}")
+    base = PRESETS[base_name]
     data.setdefault("name", path.stem)
-    return with_overrides(base, data)
+    try:
+        return with_overrides(base, data)
+    except MicronetError as exc:
+        raise MicronetError(f"policy file {path}: {exc}") from None
 
 
 def resolve_policy(

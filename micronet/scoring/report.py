@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from micronet.errors import MicronetError
+from micronet.io import atomic_write
 from micronet.scoring.policy import Policy, Track
 
 LAYER_FIELDS = (
@@ -351,21 +352,22 @@ class ScoreReport:
         parts.extend(f"note: {n}" for n in self.notes)
         return "\n".join(parts)
 
-    def write_csv(self, path: str | Path) -> None:
-        """Write the layer rows as CSV (one row per layer and op kind)."""
-        try:
-            with open(path, "w", newline="") as fh:
+    def write_csv(self, path: str | Path, force: bool = False) -> None:
+        """Write the layer rows as CSV (one row per layer and op kind), atomically; ``force`` to overwrite."""
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=LAYER_FIELDS, extrasaction="ignore")
                 writer.writeheader()
                 for row in self.layers:
                     d = row.to_dict()
                     d["shape"] = "x".join(map(str, row.shape))
                     writer.writerow(d)
-        except OSError as exc:
-            raise MicronetError(f"cannot write CSV {path}: {exc.strerror or exc}") from None
 
-    def plot(self, path: str | Path) -> None:
-        """Draw :meth:`figure` to a PNG (needs matplotlib)."""
+        atomic_write(path, write, force=force)
+
+    def plot(self, path: str | Path, force: bool = False) -> None:
+        """Draw :meth:`figure` to a PNG (needs matplotlib), written atomically; ``force`` to overwrite."""
         try:
             import matplotlib
 
@@ -374,10 +376,10 @@ class ScoreReport:
         except ImportError:
             raise MicronetError("--plot needs matplotlib: pip install 'micronet[plot]'") from None
         fig = self.figure(plt)
+        suffix = Path(path).suffix.lstrip(".").lower() or "png"
         try:
-            fig.savefig(path, dpi=120)
-        except OSError as exc:
-            raise MicronetError(f"cannot write plot {path}: {exc.strerror or exc}") from None
+            # The temp file's name ends in .tmp, so name the format from the real path's suffix.
+            atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=suffix), force=force)
         except ValueError as exc:  # e.g. an extension matplotlib has no writer for
             raise MicronetError(f"cannot write plot {path}: {str(exc).splitlines()[0]}") from None
         finally:

@@ -46,7 +46,6 @@ one ``grid_sample`` warp with per-image matrices (torchvision's grid arithmetic,
 from __future__ import annotations
 
 import functools
-import json
 import math
 import warnings
 from collections.abc import Callable
@@ -60,6 +59,7 @@ from torch import Tensor
 
 from micronet.data import host_to_device
 from micronet.errors import MicronetError
+from micronet.io import load_json_file
 
 POLICY_DIR = Path(__file__).parent / "policies"
 MEAN_COLOUR = (125, 123, 114)  # CIFAR mean ×255, rounded: the colour that normalises to ~0 (both originals)
@@ -487,7 +487,7 @@ def parse_policy(obj, name: str = "policy") -> Policy:
             raise MicronetError(f"{name}: searched_on must be a dataset name, not {searched_on!r}")
         metadata = {k: v for k, v in obj.items() if k not in ("policy", "levels", "fill", "weights")}
         obj = obj.get("policy")
-    if levels not in LEVEL_CONVENTIONS:
+    if not isinstance(levels, str) or levels not in LEVEL_CONVENTIONS:
         raise MicronetError(f"{name}: levels must be one of {', '.join(LEVEL_CONVENTIONS)}, not {levels!r}")
     if not isinstance(obj, list) or not obj:
         raise MicronetError(f"{name}: expected a non-empty list of sub-policies")
@@ -570,20 +570,22 @@ def available_policies() -> list[str]:
 
 def load_policy(name_or_path: str | Path) -> Policy:
     """Load a policy JSON by shipped name (``micronet2019``) or by file path."""
+    if "\0" in str(name_or_path):
+        raise MicronetError(f"policy {str(name_or_path)[:60]!r} is not a valid name or path")
     path = Path(name_or_path)
     if not path.is_file():
         shipped = POLICY_DIR / f"{name_or_path}.json"
         if not shipped.is_file():
             raise MicronetError(
-                f"policy {str(name_or_path)!r} is neither a file nor a shipped policy "
+                f"policy {str(name_or_path)[:200]!r} is neither a file nor a shipped policy "
                 f"({', '.join(available_policies())})"
             )
         path = shipped
+    obj = load_json_file(path, "policy")  # size and nesting bounded, duplicate keys refused
     try:
-        obj = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MicronetError(f"cannot read policy {path}: {exc}") from None
-    return parse_policy(obj, path.stem)
+        return parse_policy(obj, path.stem)
+    except MicronetError as exc:
+        raise MicronetError(f"policy {path}: {exc}") from None
 
 
 class PolicyAugment:

@@ -78,8 +78,9 @@ def parse_also_on(item: str, data_root: str | Path) -> tuple[str, Path]:
 def evaluate_checkpoint(path: str | Path, data_root: str | Path, *, dataset: str = "auto", format: str = "auto",
                         model: str | None = None, normalization: str | None = None, half: bool = False,
                         device: str = "auto", batch_size: int = 500,
-                        also_on: Sequence[str] = ()) -> dict[str, Any]:
-    """Load a checkpoint in any supported format and report its test-set accuracy.
+                        also_on: Sequence[str] = (), allow_large: bool = False) -> dict[str, Any]:
+    """Load a checkpoint in any supported format and report its test-set accuracy (``allow_large``: lift the
+    parameter budget on the model it names).
 
     The input normalization defaults to what the checkpoint was trained with (recorded in micronet
     checkpoints, ``train-stats`` numbers included; the legacy ``riair2019`` scaling for the winner's file;
@@ -92,7 +93,7 @@ def evaluate_checkpoint(path: str | Path, data_root: str | Path, *, dataset: str
         raise MicronetError(f"checkpoint {path} does not exist")
     others = [parse_also_on(item, data_root) for item in also_on]  # bad names fail before any loading
     fmt = io.detect_format(path) if format == "auto" else format
-    net = io.load_model(path, format=fmt, model=model)
+    net = io.load_model(path, format=fmt, model=model, allow_large=allow_large)
     dataset = detect_layout(data_root, dataset)
     if normalization == TRAIN_STATS:
         norm = train_stats(load_dataset(data_root, "train", dataset).images)

@@ -354,9 +354,79 @@ def resume_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], d
     return tensors, meta
 
 
+def check_training_state(state: Any, source: str) -> None:
+    """Refuse a checkpoint's resume record with missing or mistyped fields before anything uses it."""
+    if not isinstance(state, dict) or not isinstance(state.get("optimizer"), dict):
+        raise MicronetError(f"{source}: the resume state lacks the optimizer record (not an in-progress checkpoint?)")
+    for key in ("epochs_done", "step"):
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise MicronetError(f"{source}: resume state {key!r} must be a non-negative integer, got {value!r}")
+
+
+def _same_kind(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool)
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return True
+    return type(a) is type(b)
+
+
+def _index(text: Any) -> int:
+    """A parameter index written as decimal digits, or -1."""
+    return int(text) if isinstance(text, str) and text.isascii() and text.isdigit() and len(text) < 10 else -1
+
+
+def _check_resume(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """The saved optimizer and RNG state fit this optimizer: groups, settings, parameter indices and shapes.
+    Messages start with "resume state"; ``restore_state`` names the file."""
+    own = optimizer.state_dict()["param_groups"]
+    groups = meta.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(own):
+        raise MicronetError(f"resume state has {len(groups) if isinstance(groups, list) else 'no'} optimizer "
+                            f"parameter groups, this stage has {len(own)}")
+    shapes: dict[int, tuple[int, ...]] = {}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for mine, saved in zip(own, groups):
+        if not isinstance(saved, dict) or set(saved) != set(mine):
+            raise MicronetError("resume state's optimizer settings do not match this stage's optimizer")
+        if saved["params"] != mine["params"]:
+            raise MicronetError("resume state's optimizer covers different parameters than this stage trains")
+        for key, value in saved.items():
+            if key != "params" and not _same_kind(value, mine[key]):
+                raise MicronetError(f"resume state's optimizer setting {key!r} has the wrong type")
+    for index, param in zip([i for g in own for i in g["params"]], params):
+        shapes[index] = tuple(param.shape)
+    for name, value in tensors.items():
+        if not name.startswith("optimizer."):
+            continue
+        _, index, key = (name.split(".", 2) + ["", ""])[:3]
+        if _index(index) not in shapes or not value.is_floating_point() or (
+                tuple(value.shape) != shapes[int(index)] and value.numel() != 1):
+            raise MicronetError(f"resume state tensor {name} does not fit the optimizer (parameter index, shape or "
+                                "dtype)")
+    scalars = meta.get("scalars", {})
+    if not isinstance(scalars, dict) or not all(
+            _index(k) in shapes and isinstance(v, dict) and all(
+                isinstance(x, int | float | bool | None) for x in v.values()) for k, v in scalars.items()):
+        raise MicronetError("resume state's optimizer scalars do not fit the optimizer")
+    rng = tensors.get("rng.cpu")
+    if rng is not None and (rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape):
+        raise MicronetError(f"resume state's CPU random state has shape {tuple(rng.shape)} and dtype {rng.dtype}, "
+                            f"expected {tuple(torch.get_rng_state().shape)} uint8")
+    cuda = tensors.get("rng.cuda")
+    if cuda is not None and (cuda.dtype != torch.uint8 or cuda.dim() != 1):
+        raise MicronetError("resume state's CUDA random state is not a uint8 vector")
+
+
 def restore_state(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any],
-                  device: torch.device) -> None:
-    """Inverse of ``resume_state``: load optimizer state and RNG streams."""
+                  device: torch.device, source: str = "checkpoint") -> None:
+    """Inverse of ``resume_state``: load optimizer state and RNG streams (validated first: one-line errors
+    naming ``source``)."""
+    try:
+        _check_resume(optimizer, tensors, meta)
+    except MicronetError as exc:
+        raise MicronetError(f"{source}: {exc}") from None
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):

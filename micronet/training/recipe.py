@@ -22,6 +22,7 @@ raw YAML tree *before* validation, so they are checked exactly like the file.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ import torch
 from micronet import models
 from micronet.data import DATASETS, NORMALIZATIONS, TRAIN_STATS
 from micronet.errors import MicronetError
+from micronet.io import load_yaml_file
 from micronet.training.augment import TORCHVISION_POLICIES, AugmentConfig, check_track, load_policy
 from micronet.training.kd import DIRECTIONS, KDConfig
 from micronet.training.stage_specs import FROM_SCRATCH, STAGE_SPECS, STAGES, StageSettings
@@ -61,6 +63,12 @@ STAGE_KEYS: dict[str, set[str]] = {name: set(_defaults(spec.settings)) for name,
 _ALL_STAGE_KEYS = set().union(*STAGE_KEYS.values())
 _TOP_KEYS = {"name", "description", "model", "teacher_model", "dataset", "seed", "data", "augment", "train", "stages"}
 _DATA_KEYS = {"normalization", "holdout", "holdout_seed", "subsample", "subsample_seed"}
+# A recipe's name becomes the folder runs/NAME: one path component of plain characters, so it never escapes runs/.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+# Augmentation sizes in pixels: far above any sensible value for 32x32 images, far below an allocation that
+# could exhaust memory (crop_padding 100000 would pad every image to a 200032-pixel square).
+MAX_AUGMENT_PIXELS = 256
+MAX_OPS_PER_IMAGE = 16
 
 
 @dataclass(frozen=True)
@@ -135,18 +143,18 @@ def load_recipe(source: str | Path, overrides: Mapping[str, Any] | None = None,
     ``strict_track`` turns the warning about a policy searched on another dataset than the track into an error.
     """
     path = resolve_recipe(source)
-    yaml = _yaml()
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MicronetError(f"cannot read recipe {path}: {first}") from None
+    raw = load_yaml_file(path, "recipe")  # safe loader; size, nesting and alias expansion bounded
     if not isinstance(raw, dict):
         raise MicronetError(f"recipe {path} must be a YAML mapping")
     raw = apply_overrides(raw, overrides or {})
     for item in sets:
         raw = apply_set(raw, item)
-    recipe = parse_recipe(raw, source=str(path))
+    try:
+        recipe = parse_recipe(raw, source=str(path))
+    except MicronetError as exc:
+        if path.name in str(exc):
+            raise
+        raise MicronetError(f"recipe {path.name}: {exc}") from None
     check_track(recipe.augment.policy if recipe.augment else None, recipe.dataset, strict_track)
     return recipe
 
@@ -244,7 +252,7 @@ def _deep_copy(tree: Any) -> Any:
 
 # ----------------------------------------------------------------------------------------------- validation
 def _check_keys(where: str, given: Mapping[str, Any], valid: set[str]) -> None:
-    unknown = sorted(set(given) - valid)
+    unknown = sorted(str(k) for k in set(given) - valid)  # str: a YAML key may be a number
     if unknown:
         raise MicronetError(f"{where}: unknown key {unknown[0]!r} (valid: {', '.join(sorted(valid))})")
 
@@ -312,12 +320,19 @@ def _augment_config(value: Any) -> AugmentConfig | None:
     valid = {f.name for f in dataclasses.fields(AugmentConfig)}
     _check_keys("recipe augment", value, valid)
     cfg = AugmentConfig(**value)
+    if cfg.policy is not None and not isinstance(cfg.policy, str):
+        raise MicronetError(f"recipe augment: policy must be a name or a JSON path, not {cfg.policy!r}")
     if cfg.policy and cfg.policy not in TORCHVISION_POLICIES:
         load_policy(cfg.policy)  # fails now, not in the first training step
-    if not isinstance(cfg.ops_per_image, int) or cfg.ops_per_image < 1:
-        raise MicronetError(f"recipe augment: ops_per_image must be a positive integer, got {cfg.ops_per_image!r}")
-    if not all(isinstance(v, int) and v >= 0 for v in (cfg.cutout, cfg.crop_padding)):
-        raise MicronetError("recipe augment: cutout and crop_padding must be non-negative integers")
+    if (isinstance(cfg.ops_per_image, bool) or not isinstance(cfg.ops_per_image, int)
+            or not 1 <= cfg.ops_per_image <= MAX_OPS_PER_IMAGE):
+        raise MicronetError(f"recipe augment: ops_per_image must be an integer in 1..{MAX_OPS_PER_IMAGE}, "
+                            f"got {cfg.ops_per_image!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_AUGMENT_PIXELS
+               for v in (cfg.cutout, cfg.crop_padding)):
+        raise MicronetError(f"recipe augment: cutout and crop_padding must be integers in 0..{MAX_AUGMENT_PIXELS}")
+    if not isinstance(cfg.flip, bool):
+        raise MicronetError(f"recipe augment: flip must be true or false, got {cfg.flip!r}")
     for name in ("pad_fill", "fill"):
         v = getattr(cfg, name)
         if v is not None and v not in ("mean", "black"):
@@ -368,6 +383,8 @@ def parse_recipe(raw: Mapping[str, Any], source: str = "<recipe>") -> Recipe:
             raise MicronetError(f"{where} stages.{name}: must be a mapping")
         merged = {k: v for k, v in defaults.items() if k in STAGE_KEYS[name]}
         if "kd" in defaults and "kd" in own:
+            if not isinstance(defaults["kd"], dict) or not isinstance(own["kd"], dict):
+                raise MicronetError(f"{where} stages.{name}.kd and train.kd must be mappings")
             merged["kd"] = {**defaults["kd"], **own["kd"]}
             own = {k: v for k, v in own.items() if k != "kd"}
         merged.update(own)
@@ -386,8 +403,15 @@ def parse_recipe(raw: Mapping[str, Any], source: str = "<recipe>") -> Recipe:
         except MicronetError as exc:
             raise MicronetError(f"{where}: {exc}") from None
     seed = _typed(where, raw.get("seed", 0), int, "seed")
+    name = raw.get("name") or Path(source).stem
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise MicronetError(f"{where}: name must be letters, digits, '.', '_', '+' or '-' (it names the folder "
+                            f"runs/NAME), not {str(name)[:60]!r}")
+    for key in ("model", "teacher_model"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise MicronetError(f"{where}: {key} must be a model name or spec string, not {raw[key]!r}")
     return Recipe(
-        name=str(raw.get("name") or Path(source).stem),
+        name=name,
         model=str(raw["model"]),
         teacher_model=raw.get("teacher_model"),
         dataset=dataset,

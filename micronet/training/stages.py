@@ -56,6 +56,7 @@ from micronet.training.loop import (
     Runtime,
     StepContext,
     accuracy_sums,
+    check_training_state,
     gate_statistics,
     lr_at,
     prepare_input,
@@ -295,6 +296,8 @@ class _StageRun:
             ck = mio.load(path)
             self.model, self.history = ck.model, ck.history[:-1]
             self.training_state, self.resume_tensors = ck.extra.get("training", {}), ck.extra_tensors
+            if self.training_state:
+                check_training_state(self.training_state, str(path))
         elif self.spec.from_scratch:
             self.model, self.history = models.create(model_spec, num_classes=splits.train.num_classes), []
         else:
@@ -409,7 +412,8 @@ class _StageRun:
                                     weight_decay=cfg.weight_decay, foreach=True)
         start_epoch, step, best = 0, 0, None
         if resuming:
-            restore_state(optimizer, self.resume_tensors, self.training_state["optimizer"], rt.device)
+            restore_state(optimizer, self.resume_tensors, self.training_state["optimizer"], rt.device,
+                          str(self.path))
             start_epoch, step = self.training_state["epochs_done"], self.training_state["step"]
             best = self.training_state.get("best")
             if rt.rank > 0:

@@ -1,3 +1,4 @@
+import errno
 import os
 import pickle
 
@@ -44,10 +45,11 @@ def test_failed_save_keeps_previous_file(tmp_path, monkeypatch):
     original = path.read_bytes()
 
     def boom(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("micronet.io.checkpoint.save_file", boom)
-    with pytest.raises(OSError):
+    # The disk fills up while the new file is flushed: a one-line error, the old file intact.
+    monkeypatch.setattr("micronet.io.files.os.fsync", boom)
+    with pytest.raises(MicronetError, match="no space left"):
         io.save(path, model, metrics={"v": 2})
     assert path.read_bytes() == original
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left behind
