@@ -10,8 +10,9 @@ import torch
 
 from micronet.data import ImageSet
 
-CLASSES = 4
-STEP_DEGREES = 30.0  # class c: gratings at +-c·30° from horizontal; a mirror maps +a to -a (same class)
+CLASSES = 10
+STEP_DEGREES = 10.0  # class c: gratings at +-c·10° (0..90°); a mirror maps +a to -a (same class). Steps this fine
+# make almost every Rotate/Shear level change the label (a rotation of 5° or more reaches the next class).
 LABEL_DESTROYING = ("Rotate", "ShearX", "ShearY")
 TINY_MODEL = "densenet_bc:depth=10,growth=6"
 
