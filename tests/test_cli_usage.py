@@ -12,7 +12,7 @@ from micronet.cli import main
     (["score", "--bogus"], "No such option '--bogus'"),
     (["train-stage", "student"], "Missing option '--recipe'"),
     (["train-stage", "nosuchstage", "-r", "x", "--data-root", "."], "Invalid value for '{"),
-    (["score", "--input-size", "zero"], "'zero' is not a valid integer"),
+    (["score", "--samples", "zero"], "'zero' is not a valid integer"),
     (["frobnicate"], "No such command 'frobnicate'"),
     (["runs", "show"], "Missing argument 'RUN_DIR'"),
 ])

@@ -6,10 +6,10 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from micronet.compress.state import model_device, preserved_modes
 from micronet.errors import MicronetError
+from micronet.progress import progress_bar
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -39,7 +39,7 @@ def recalibrate_bn_(model: nn.Module, loader: Iterable, batches: int | None = No
             m.reset_running_stats()
             m.momentum = None
             m.train()
-        bar = tqdm(total=batches, desc="BN recalibration", unit="batch", disable=not progress, leave=False)
+        bar = progress_bar(batches, "BN recalibration", progress, unit="batch")
         try:
             for batch in loader:
                 if batches is not None and used >= batches:

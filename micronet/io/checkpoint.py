@@ -26,9 +26,6 @@ from struct import error as struct_error
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-from safetensors.torch import save as serialize
 from torch import Tensor, nn
 
 from micronet import models
@@ -59,11 +56,6 @@ def _safetensors():
     import safetensors.torch
 
     return safetensors
-
-
-def save_file(tensors: dict[str, Tensor], filename: str, metadata: dict[str, str]) -> None:
-    """``safetensors.torch.save_file`` (one module-level name, so tests can make a save fail)."""
-    _safetensors().torch.save_file(tensors, filename, metadata=metadata)
 
 
 @dataclass
@@ -120,7 +112,7 @@ def save(
     metadata["content_sha256"] = _content_hash(tensors, metadata)
     # Serialised in memory and written by us: safetensors' own file writer leaves an anonymous temp file
     # behind when killed, which nothing could recognise and clean up.
-    data = serialize(tensors, metadata=metadata)
+    data = _safetensors().torch.save(tensors, metadata=metadata)
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
@@ -245,9 +237,10 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
     """The tensors of a safetensors file whose header ``safetensors_header`` has already validated."""
+    st = _safetensors()
     try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError) as exc:  # e.g. the file changed after its header was checked
+        return st.torch.load_file(str(path), device="cpu")
+    except (st.SafetensorError, OSError) as exc:  # e.g. the file changed after its header was checked
         raise MicronetError(f"cannot read {path}: {first_line(exc)}") from None
 
 

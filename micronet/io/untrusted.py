@@ -19,6 +19,7 @@ one-line :class:`~micronet.errors.MicronetError` naming the file and what is wro
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -30,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from micronet import models
@@ -124,17 +124,25 @@ def load_json_file(path: str | os.PathLike, what: str) -> Any:
     return parse_json(f"{what} {path}", read_text(path, what))
 
 
-class _LimitedLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` (plain data only) that counts alias uses, so an alias bomb stops early."""
+@functools.lru_cache(maxsize=1)
+def _yaml() -> tuple[Any, type]:
+    """PyYAML and a ``SafeLoader`` (plain data only) that counts alias uses, so an alias bomb stops early.
 
-    aliases = 0
+    Imported on first use: only YAML files need it, and the GPU check runs micronet on bare machines without it.
+    """
+    import yaml
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            self.aliases += 1
-            if self.aliases > 1_000:
-                raise yaml.YAMLError("more than 1,000 aliases")
-        return super().compose_node(parent, index)
+    class LimitedLoader(yaml.SafeLoader):
+        aliases = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                self.aliases += 1
+                if self.aliases > 1_000:
+                    raise yaml.YAMLError("more than 1,000 aliases")
+            return super().compose_node(parent, index)
+
+    return yaml, LimitedLoader
 
 
 def _flow_depth(text: str) -> int:
@@ -155,8 +163,9 @@ def parse_yaml(where: str, text: str) -> Any:
     # deep flow nesting before parsing; the tree check below bounds block nesting.
     if _flow_depth(text) > 2 * MAX_DEPTH:
         raise MicronetError(f"{where}: YAML nested deeper than {MAX_DEPTH} levels")
+    yaml, loader_class = _yaml()
     try:
-        loader = _LimitedLoader(text)
+        loader = loader_class(text)
         try:
             tree = loader.get_single_data()
         finally:

@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from micronet.compress import deploy_form
 from micronet.compress.state import has_training_form, model_device, preserved_modes
 from micronet.errors import MicronetError
+from micronet.progress import progress_bar
 from micronet.scoring.accounting import Accounts, account
 from micronet.scoring.policy import Policy, Track, get_track, resolve_policy
 from micronet.scoring.report import DynamicCompute, ScoreReport
@@ -190,7 +190,7 @@ def score(
     shape = input_shape_for(trk, input_size, input_shape, in_channels)
     # Every model, float or compressed, is scored as it deploys: its integer form, BN folded (a deep copy,
     # so resetting gate counters and the train-mode parameter trace leave the caller's model alone).
-    bar = tqdm(total=None, desc="scoring: deploy form", unit="step", disable=not progress, leave=False)
+    bar = progress_bar(None, "scoring: deploy form", progress, unit="step")
     target = deploy_form(model)
     # torch.ao fake-quantizers keep observing while they run: freeze their ranges on this copy, so scoring
     # prices the quantization the model has instead of re-calibrating it on the synthetic input.

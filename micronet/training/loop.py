@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from micronet.data import Normalization
 from micronet.errors import MicronetError
 from micronet.models import GateStats, is_gated
+from micronet.progress import progress_bar
 from micronet.training.batches import BatchStream
 
 
@@ -195,7 +196,7 @@ def train_epoch(stream: BatchStream, epoch: int, step: int, ctx: StepContext, no
                 rt: Runtime) -> tuple[EpochResult, int]:
     """Run one epoch from global ``step``; returns the epoch's result and the next global step."""
     sums = torch.zeros(3, device=rt.device, dtype=torch.float64)  # loss·n, correct, n
-    bar = _progress_bar(len(stream), f"{ctx.describe} epoch {epoch + 1}", ctx.progress and rt.is_main)
+    bar = progress_bar(len(stream), f"{ctx.describe} epoch {epoch + 1}", ctx.progress and rt.is_main)
     start, lr = time.perf_counter(), 0.0
     batches = stream.epoch(epoch)
     for k in itertools.count():
@@ -250,29 +251,6 @@ def _host_syncs_raise(mode: str | None, device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.cuda.set_sync_debug_mode(before)
-
-
-class _NoBar:
-    """What ``train_epoch`` calls on a progress bar, doing nothing (no bar shown)."""
-
-    def update(self, n: int) -> None:
-        pass
-
-    def set_postfix(self, **kw: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, desc: str, show: bool):
-    """A tqdm bar, or a do-nothing one; tqdm is imported only when a bar is shown, so that ``make gpu-check``
-    (progress off) runs the real loop on bare GPU machines without tqdm."""
-    if not show:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def _check_finite(sums: Tensor, epoch: int, step: int, stage: str) -> None:

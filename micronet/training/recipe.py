@@ -403,7 +403,8 @@ def parse_recipe(raw: Mapping[str, Any], source: str = "<recipe>") -> Recipe:
         except MicronetError as exc:
             raise MicronetError(f"{where}: {exc}") from None
     seed = _typed(where, raw.get("seed", 0), int, "seed")
-    name = raw.get("name") or Path(source).stem
+    # An explicit name must be valid; a default one is the file's stem made valid ("recipe" for a dict).
+    name = raw.get("name") or re.sub(r"[^A-Za-z0-9._+-]", "", Path(source).stem) or "recipe"
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise MicronetError(f"{where}: name must be letters, digits, '.', '_', '+' or '-' (it names the folder "
                             f"runs/NAME), not {str(name)[:60]!r}")
