@@ -18,17 +18,19 @@ pre-existing tensor afterwards), so activations are freed as the forward drops t
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from micronet.compress.ops import range_bits
+from micronet.errors import MicronetError
 
 # Single-input views and copies: the result is the same stored tensor (parameters are counted once per origin).
 SAME_ORIGIN = frozenset(
@@ -535,8 +537,45 @@ def _register_model_tensors(
             trace.stored[uid] = StoredTensor(uid, full, tensor.detach(), bits, codes, module)
 
 
+def output_tensors(output: Any, depth: int = 8) -> list[Tensor]:
+    """Every tensor in a model's output: pytree containers, dataclass fields and plain objects' attributes."""
+    found: list[Tensor] = []
+    seen: set[int] = set()
+
+    def walk(obj: Any, left: int) -> None:
+        if id(obj) in seen or left < 0:
+            return
+        seen.add(id(obj))
+        for leaf in pytree.tree_leaves(obj):
+            if isinstance(leaf, Tensor):
+                found.append(leaf)
+            elif dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+                walk([getattr(leaf, f.name) for f in dataclasses.fields(leaf)], left - 1)
+            elif isinstance(leaf, (list, tuple, dict)):  # a container subclass pytree does not flatten
+                walk(list(leaf.values()) if isinstance(leaf, dict) else list(leaf), left - 1)
+            elif hasattr(leaf, "__dict__") and not isinstance(leaf, (type, nn.Module)):
+                walk(list(vars(leaf).values()), left - 1)
+
+    walk(output, depth)
+    return found
+
+
+def refuse_fx_proxies(model: nn.Module) -> None:
+    """Refuse a model whose attributes hold fx Proxies (a forward that assigned a tensor to ``self``, traced)."""
+    for path, module in model.named_modules():
+        for name, value in vars(module).items():
+            if isinstance(value, fx.Proxy):
+                where = f"{path}.{name}" if path else name
+                raise MicronetError(
+                    f"the model's forward assigns a tensor to the attribute {where!r}; its deploy form "
+                    "(an fx trace) cannot keep such state, so it cannot be scored; return the tensor "
+                    "instead, or register it as a buffer and update it in place"
+                )
+
+
 def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits: int) -> Trace:
     """Run ``model(inputs)`` once under the recorder; the model must already be in eval mode."""
+    refuse_fx_proxies(model)
     trace = Trace(batch=int(inputs.shape[0]), input_shape=tuple(inputs.shape))
     infos = TensorMap()
     uids = itertools.count()
@@ -548,8 +587,16 @@ def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits
         modules = ModuleStack(model)
         with torch.no_grad(), modules, _OpRecorder(modules, trace, infos, float_bits, uids):
             trace.output = model(inputs)
-        flat = [t for t in pytree.tree_leaves(trace.output) if isinstance(t, Tensor)]
+        flat = output_tensors(trace.output)
         trace.output_uids = frozenset(info.uid for t in flat if (info := infos.get(t)) is not None)
+        if not trace.output_uids:
+            # Dead-work analysis starts from the outputs: with none to follow, every op would be called dead
+            # and the model would score 0. Refuse rather than return that number.
+            raise MicronetError(
+                f"the model's output ({type(trace.output).__name__}) holds no tensor its forward computed, so "
+                "the scorer cannot tell which work reaches it; return tensors (a tensor, or a tuple, list, "
+                "dict, namedtuple or dataclass of tensors), not Python numbers or numpy arrays"
+            )
         trace.output_storages = frozenset(_storage_of(t) for t in flat)
     finally:
         infos.close()
