@@ -40,7 +40,15 @@ from micronet.compress.integer_modules import ChannelAffine
 from micronet.scoring.accumulators import INT_ACCUMULATORS, accumulate, accumulator_float_bits
 from micronet.scoring.policy import Policy
 from micronet.scoring.storage import ParamUse, block_of, block_rows, stored_sparse
-from micronet.scoring.trace import AO_FAKE_QUANT, DATA_MOVEMENT, OpRecord, TensorRef, Trace, dtype_bits
+from micronet.scoring.trace import (
+    AO_FAKE_QUANT,
+    DATA_MOVEMENT,
+    OpRecord,
+    TensorRef,
+    Trace,
+    ao_fake_quant_off,
+    dtype_bits,
+)
 
 
 @dataclass
@@ -870,8 +878,11 @@ def pow_cost(rec: OpRecord, ctx: CostContext) -> Cost:
 def ao_fake_quant_cost(rec: OpRecord, ctx: CostContext) -> Cost:
     """torch.ao fake-quantize: on a dynamic tensor 2 mults (into and out of the code scale) + quantizer_ops
     (round + clamp) per element at its input width, +1 add per element for a nonzero zero-point; on a weight
-    nothing (folded). Its scale (float width) and zero-point (code width) are stored parameters."""
+    nothing (folded). Its scale (float width) and zero-point (code width) are stored parameters. A fused
+    fake-quantizer with fake_quant_on = 0 (``disable_fake_quant``) is a pass-through: no work, nothing stored."""
     x, out = rec.args[0], rec.outputs[0]
+    if ao_fake_quant_off(rec.op, rec.args):
+        return Cost("quant", shape=out.shape, input_bits=x.bits, params=[])
     _, _, scale_at, zp_at = AO_FAKE_QUANT[rec.op]
     cost = Cost("quant", shape=out.shape, input_bits=x.bits, params=[])
     for at, code_width in ((scale_at, False), (zp_at, True)):

@@ -120,6 +120,19 @@ AO_FAKE_QUANT: dict[str, tuple[int, int, int, int]] = {
     "aten::fused_moving_avg_obs_fake_quant": (8, 9, 5, 6),
     "aten::_fused_moving_avg_obs_fq_helper": (8, 9, 5, 6),
 }
+# Fused QAT fake-quantizers take a ``fake_quant_on`` flag tensor (position 2): off, they pass values through.
+AO_FUSED_FAKE_QUANT = frozenset({"aten::fused_moving_avg_obs_fake_quant", "aten::_fused_moving_avg_obs_fq_helper"})
+
+
+def ao_fake_quant_off(op: str, args: tuple) -> bool:
+    """Whether a torch.ao fake-quantize op runs with fake-quantization disabled (``disable_fake_quant``)."""
+    if op not in AO_FUSED_FAKE_QUANT or len(args) <= 2:
+        return False
+    flag = args[2]
+    value = getattr(flag, "value", flag)  # a TensorRef (recorded args) or the tensor itself
+    return isinstance(value, Tensor) and value.numel() > 0 and not bool(value.reshape(-1)[0])
+
+
 # Ops whose result leaves tensor land (Python control flow reads it): always needed, never dead.
 ESCAPES = frozenset({"aten::_local_scalar_dense", "aten::is_nonzero", "aten::item", "aten::equal", "aten::nonzero"})
 
@@ -396,7 +409,11 @@ class _OpRecorder(TorchDispatchMode):
         infos = []
         for k, t in enumerate(outs):
             uid = next(self.uids)
-            if op in AO_FAKE_QUANT and k == 0:
+            if op in AO_FAKE_QUANT and k == 0 and ao_fake_quant_off(op, args):
+                # Fake-quantization switched off: the input passes through unchanged (same width and codes).
+                src = ins[0].info
+                info = TensorInfo(uid, src.bits, static, stored, src.codes, src.signed, uid)
+            elif op in AO_FAKE_QUANT and k == 0:
                 qmin, qmax = args[AO_FAKE_QUANT[op][0]], args[AO_FAKE_QUANT[op][1]]
                 info = TensorInfo(
                     uid, range_bits(int(qmin), int(qmax)), static, stored, codes=True, signed=int(qmin) < 0,
