@@ -439,12 +439,6 @@ POINTWISE: dict[str, tuple[str, int, int]] = {
     "aten::ne": ("compare", 1, 0),
     "aten::where": ("select", 1, 0),
     "aten::logical_not": ("compare", 1, 0),
-    "aten::upsample_nearest2d": ("upsample", 1, 0),
-    "aten::upsample_nearest1d": ("upsample", 1, 0),
-    "aten::upsample_nearest3d": ("upsample", 1, 0),
-    "aten::_upsample_nearest_exact1d": ("upsample", 1, 0),
-    "aten::_upsample_nearest_exact2d": ("upsample", 1, 0),
-    "aten::_upsample_nearest_exact3d": ("upsample", 1, 0),
     # Interpolation weights are constants of the shapes: per output, one mult per tap and taps - 1 adds.
     "aten::upsample_linear1d": ("upsample", 2, 1),
     "aten::upsample_bilinear2d": ("upsample", 4, 3),
@@ -796,7 +790,8 @@ def encoder_layer_cost(rec: OpRecord, ctx: CostContext) -> list[Cost] | None:
 
 def transposed_conv_cost(rec: OpRecord, ctx: CostContext, x: TensorRef, w: TensorRef, bias: Any) -> Cost:
     """ConvTranspose: every input element times every nonzero tap of its channel (mults); each output sums
-    its contributions (adds = mults - outputs), + 1 add per output for a bias."""
+    its contributions (adds = mults - outputs, FlopCounterMode's scatter convention, always at 32 bits: the
+    policy's accumulator is not applied, as the scatter has no per-output dot product), + 1 add per bias."""
     out = rec.outputs[0]
     positions = x.numel // x.shape[1]
     mults = int(w.value.count_nonzero()) * positions

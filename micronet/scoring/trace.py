@@ -85,6 +85,13 @@ DATA_MOVEMENT = SAME_ORIGIN | {
     "aten::index_put",
     "aten::scatter",
     "aten::nonzero",
+    # Nearest-neighbour upsampling copies each input value to its output positions: no arithmetic.
+    "aten::upsample_nearest1d",
+    "aten::upsample_nearest2d",
+    "aten::upsample_nearest3d",
+    "aten::_upsample_nearest_exact1d",
+    "aten::_upsample_nearest_exact2d",
+    "aten::_upsample_nearest_exact3d",
 }
 # Ops whose result stays within the input's value set (so it keeps the input's width and code-ness).
 VALUE_PRESERVING = frozenset(
