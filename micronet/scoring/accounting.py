@@ -18,7 +18,7 @@ from micronet.scoring.policy import Policy
 from micronet.scoring.report import LayerRow
 from micronet.scoring.rules import FREE_OPS, RULES, Cost, CostContext
 from micronet.scoring.storage import ParamUse, storage_bits
-from micronet.scoring.trace import AO_FAKE_QUANT, ESCAPES, QUANTIZERS, OpRecord, Trace
+from micronet.scoring.trace import AO_FAKE_QUANT, ESCAPES, QUANTIZERS, OpRecord, Trace, ao_fake_quant_off
 
 _QUANTIZED_DTYPES = (torch.quint8, torch.qint8, torch.qint32, torch.quint4x2, torch.quint2x4)
 
@@ -51,7 +51,7 @@ def _is_quantizing(rec: OpRecord) -> bool:
     """Whether this op shows the model is quantized (a quantizer, integer codes, a torch.ao quantized tensor)."""
     return (
         rec.op in QUANTIZERS
-        or rec.op in AO_FAKE_QUANT
+        or (rec.op in AO_FAKE_QUANT and not ao_fake_quant_off(rec.op, rec.args))
         or any(r.info.codes and r.static for r in rec.inputs)
         or any(r.dtype in _QUANTIZED_DTYPES for r in rec.inputs)
         or any(isinstance(a, torch.ScriptObject) for a in rec.args)

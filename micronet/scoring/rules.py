@@ -40,7 +40,15 @@ from micronet.compress.integer_modules import ChannelAffine
 from micronet.scoring.accumulators import INT_ACCUMULATORS, accumulate, accumulator_float_bits
 from micronet.scoring.policy import Policy
 from micronet.scoring.storage import ParamUse, block_of, block_rows, stored_sparse
-from micronet.scoring.trace import AO_FAKE_QUANT, DATA_MOVEMENT, OpRecord, TensorRef, Trace, dtype_bits
+from micronet.scoring.trace import (
+    AO_FAKE_QUANT,
+    DATA_MOVEMENT,
+    OpRecord,
+    TensorRef,
+    Trace,
+    ao_fake_quant_off,
+    dtype_bits,
+)
 
 
 @dataclass
@@ -431,12 +439,6 @@ POINTWISE: dict[str, tuple[str, int, int]] = {
     "aten::ne": ("compare", 1, 0),
     "aten::where": ("select", 1, 0),
     "aten::logical_not": ("compare", 1, 0),
-    "aten::upsample_nearest2d": ("upsample", 1, 0),
-    "aten::upsample_nearest1d": ("upsample", 1, 0),
-    "aten::upsample_nearest3d": ("upsample", 1, 0),
-    "aten::_upsample_nearest_exact1d": ("upsample", 1, 0),
-    "aten::_upsample_nearest_exact2d": ("upsample", 1, 0),
-    "aten::_upsample_nearest_exact3d": ("upsample", 1, 0),
     # Interpolation weights are constants of the shapes: per output, one mult per tap and taps - 1 adds.
     "aten::upsample_linear1d": ("upsample", 2, 1),
     "aten::upsample_bilinear2d": ("upsample", 4, 3),
@@ -788,7 +790,8 @@ def encoder_layer_cost(rec: OpRecord, ctx: CostContext) -> list[Cost] | None:
 
 def transposed_conv_cost(rec: OpRecord, ctx: CostContext, x: TensorRef, w: TensorRef, bias: Any) -> Cost:
     """ConvTranspose: every input element times every nonzero tap of its channel (mults); each output sums
-    its contributions (adds = mults - outputs), + 1 add per output for a bias."""
+    its contributions (adds = mults - outputs, FlopCounterMode's scatter convention, always at 32 bits: the
+    policy's accumulator is not applied, as the scatter has no per-output dot product), + 1 add per bias."""
     out = rec.outputs[0]
     positions = x.numel // x.shape[1]
     mults = int(w.value.count_nonzero()) * positions
@@ -870,8 +873,11 @@ def pow_cost(rec: OpRecord, ctx: CostContext) -> Cost:
 def ao_fake_quant_cost(rec: OpRecord, ctx: CostContext) -> Cost:
     """torch.ao fake-quantize: on a dynamic tensor 2 mults (into and out of the code scale) + quantizer_ops
     (round + clamp) per element at its input width, +1 add per element for a nonzero zero-point; on a weight
-    nothing (folded). Its scale (float width) and zero-point (code width) are stored parameters."""
+    nothing (folded). Its scale (float width) and zero-point (code width) are stored parameters. A fused
+    fake-quantizer with fake_quant_on = 0 (``disable_fake_quant``) is a pass-through: no work, nothing stored."""
     x, out = rec.args[0], rec.outputs[0]
+    if ao_fake_quant_off(rec.op, rec.args):
+        return Cost("quant", shape=out.shape, input_bits=x.bits, params=[])
     _, _, scale_at, zp_at = AO_FAKE_QUANT[rec.op]
     cost = Cost("quant", shape=out.shape, input_bits=x.bits, params=[])
     for at, code_width in ((scale_at, False), (zp_at, True)):

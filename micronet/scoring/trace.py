@@ -18,17 +18,19 @@ pre-existing tensor afterwards), so activations are freed as the forward drops t
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from micronet.compress.ops import range_bits
+from micronet.errors import MicronetError
 
 # Single-input views and copies: the result is the same stored tensor (parameters are counted once per origin).
 SAME_ORIGIN = frozenset(
@@ -83,6 +85,13 @@ DATA_MOVEMENT = SAME_ORIGIN | {
     "aten::index_put",
     "aten::scatter",
     "aten::nonzero",
+    # Nearest-neighbour upsampling copies each input value to its output positions: no arithmetic.
+    "aten::upsample_nearest1d",
+    "aten::upsample_nearest2d",
+    "aten::upsample_nearest3d",
+    "aten::_upsample_nearest_exact1d",
+    "aten::_upsample_nearest_exact2d",
+    "aten::_upsample_nearest_exact3d",
 }
 # Ops whose result stays within the input's value set (so it keeps the input's width and code-ness).
 VALUE_PRESERVING = frozenset(
@@ -118,6 +127,19 @@ AO_FAKE_QUANT: dict[str, tuple[int, int, int, int]] = {
     "aten::fused_moving_avg_obs_fake_quant": (8, 9, 5, 6),
     "aten::_fused_moving_avg_obs_fq_helper": (8, 9, 5, 6),
 }
+# Fused QAT fake-quantizers take a ``fake_quant_on`` flag tensor (position 2): off, they pass values through.
+AO_FUSED_FAKE_QUANT = frozenset({"aten::fused_moving_avg_obs_fake_quant", "aten::_fused_moving_avg_obs_fq_helper"})
+
+
+def ao_fake_quant_off(op: str, args: tuple) -> bool:
+    """Whether a torch.ao fake-quantize op runs with fake-quantization disabled (``disable_fake_quant``)."""
+    if op not in AO_FUSED_FAKE_QUANT or len(args) <= 2:
+        return False
+    flag = args[2]
+    value = getattr(flag, "value", flag)  # a TensorRef (recorded args) or the tensor itself
+    return isinstance(value, Tensor) and value.numel() > 0 and not bool(value.reshape(-1)[0])
+
+
 # Ops whose result leaves tensor land (Python control flow reads it): always needed, never dead.
 ESCAPES = frozenset({"aten::_local_scalar_dense", "aten::is_nonzero", "aten::item", "aten::equal", "aten::nonzero"})
 
@@ -394,7 +416,11 @@ class _OpRecorder(TorchDispatchMode):
         infos = []
         for k, t in enumerate(outs):
             uid = next(self.uids)
-            if op in AO_FAKE_QUANT and k == 0:
+            if op in AO_FAKE_QUANT and k == 0 and ao_fake_quant_off(op, args):
+                # Fake-quantization switched off: the input passes through unchanged (same width and codes).
+                src = ins[0].info
+                info = TensorInfo(uid, src.bits, static, stored, src.codes, src.signed, uid)
+            elif op in AO_FAKE_QUANT and k == 0:
                 qmin, qmax = args[AO_FAKE_QUANT[op][0]], args[AO_FAKE_QUANT[op][1]]
                 info = TensorInfo(
                     uid, range_bits(int(qmin), int(qmax)), static, stored, codes=True, signed=int(qmin) < 0,
@@ -535,8 +561,45 @@ def _register_model_tensors(
             trace.stored[uid] = StoredTensor(uid, full, tensor.detach(), bits, codes, module)
 
 
+def output_tensors(output: Any, depth: int = 8) -> list[Tensor]:
+    """Every tensor in a model's output: pytree containers, dataclass fields and plain objects' attributes."""
+    found: list[Tensor] = []
+    seen: set[int] = set()
+
+    def walk(obj: Any, left: int) -> None:
+        if id(obj) in seen or left < 0:
+            return
+        seen.add(id(obj))
+        for leaf in pytree.tree_leaves(obj):
+            if isinstance(leaf, Tensor):
+                found.append(leaf)
+            elif dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+                walk([getattr(leaf, f.name) for f in dataclasses.fields(leaf)], left - 1)
+            elif isinstance(leaf, (list, tuple, dict)):  # a container subclass pytree does not flatten
+                walk(list(leaf.values()) if isinstance(leaf, dict) else list(leaf), left - 1)
+            elif hasattr(leaf, "__dict__") and not isinstance(leaf, (type, nn.Module)):
+                walk(list(vars(leaf).values()), left - 1)
+
+    walk(output, depth)
+    return found
+
+
+def refuse_fx_proxies(model: nn.Module) -> None:
+    """Refuse a model whose attributes hold fx Proxies (a forward that assigned a tensor to ``self``, traced)."""
+    for path, module in model.named_modules():
+        for name, value in vars(module).items():
+            if isinstance(value, fx.Proxy):
+                where = f"{path}.{name}" if path else name
+                raise MicronetError(
+                    f"the model's forward assigns a tensor to the attribute {where!r}; its deploy form "
+                    "(an fx trace) cannot keep such state, so it cannot be scored; return the tensor "
+                    "instead, or register it as a buffer and update it in place"
+                )
+
+
 def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits: int) -> Trace:
     """Run ``model(inputs)`` once under the recorder; the model must already be in eval mode."""
+    refuse_fx_proxies(model)
     trace = Trace(batch=int(inputs.shape[0]), input_shape=tuple(inputs.shape))
     infos = TensorMap()
     uids = itertools.count()
@@ -548,8 +611,16 @@ def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits
         modules = ModuleStack(model)
         with torch.no_grad(), modules, _OpRecorder(modules, trace, infos, float_bits, uids):
             trace.output = model(inputs)
-        flat = [t for t in pytree.tree_leaves(trace.output) if isinstance(t, Tensor)]
+        flat = output_tensors(trace.output)
         trace.output_uids = frozenset(info.uid for t in flat if (info := infos.get(t)) is not None)
+        if not trace.output_uids:
+            # Dead-work analysis starts from the outputs: with none to follow, every op would be called dead
+            # and the model would score 0. Refuse rather than return that number.
+            raise MicronetError(
+                f"the model's output ({type(trace.output).__name__}) holds no tensor its forward computed, so "
+                "the scorer cannot tell which work reaches it; return tensors (a tensor, or a tuple, list, "
+                "dict, namedtuple or dataclass of tensors), not Python numbers or numpy arrays"
+            )
         trace.output_storages = frozenset(_storage_of(t) for t in flat)
     finally:
         infos.close()

@@ -164,3 +164,9 @@ def test_dense_macs_match_flop_counter_mode(name):
     assert report.complete and not report.dead
     if name == "vit_b_16":  # attention: 12 layers x 12 heads x 197^2 scores x d=64, for QK^T and for AV
         assert kinds["matmul"]["mults_raw"] == 12 * 12 * 197 * 197 * 64 * 2
+
+
+def test_nearest_upsampling_is_free_data_movement():
+    for mode in ("nearest", "nearest-exact"):
+        up = score(Wrap(lambda x, m=mode: F.interpolate(x, scale_factor=2, mode=m)).eval(), input_shape=(1, 1, 2, 2))
+        assert up.ops == 0 and up.complete and not up.unknown_ops

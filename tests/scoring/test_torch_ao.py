@@ -126,3 +126,31 @@ def test_quantize_dynamic_is_never_scored_with_zero_params():
     linear = r.by_kind()["linear"]
     assert linear["params"] == ((12 * 8 + 8 * 4) * 8 + (8 + 4) * 32 + 2 * (32 + 8)) / 32
     assert linear["mults_raw"] == 12 * 8 + 8 * 4
+
+
+def _fused_qat(base: nn.Module, fake_quant_on: bool) -> nn.Module:
+    """torch.ao's default x86 QAT (fused moving-average fake-quantizers), optionally switched off."""
+    model = copy.deepcopy(base).train()
+    model.qconfig = tq.get_default_qat_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's eager API deprecation notice
+        tq.prepare_qat(model, inplace=True)
+    model(torch.randn(8, 3, 32, 32))
+    if not fake_quant_on:
+        model.apply(tq.disable_fake_quant)
+    return model.eval()
+
+
+def test_disabled_fused_fake_quant_scores_like_the_float_net_and_allows_the_freebie():
+    torch.manual_seed(0)
+    base = Net().eval()
+    off, on = _fused_qat(base, False), _fused_qat(base, True)
+    assert any(m.fake_quant_enabled.item() == 0 for m in off.modules() if isinstance(m, tq.FakeQuantizeBase))
+    float_report, off_report = score(base), score(off)
+    assert off_report.params == float_report.params and off_report.ops == float_report.ops
+    assert not off_report.quantized
+    score(off, "freebie16")  # a float model in all but name: the freebie is allowed
+    on_report = score(on)
+    assert on_report.quantized and on_report.params != float_report.params
+    with pytest.raises(MicronetError, match="freebie"):
+        score(on, "freebie16")
