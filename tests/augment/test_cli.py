@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -97,3 +101,36 @@ def test_missing_dataset_and_bad_policy_files_are_one_line_errors(tmp_path):
     bad.write_text(json.dumps([[["Rotate", 1.2, 0.5], ["Invert", 0.5, 0.5]]]))
     r = CliRunner().invoke(main, ["augment", "show", str(bad)])
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "probability 1.2 of Rotate" in r.output
+
+
+@pytest.mark.parametrize("method", ["fastaa", "aws"])
+def test_a_split_with_an_empty_part_is_one_line_and_writes_nothing(tmp_path, method):
+    # 1 image per class: round(0.4 * 1) = 0 held out, so D_A (fastaa) or the validation split (aws) is empty.
+    root = write_cifar10(tmp_path / "c10", train_per_class=1, test_per_class=1)
+    out = tmp_path / "o"
+    r = CliRunner().invoke(main, ["augment", "search", "--data-root", str(root), "--out", str(out), *TINY_SEARCH,
+                                  "--method", method, "--holdout", "0.4"])
+    part = "D_A" if method == "fastaa" else "validation"
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and f"{part} part is empty" in r.output, r.output
+    assert not out.exists()
+
+
+def test_an_empty_kept_part_is_one_line_and_writes_nothing(tmp_path):
+    # 1 image per class, holdout 0.6: round(0.6 * 1) = 1 held out, D_M is empty.
+    root = write_cifar10(tmp_path / "c10", train_per_class=1, test_per_class=1)
+    out = tmp_path / "o"
+    r = CliRunner().invoke(main, ["augment", "search", "--data-root", str(root), "--out", str(out), *TINY_SEARCH,
+                                  "--holdout", "0.6"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "split 0's D_M part is empty" in r.output, r.output
+    assert not out.exists()
+
+
+def test_missing_optuna_is_one_line_and_writes_nothing(data_root, tmp_path):
+    # A None entry in sys.modules makes `import optuna` raise ImportError, as if it were not installed.
+    args = ["augment", "search", "--data-root", str(data_root), "--out", str(tmp_path / "o"), *TINY_SEARCH]
+    code = f"import sys; sys.modules['optuna'] = None\nfrom micronet.cli import main\nmain({args!r})"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    output = r.stdout + r.stderr
+    assert r.returncode == 2 and output.count("\n") == 1 and "needs optuna" in output, output
+    assert not (tmp_path / "o").exists()
