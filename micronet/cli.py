@@ -434,6 +434,12 @@ _DEFAULTS = SearchSettings()
               help="Epochs of each split model (fastaa) or of the shared model (aws).")
 @click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
 @click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True)
+@click.option("--weight-decay", type=float, default=_DEFAULTS.weight_decay, show_default=True)
+@click.option("--crop-padding", type=int, default=_DEFAULTS.crop_padding, show_default=True,
+              help="Baseline augmentation: random-crop padding (0: no crop).")
+@click.option("--cutout", type=int, default=_DEFAULTS.cutout, show_default=True,
+              help="Baseline augmentation: Cutout square side (0: no Cutout).")
+@click.option("--eval-batch-size", type=int, default=_DEFAULTS.eval_batch_size, show_default=True)
 @click.option("--splits", type=int, default=_DEFAULTS.splits, show_default=True, help="fastaa: K.")
 @click.option("--holdout", type=float, default=_DEFAULTS.holdout, show_default=True,
               help="Held-out fraction: D_A (fastaa) or the validation split (aws).")
@@ -447,8 +453,14 @@ _DEFAULTS = SearchSettings()
 @click.option("--loops", type=int, default=_DEFAULTS.loops, show_default=True, help="aws: PPO updates.")
 @click.option("--episodes", type=int, default=_DEFAULTS.episodes, show_default=True, help="aws: pairs per update.")
 @click.option("--finetune-epochs", type=int, default=_DEFAULTS.finetune_epochs, show_default=True)
+@click.option("--finetune-lr", type=float, default=_DEFAULTS.finetune_lr, show_default=True)
 @click.option("--ppo-epochs", type=int, default=_DEFAULTS.ppo_epochs, show_default=True)
+@click.option("--ppo-lr", type=float, default=_DEFAULTS.ppo_lr, show_default=True)
+@click.option("--clip", type=float, default=_DEFAULTS.clip, show_default=True, help="aws: PPO ratio clip.")
 @click.option("--max-kl", type=float, default=_DEFAULTS.max_kl, show_default=True)
+@click.option("--entropy-weight", type=float, default=_DEFAULTS.entropy_weight, show_default=True)
+@click.option("--baseline-decay", type=float, default=_DEFAULTS.baseline_decay, show_default=True,
+              help="aws: moving-average decay of the reward baseline, in [0, 1).")
 @click.option("--keep", type=int, default=_DEFAULTS.keep, show_default=True, help="aws: pairs written (0: all).")
 @click.option("--splits-subset", help="fastaa: comma-separated splits this process runs (one process per GPU).")
 @click.option("--searched-on", help="Dataset name recorded in the policy (default: the detected layout).")
@@ -456,9 +468,10 @@ _DEFAULTS = SearchSettings()
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def augment_search_command(data_root, out_dir, method, sampler, model, dataset, normalization, seed, epochs,
-                           batch_size, lr, splits, holdout, trials, rounds, policies_per_trial, ops, top, views,
-                           startup_trials, loops, episodes, finetune_epochs, ppo_epochs, max_kl, keep, splits_subset,
-                           searched_on, resume, device, no_progress) -> None:
+                           batch_size, lr, weight_decay, crop_padding, cutout, eval_batch_size, splits, holdout,
+                           trials, rounds, policies_per_trial, ops, top, views, startup_trials, loops, episodes,
+                           finetune_epochs, finetune_lr, ppo_epochs, ppo_lr, clip, max_kl, entropy_weight,
+                           baseline_decay, keep, splits_subset, searched_on, resume, device, no_progress) -> None:
     """Search an augmentation policy on the training split; writes OUT/policy.json (train-stage reads it).
 
     Several GPUs: run one process per split, e.g. `CUDA_VISIBLE_DEVICES=k micronet augment search ...
@@ -467,10 +480,12 @@ def augment_search_command(data_root, out_dir, method, sampler, model, dataset, 
     """
     settings = SearchSettings(
         method=method, sampler=sampler, model=model, normalization=normalization, seed=seed, epochs=epochs,
-        batch_size=batch_size, lr=lr, splits=splits, holdout=holdout, trials=trials, rounds=rounds,
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, crop_padding=crop_padding, cutout=cutout,
+        eval_batch_size=eval_batch_size, splits=splits, holdout=holdout, trials=trials, rounds=rounds,
         policies_per_trial=policies_per_trial, ops=ops, top=top, views=views, startup_trials=startup_trials,
-        loops=loops, episodes=episodes, finetune_epochs=finetune_epochs, ppo_epochs=ppo_epochs, max_kl=max_kl,
-        keep=keep)
+        loops=loops, episodes=episodes, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
+        ppo_epochs=ppo_epochs, ppo_lr=ppo_lr, clip=clip, max_kl=max_kl, entropy_weight=entropy_weight,
+        baseline_decay=baseline_decay, keep=keep)
     subset = None
     if splits_subset:
         try:

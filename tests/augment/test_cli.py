@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,8 +13,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+import micronet.cli
 from micronet.cli import main
 from micronet.training.augment import load_policy
+from micronet.training.policy_search import SearchSettings
 from tests.training.conftest import write_cifar10
 
 pytest.importorskip("optuna")
@@ -83,6 +86,15 @@ def _snapshot(path):
     (["--splits-subset", "7"], "--splits-subset must name splits in 0..1"),
     (["--trials", "3", "--resume"], "settings differ (trials)"),
     (["--model", "resnet9000"], "unknown model 'resnet9000'"),
+    (["--cutout", "-1"], "--cutout must not be negative"),
+    (["--crop-padding", "-2"], "--crop-padding must not be negative"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be a positive integer"),
+    (["--weight-decay", "-1e-4"], "--weight-decay must not be negative"),
+    (["--finetune-lr", "0"], "--finetune-lr must be positive"),
+    (["--ppo-lr", "-0.1"], "--ppo-lr must be positive"),
+    (["--clip", "0"], "--clip must be positive"),
+    (["--entropy-weight", "-1"], "--entropy-weight must not be negative"),
+    (["--baseline-decay", "1"], "--baseline-decay must be in [0, 1)"),
 ])
 def test_bad_search_input_is_one_line_and_changes_nothing(searched, data_root, extra, message):
     before = _snapshot(searched)
@@ -134,3 +146,21 @@ def test_missing_optuna_is_one_line_and_writes_nothing(data_root, tmp_path):
     output = r.stdout + r.stderr
     assert r.returncode == 2 and output.count("\n") == 1 and "needs optuna" in output, output
     assert not (tmp_path / "o").exists()
+
+
+def test_every_search_size_is_a_flag(monkeypatch, tmp_path):
+    # Every SearchSettings field has a CLI flag of the same name that reaches the settings unchanged.
+    seen = {}
+    monkeypatch.setattr(micronet.cli, "search", lambda *a, **kw: seen.setdefault("settings", a[2]) and "p.json")
+    values = {"cutout": "8", "crop_padding": "2", "eval_batch_size": "64", "weight_decay": "0.001",
+              "finetune_lr": "0.02", "ppo_lr": "0.03", "clip": "0.1", "entropy_weight": "0.0001",
+              "baseline_decay": "0.5"}
+    args = [a for k, v in values.items() for a in (f"--{k.replace('_', '-')}", v)]
+    r = CliRunner().invoke(main, ["augment", "search", "--data-root", str(tmp_path), "--out", str(tmp_path / "o"),
+                                  *args])
+    assert r.exit_code == 0, r.output
+    settings = seen["settings"]
+    assert {k: getattr(settings, k) for k in values} == {k: type(getattr(SearchSettings(), k))(v)
+                                                         for k, v in values.items()}
+    flags = {p.name for p in main.commands["augment"].commands["search"].params}
+    assert {f.name for f in dataclasses.fields(SearchSettings)} <= flags
