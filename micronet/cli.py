@@ -503,7 +503,8 @@ def augment_search_command(data_root, out_dir, method, sampler, model, dataset, 
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw the summary as a PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def augment_show_command(policy: str, plot_path: str | None, as_json: bool) -> None:
-    """Summarise a policy file or shipped policy: op shares, probability and level histograms."""
+    """Summarise a policy file or shipped policy: op counts, share of ops (of all op slots, weighted sub-policies
+    by their weights; the shares sum to 100%), probability and level histograms."""
     summary = policy_summary(load_policy(policy))
     if plot_path:
         plot_policy(summary, plot_path)
@@ -516,7 +517,7 @@ def augment_show_command(policy: str, plot_path: str | None, as_json: bool) -> N
     bins = ["0-.2", ".2-.4", ".4-.6", ".6-.8", ".8-1"]
     rows = [(name, r["count"], f"{100 * r['share']:.1f}%", " ".join(f"{c:>3}" for c in r["probability"]),
              " ".join(f"{c:>3}" for c in r["level"])) for name, r in summary["ops"].items()]
-    click.echo(tabulate(rows, headers=["op", "count", "share", f"probability {' '.join(bins)}",
+    click.echo(tabulate(rows, headers=["op", "count", "share of ops", f"probability {' '.join(bins)}",
                                        f"level {' '.join(bins)}"]))
 
 

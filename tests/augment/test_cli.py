@@ -64,7 +64,8 @@ def test_train_stage_runs_with_the_searched_policy(searched, data_root, tmp_path
 def test_show_prints_op_counts_and_plots(searched, tmp_path):
     r = CliRunner().invoke(main, ["augment", "show", "fa_shake26_2x96d_cifar100"])
     assert r.exit_code == 0 and "498 sub-policies" in r.output
-    assert any(line.split()[:2] == ["Cutout", "154"] for line in r.output.splitlines())
+    assert any(line.split()[:3] == ["Cutout", "154", "15.5%"] for line in r.output.splitlines())  # 154 of 996 ops
+    assert "share of ops" in r.output
     r = CliRunner().invoke(main, ["augment", "show", str(searched / "policy.json"), "--json",
                                   "--plot", str(tmp_path / "p.png")])
     assert r.exit_code == 0, r.output
