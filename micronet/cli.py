@@ -474,9 +474,10 @@ def augment_search_command(data_root, out_dir, method, sampler, model, dataset, 
                            baseline_decay, keep, splits_subset, searched_on, resume, device, no_progress) -> None:
     """Search an augmentation policy on the training split; writes OUT/policy.json (train-stage reads it).
 
-    Several GPUs: run one process per split, e.g. `CUDA_VISIBLE_DEVICES=k micronet augment search ...
-    --splits-subset k` (same --out for all; the first creates it, the others add --resume), then once more
-    with --resume and no subset to write the policy of all splits.
+    Several GPUs (fastaa): run one process per split, e.g. `CUDA_VISIBLE_DEVICES=k micronet augment search ...
+    --splits-subset k` (same --out for all; the first creates it, the others add --resume and must start only
+    after the first has written OUT/settings.json), then once more with --resume and no subset to write the
+    policy of all splits. AWS runs in one process on one device.
     """
     settings = SearchSettings(
         method=method, sampler=sampler, model=model, normalization=normalization, seed=seed, epochs=epochs,
