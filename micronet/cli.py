@@ -434,6 +434,12 @@ _DEFAULTS = SearchSettings()
               help="Epochs of each split model (fastaa) or of the shared model (aws).")
 @click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
 @click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True)
+@click.option("--weight-decay", type=float, default=_DEFAULTS.weight_decay, show_default=True)
+@click.option("--crop-padding", type=int, default=_DEFAULTS.crop_padding, show_default=True,
+              help="Baseline augmentation: random-crop padding (0: no crop).")
+@click.option("--cutout", type=int, default=_DEFAULTS.cutout, show_default=True,
+              help="Baseline augmentation: Cutout square side (0: no Cutout).")
+@click.option("--eval-batch-size", type=int, default=_DEFAULTS.eval_batch_size, show_default=True)
 @click.option("--splits", type=int, default=_DEFAULTS.splits, show_default=True, help="fastaa: K.")
 @click.option("--holdout", type=float, default=_DEFAULTS.holdout, show_default=True,
               help="Held-out fraction: D_A (fastaa) or the validation split (aws).")
@@ -447,8 +453,14 @@ _DEFAULTS = SearchSettings()
 @click.option("--loops", type=int, default=_DEFAULTS.loops, show_default=True, help="aws: PPO updates.")
 @click.option("--episodes", type=int, default=_DEFAULTS.episodes, show_default=True, help="aws: pairs per update.")
 @click.option("--finetune-epochs", type=int, default=_DEFAULTS.finetune_epochs, show_default=True)
+@click.option("--finetune-lr", type=float, default=_DEFAULTS.finetune_lr, show_default=True)
 @click.option("--ppo-epochs", type=int, default=_DEFAULTS.ppo_epochs, show_default=True)
+@click.option("--ppo-lr", type=float, default=_DEFAULTS.ppo_lr, show_default=True)
+@click.option("--clip", type=float, default=_DEFAULTS.clip, show_default=True, help="aws: PPO ratio clip.")
 @click.option("--max-kl", type=float, default=_DEFAULTS.max_kl, show_default=True)
+@click.option("--entropy-weight", type=float, default=_DEFAULTS.entropy_weight, show_default=True)
+@click.option("--baseline-decay", type=float, default=_DEFAULTS.baseline_decay, show_default=True,
+              help="aws: moving-average decay of the reward baseline, in [0, 1).")
 @click.option("--keep", type=int, default=_DEFAULTS.keep, show_default=True, help="aws: pairs written (0: all).")
 @click.option("--splits-subset", help="fastaa: comma-separated splits this process runs (one process per GPU).")
 @click.option("--searched-on", help="Dataset name recorded in the policy (default: the detected layout).")
@@ -456,21 +468,25 @@ _DEFAULTS = SearchSettings()
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def augment_search_command(data_root, out_dir, method, sampler, model, dataset, normalization, seed, epochs,
-                           batch_size, lr, splits, holdout, trials, rounds, policies_per_trial, ops, top, views,
-                           startup_trials, loops, episodes, finetune_epochs, ppo_epochs, max_kl, keep, splits_subset,
-                           searched_on, resume, device, no_progress) -> None:
+                           batch_size, lr, weight_decay, crop_padding, cutout, eval_batch_size, splits, holdout,
+                           trials, rounds, policies_per_trial, ops, top, views, startup_trials, loops, episodes,
+                           finetune_epochs, finetune_lr, ppo_epochs, ppo_lr, clip, max_kl, entropy_weight,
+                           baseline_decay, keep, splits_subset, searched_on, resume, device, no_progress) -> None:
     """Search an augmentation policy on the training split; writes OUT/policy.json (train-stage reads it).
 
-    Several GPUs: run one process per split, e.g. `CUDA_VISIBLE_DEVICES=k micronet augment search ...
-    --splits-subset k` (same --out for all; the first creates it, the others add --resume), then once more
-    with --resume and no subset to write the policy of all splits.
+    Several GPUs (fastaa): run one process per split, e.g. `CUDA_VISIBLE_DEVICES=k micronet augment search ...
+    --splits-subset k` (same --out for all; the first creates it, the others add --resume and must start only
+    after the first has written OUT/settings.json), then once more with --resume and no subset to write the
+    policy of all splits. AWS runs in one process on one device.
     """
     settings = SearchSettings(
         method=method, sampler=sampler, model=model, normalization=normalization, seed=seed, epochs=epochs,
-        batch_size=batch_size, lr=lr, splits=splits, holdout=holdout, trials=trials, rounds=rounds,
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, crop_padding=crop_padding, cutout=cutout,
+        eval_batch_size=eval_batch_size, splits=splits, holdout=holdout, trials=trials, rounds=rounds,
         policies_per_trial=policies_per_trial, ops=ops, top=top, views=views, startup_trials=startup_trials,
-        loops=loops, episodes=episodes, finetune_epochs=finetune_epochs, ppo_epochs=ppo_epochs, max_kl=max_kl,
-        keep=keep)
+        loops=loops, episodes=episodes, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
+        ppo_epochs=ppo_epochs, ppo_lr=ppo_lr, clip=clip, max_kl=max_kl, entropy_weight=entropy_weight,
+        baseline_decay=baseline_decay, keep=keep)
     subset = None
     if splits_subset:
         try:
@@ -488,7 +504,8 @@ def augment_search_command(data_root, out_dir, method, sampler, model, dataset, 
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw the summary as a PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def augment_show_command(policy: str, plot_path: str | None, as_json: bool) -> None:
-    """Summarise a policy file or shipped policy: op shares, probability and level histograms."""
+    """Summarise a policy file or shipped policy: op counts, share of ops (of all op slots, weighted sub-policies
+    by their weights; the shares sum to 100%), probability and level histograms."""
     summary = policy_summary(load_policy(policy))
     if plot_path:
         plot_policy(summary, plot_path)
@@ -501,7 +518,7 @@ def augment_show_command(policy: str, plot_path: str | None, as_json: bool) -> N
     bins = ["0-.2", ".2-.4", ".4-.6", ".6-.8", ".8-1"]
     rows = [(name, r["count"], f"{100 * r['share']:.1f}%", " ".join(f"{c:>3}" for c in r["probability"]),
              " ".join(f"{c:>3}" for c in r["level"])) for name, r in summary["ops"].items()]
-    click.echo(tabulate(rows, headers=["op", "count", "share", f"probability {' '.join(bins)}",
+    click.echo(tabulate(rows, headers=["op", "count", "share of ops", f"probability {' '.join(bins)}",
                                        f"level {' '.join(bins)}"]))
 
 

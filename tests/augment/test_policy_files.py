@@ -22,6 +22,7 @@ from micronet.training.augment import (
 )
 from micronet.training.policy_search import FASTAA_OPS
 from micronet.training.policy_search.common import make_policy
+from micronet.training.policy_search.show import policy_summary
 from micronet.training.recipe import load_recipe
 
 SHIPPED = "fa_shake26_2x96d_cifar100"
@@ -143,3 +144,14 @@ def test_a_policy_searched_on_another_dataset_warns_and_strict_track_refuses(tmp
         warnings.simplefilter("error")
         load_recipe("pyramidnet272-fastaa", strict_track=True)  # searched on CIFAR-100: fine
         check_track(load_policy(path), "cifar10", strict=True)  # CIFAR-10 is not a track
+
+
+def test_show_shares_are_shares_of_op_slots_and_sum_to_one():
+    # Shipped: 498 two-op sub-policies, Cutout in 154 of the 996 op slots (the hand count pinned in test_cli).
+    summary = policy_summary(load_policy(SHIPPED))
+    assert summary["ops"]["Cutout"]["share"] == pytest.approx(154 / 996)
+    assert sum(r["share"] for r in summary["ops"].values()) == pytest.approx(1.0)
+    # Weighted, mixed lengths: slots are Rotate(w=3), Invert(w=3), Rotate(w=1) -> Rotate 4/7, Invert 3/7.
+    policy = make_policy([[["Rotate", 0.5, 0.5], ["Invert", 0.5, 0.5]], [["Rotate", 0.5, 0.5]]], weights=[3.0, 1.0])
+    ops = policy_summary(policy)["ops"]
+    assert ops["Rotate"]["share"] == pytest.approx(4 / 7) and ops["Invert"]["share"] == pytest.approx(3 / 7)

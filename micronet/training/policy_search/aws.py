@@ -163,9 +163,10 @@ def ppo_search(reward_fn: RewardFn, settings: SearchSettings, out: Path, *, prog
 
 
 def search_aws(data: ImageSet, settings: SearchSettings, out: Path, rt: Runtime, normalize: Normalization, *,
-               searched_on: str, progress: bool = True) -> Path:
+               searched_on: str, progress: bool = True, split: tuple[Tensor, Tensor] | None = None) -> Path:
     """Run (or continue) an AWS AutoAugment search in ``out``; returns the written ``out/policy.json``."""
-    (train_idx, val_idx), = stratified_splits(data.labels, 1, settings.holdout, settings.seed)
+    (train_idx, val_idx), = [split] if split is not None else stratified_splits(data.labels, 1, settings.holdout,
+                                                                                 settings.seed)
     train, val = data.subset(train_idx), data.subset(val_idx)
     baseline = baseline_augmentation(settings)
     uniform = make_policy([pair_subpolicy(a) for a in range(N_OPS * N_OPS)], "uniform-pairs")

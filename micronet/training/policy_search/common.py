@@ -78,8 +78,8 @@ class SearchSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise MicronetError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        for name in ("startup_trials", "keep", "crop_padding", "cutout"):
-            if getattr(self, name) < 0:
+        for name in ("startup_trials", "keep", "crop_padding", "cutout", "weight_decay", "entropy_weight"):
+            if not getattr(self, name) >= 0:  # also refuses NaN
                 raise MicronetError(f"--{name.replace('_', '-')} must not be negative")
         for name in ("lr", "finetune_lr", "ppo_lr", "clip", "max_kl"):
             if not getattr(self, name) > 0:

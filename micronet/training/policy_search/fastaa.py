@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from micronet.data import ImageSet, Normalization, stratified_splits
 from micronet.errors import MicronetError
@@ -43,7 +44,8 @@ FASTAA_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "AutoCon
               "Solarize", "Posterize", "Contrast", "Color", "Brightness", "Sharpness", "Cutout")
 
 
-def _optuna():
+def optuna_module():
+    """optuna, or a one-line error naming the extra that installs it."""
     # optuna is an optional, heavy dependency (pip install micronet[search]): imported only when a search runs.
     try:
         import optuna
@@ -116,9 +118,10 @@ def _complete(optuna, study) -> list:
 
 
 def search_fastaa(data: ImageSet, settings: SearchSettings, out: Path, rt: Runtime, normalize: Normalization, *,
-                  searched_on: str, splits_subset: list[int] | None = None, progress: bool = True) -> Path:
+                  searched_on: str, splits_subset: list[int] | None = None, progress: bool = True,
+                  parts: list[tuple[Tensor, Tensor]] | None = None) -> Path:
     """Run (or continue) a Fast AutoAugment search in ``out``; returns the written ``out/policy.json``."""
-    optuna = _optuna()
+    optuna = optuna_module()
     from tqdm.auto import tqdm
 
     chosen = list(range(settings.splits)) if splits_subset is None else sorted(set(splits_subset))
@@ -127,7 +130,8 @@ def search_fastaa(data: ImageSet, settings: SearchSettings, out: Path, rt: Runti
     storage = _storage(optuna, out)
     log = out / "trials.jsonl"
     baseline = baseline_augmentation(settings)
-    parts = stratified_splits(data.labels, settings.splits, settings.holdout, settings.seed)
+    if parts is None:
+        parts = stratified_splits(data.labels, settings.splits, settings.holdout, settings.seed)
     for k in chosen:
         keep_idx, held_idx = parts[k]
         model_path = out / f"split{k}" / "model.safetensors"
@@ -167,7 +171,7 @@ def search_fastaa(data: ImageSet, settings: SearchSettings, out: Path, rt: Runti
 
 def collect_fastaa(settings: SearchSettings, out: Path, *, searched_on: str) -> Path:
     """Concatenate the top-N trials of every finished split and round into ``out/policy.json``."""
-    optuna = _optuna()
+    optuna = optuna_module()
     storage = _storage(optuna, out)
     subs: list[list[list]] = []
     kept: list[dict[str, Any]] = []

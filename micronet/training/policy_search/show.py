@@ -17,11 +17,12 @@ def _bin(value: float, top: float) -> int:
 
 
 def policy_summary(policy: Policy) -> dict[str, Any]:
-    """Per op: how often it appears (count, and share of applications when sub-policies carry weights) and
-    histograms of its probabilities and levels over five equal bins of [0, 1] ([0, 10] for TF levels)."""
+    """Per op: how often it appears (count, and its share of all op slots, sub-policies weighted by their
+    weights if any, so the shares sum to 1) and histograms of its probabilities and levels over five equal bins
+    of [0, 1] ([0, 10] for TF levels)."""
     top = 10.0 if policy.levels == "tf-autoaugment" else 1.0
     weights = policy.weights or tuple(1.0 for _ in policy.subpolicies)
-    total = sum(weights)
+    total = sum(w * len(sub) for sub, w in zip(policy.subpolicies, weights))  # weighted op slots
     ops: dict[str, dict[str, Any]] = {}
     for sub, w in zip(policy.subpolicies, weights):
         for op in sub:
@@ -51,7 +52,7 @@ def plot_policy(summary: dict[str, Any], path: str | Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.35 * len(names) + 1.5))
     axes[0].barh(names, [summary["ops"][n]["share"] for n in names])
     axes[0].invert_yaxis()
-    axes[0].set_title("share of applications")
+    axes[0].set_title("share of ops")
     for ax, key in zip(axes[1:], ("probability", "level")):
         grid = [summary["ops"][n][key] for n in names]
         ax.imshow(grid, aspect="auto", cmap="viridis")
