@@ -347,6 +347,8 @@ def _same_kind(a: Any, b: Any) -> bool:
         return isinstance(a, bool) and isinstance(b, bool)
     if isinstance(a, int | float) and isinstance(b, int | float):
         return True
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):  # Adam's betas: a tuple saved as a JSON list
+        return True
     return type(a) is type(b)
 
 
