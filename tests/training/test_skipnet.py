@@ -259,6 +259,14 @@ def test_bad_gate_recipes_fail_in_one_line_before_training(tmp_path, change, mes
     assert "\n" not in str(err.value)
 
 
+def test_shipped_recipes_reduce_the_rl_term_as_their_sources_did():
+    # official SkipNet (cifar/train_rl.py) sums REINFORCE over the batch; the PyramidNet entry averages it
+    official = load_recipe("skipnet-pyramidnet272").stage("skip-rl")
+    entry = load_recipe("skipnet-pyramidnet272-compressed").stage("skip-rl")
+    assert (official.rl_reduction, official.rl_weight, official.alpha) == ("sum", 0.01, 0.1)
+    assert (entry.rl_reduction, entry.rl_weight, entry.alpha) == ("mean", 0.01, 0.1)
+
+
 def test_skip_rl_from_a_plain_checkpoint_fails_before_training(cifar10_root, tmp_path):
     plain = {**TOY, "model": "densenet_bc:depth=10,growth=4", "stages": {"student": {"epochs": 1}}}
     path = tmp_path / "plain.yaml"
