@@ -180,23 +180,28 @@ def build_gated_graph(model: nn.Module, *, form: str = "integer", sparse_weights
 
 @dataclass
 class GateParity:
-    """Gate decisions and top-1 of the ONNX graph at batch 1 against PyTorch's eval forward."""
+    """Gate decisions and top-1 of the ONNX graph at batch 1, and its decisions in one batched run, against
+    PyTorch's eval forward."""
 
     samples: int
     gates: int
     decisions_agree: int = 0  # samples whose every gate decision matches
     top1_agree: int = 0
+    batched_samples: int = 0  # the images of the one batched run (the graph's other path: Where per sample)
+    batched_agree: int = 0
     failures: list[str] = field(default_factory=list)
 
     def format(self) -> str:
         """One line."""
         return (f"gates: {self.decisions_agree}/{self.samples} samples with all {self.gates} decisions equal, "
-                f"top-1 {self.top1_agree}/{self.samples} (batch 1, onnxruntime vs PyTorch)")
+                f"top-1 {self.top1_agree}/{self.samples} (batch 1, onnxruntime vs PyTorch); decisions "
+                f"{self.batched_agree}/{self.batched_samples} in one batch of {self.batched_samples}")
 
 
 def verify_gates(session, reference: nn.Module, inputs: torch.Tensor, batch: int = 64) -> GateParity:
     """Compare decisions and top-1 of ``session`` run one image at a time with ``reference`` (eval; its
-    decisions are per image whatever the batch, so it runs in batches of ``batch``)."""
+    decisions are per image whatever the batch, so it runs in batches of ``batch``), and the decisions of
+    ``session`` run once on the first ``batch`` images together (at batch > 1 the graph takes other paths)."""
     reference = reference.eval()
     parity = GateParity(len(inputs), reference.num_gates)
     with torch.inference_mode():
@@ -208,12 +213,19 @@ def verify_gates(session, reference: nn.Module, inputs: torch.Tensor, batch: int
                 logits, gates = session.run([OUTPUT_NAME, GATES_NAME], {INPUT_NAME: x[k : k + 1].numpy()})
                 parity.decisions_agree += int(np.array_equal(gates[0], want[k]))
                 parity.top1_agree += int(logits.argmax(1)[0] == want_top1[k])
+            if start == 0 and len(x) > 1:
+                (gates,) = session.run([GATES_NAME], {INPUT_NAME: x.numpy()})
+                parity.batched_samples = len(x)
+                parity.batched_agree = int((gates == want).all(axis=1).sum())
     if parity.decisions_agree != parity.samples:
         parity.failures.append(f"gate decisions differ on {parity.samples - parity.decisions_agree}/"
                                f"{parity.samples} samples")
     if parity.top1_agree != parity.samples:
         parity.failures.append(f"top-1 differs on {parity.samples - parity.top1_agree}/{parity.samples} samples "
                                "at batch 1")
+    if parity.batched_agree != parity.batched_samples:
+        parity.failures.append(f"gate decisions differ on {parity.batched_samples - parity.batched_agree}/"
+                               f"{parity.batched_samples} samples in one batch of {parity.batched_samples}")
     return parity
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,9 +54,15 @@ class GateController(nn.Module):
         self.proj = nn.Linear(hidden, 1)
 
     def forward(self, features: torch.Tensor, state: LSTMState | None) -> tuple[torch.Tensor, LSTMState]:
-        """Execution probability p of shape [N] for features [N, F]; `state=None` starts from zeros."""
-        out, state = self.lstm(features.unsqueeze(0), state)
-        return torch.sigmoid(self.proj(out.squeeze(0))).squeeze(1), state
+        """Execution probability p (float32) of shape [N] for features [N, F]; `state=None` starts from zeros."""
+        # Always float32, also under the amp stages' autocast: in bf16 (8 mantissa bits) sigmoid saturates to
+        # exactly 1 from a logit of about 6.2, so log(1 - p) of the RL loss and the STE gradient p(1 - p)
+        # would degenerate, and a p near 0.5 would round across the threshold. The controller is tiny.
+        device = features.device.type
+        fp32 = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+        with fp32:
+            out, state = self.lstm(features.float().unsqueeze(0), state)
+            return torch.sigmoid(self.proj(out.squeeze(0))).squeeze(1), state
 
 
 def hard_gate(p: torch.Tensor) -> torch.Tensor:

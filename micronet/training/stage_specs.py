@@ -22,7 +22,7 @@ from micronet.compress import state
 from micronet.errors import MicronetError
 from micronet.models import is_gated
 from micronet.training.kd import KDConfig
-from micronet.training.skip_rl import policy_gradient_loss
+from micronet.training.skip_rl import RL_REDUCTIONS, policy_gradient_loss
 
 #: ``calibration(count)`` returns ``count`` input batches (training images in a stage, noise in a projection).
 Calibration = Callable[[int], list[Tensor]]
@@ -246,8 +246,10 @@ class SkipRLSettings(TrainSettings):
     """SkipNet's hybrid RL stage: task loss + rl_weight · REINFORCE on Bernoulli-sampled gates (skip_rl.py).
 
     Defaults from the official SkipNet code (``cifar/train_rl.py``): alpha 0.1, rl_weight 0.01, gamma 1,
-    SGD lr 1e-4, momentum 0.9, weight decay 1e-4. ``alpha`` is the compute-accuracy knob: the reward per
-    skipped block is alpha / number of gates, against a final reward of -CE per image.
+    SGD lr 1e-4, momentum 0.9, weight decay 1e-4, and the RL term summed over the batch (``rl_reduction``
+    "sum": its ``action.reinforce`` next to a mean CE; "mean" is the PyramidNet entry's, batch-size times
+    weaker at the same rl_weight). ``alpha`` is the compute-accuracy knob: the reward per skipped block is
+    alpha / number of gates, against a final reward of -CE per image.
     """
 
     lr: float = 1e-4
@@ -255,10 +257,15 @@ class SkipRLSettings(TrainSettings):
     alpha: float = 0.1
     rl_weight: float = 0.01
     gamma: float = 1.0
+    rl_reduction: str = "sum"  # over the batch's images: "sum" (official SkipNet) or "mean" (PyramidNet entry)
 
     def check(self, stage: str) -> None:
         """Raise a MicronetError (message without location) if the settings are unusable for ``stage``."""
         super().check(stage)
+        if not (math.isfinite(self.alpha) and math.isfinite(self.rl_weight)):
+            raise MicronetError(f"alpha and rl_weight must be finite numbers, got {self.alpha} and {self.rl_weight}")
+        if self.rl_reduction not in RL_REDUCTIONS:
+            raise MicronetError(f"rl_reduction must be one of {', '.join(RL_REDUCTIONS)}, got {self.rl_reduction!r}")
         if self.alpha < 0:
             raise MicronetError(f"alpha (the reward per skipped block) must be non-negative, got {self.alpha}")
         if self.rl_weight < 0 or not 0 <= self.gamma <= 1:
@@ -269,11 +276,13 @@ class SkipRLSettings(TrainSettings):
         """rl_weight · L_RL of the last forward's gate samples, rewarded by each image's -CE."""
         ce = F.cross_entropy(logits.float(), labels, reduction="none")
         probs, actions = torch.stack(model.gate_probs).float(), torch.stack(model.gate_masks).float()
-        return self.rl_weight * policy_gradient_loss(probs, actions, ce, self.alpha, self.gamma)
+        return self.rl_weight * policy_gradient_loss(probs, actions, ce, self.alpha, self.gamma,
+                                                     reduction=self.rl_reduction)
 
     def summary(self, kind: str | None) -> str:
         """What the stage does, in a few words."""
-        return f"SkipNet hybrid RL (alpha {self.alpha:g}, rl_weight {self.rl_weight:g}, gamma {self.gamma:g})"
+        return (f"SkipNet hybrid RL (alpha {self.alpha:g}, rl_weight {self.rl_weight:g} on the batch "
+                f"{self.rl_reduction}, gamma {self.gamma:g})")
 
 
 @dataclass(frozen=True)

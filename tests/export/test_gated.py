@@ -14,6 +14,7 @@ import torch
 from micronet import models
 from micronet.compress import deploy_form
 from micronet.export import export_onnx
+from micronet.export.gated import verify_gates
 from tests.export.conftest import compressed
 
 TINY = "pyramidskipnet:depth=20,alpha=8"  # 3 gates
@@ -59,6 +60,7 @@ def test_exported_gates_and_top1_match_pytorch_on_every_input(tmp_path, compress
     n = 512 if compress else 128
     report = export_onnx(model, tmp_path / "m.onnx", samples=n, data=_inputs(n), timing=False)
     assert any(note.startswith(f"gates: {n}/{n} samples") for note in report.notes), report.notes
+    assert any(note.endswith("decisions 64/64 in one batch of 64") for note in report.notes), report.notes
     assert any("at batch > 1 a block runs for the whole batch" in note for note in report.notes)
     proto = onnx.load(str(tmp_path / "m.onnx"))
     assert sum(n.op_type == "If" for n in proto.graph.node) == 3
@@ -75,6 +77,33 @@ def test_exported_gates_and_top1_match_pytorch_on_every_input(tmp_path, compress
     logits, gates = sess.run(None, {"input": x[:16].numpy()})
     np.testing.assert_array_equal(gates, want_gates[:16])
     np.testing.assert_allclose(logits, want_logits[:16], atol=1e-4)
+
+
+class _WrongWhenBatched:
+    """An onnxruntime session whose gate decisions are right at batch 1 and flipped for one image otherwise."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def run(self, names, feeds):
+        outputs = self.session.run(names, feeds)
+        if len(feeds["input"]) > 1:
+            outputs = [out.copy() for out in outputs]
+            outputs[names.index("gates")][3, 0] = 1 - outputs[names.index("gates")][3, 0]
+        return outputs
+
+
+def test_verify_gates_checks_one_batched_run_too(tmp_path):
+    model = _gated()
+    export_onnx(model, tmp_path / "m.onnx", samples=8, data=_inputs(8), timing=False)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = _inputs(40, seed=3)
+    good = verify_gates(sess, deploy_form(model), x, batch=16)
+    assert (good.batched_samples, good.batched_agree, good.failures) == (16, 16, [])
+    assert good.format().endswith("decisions 16/16 in one batch of 16")
+    bad = verify_gates(_WrongWhenBatched(sess), deploy_form(model), x, batch=16)
+    assert (bad.decisions_agree, bad.top1_agree, bad.batched_agree) == (40, 40, 15)  # batch 1 alone passes
+    assert bad.failures == ["gate decisions differ on 1/16 samples in one batch of 16"]
 
 
 def _executed_nodes(path, x: np.ndarray, prefix: str) -> list[str]:

@@ -141,6 +141,22 @@ def test_gate_penalty_and_task_loss_reach_the_controller_through_the_ste():
     assert model.controller.proj.bias.grad.abs().item() > 0
 
 
+def test_gate_probabilities_stay_float32_under_bf16_autocast():
+    # the amp stages (skip-sp, skip-rl) run the network under autocast; the controller must not follow it
+    model = _tiny().train()
+    nn.init.zeros_(model.controller.proj.weight)
+    nn.init.constant_(model.controller.proj.bias, 6.3)  # a confident gate
+    assert torch.sigmoid(torch.tensor(6.3, dtype=torch.bfloat16)).item() == 1.0  # bf16 would saturate here
+    expected = 1 / (1 + math.exp(-6.3))  # float64 oracle, 1 - p = 0.0018
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 32, 32))
+        p, _ = model.controller(torch.randn(2, 10, dtype=torch.bfloat16), None)
+    for probs in [*model.gate_probs, p]:
+        assert probs.dtype == torch.float32
+        assert (probs < 1).all() and torch.allclose(probs.double(), torch.full_like(probs.double(), expected),
+                                                    rtol=1e-6)
+
+
 def test_each_block_is_fx_traceable():
     model = _tiny().eval()
     x = torch.randn(2, 3, 32, 32)

@@ -46,9 +46,25 @@ def test_returns_and_loss_of_a_hand_made_episode():
     assert torch.allclose(gate_returns(actions, -ce, alpha, gamma), expected_returns)
     assert r == pytest.approx(0.1)
     log_pi = torch.tensor([[math.log(0.8), math.log(0.6)], [math.log(0.7), math.log(0.4)]])
+    # per image: -(log 0.8 * -0.315 + log 0.7 * -0.35) and -(log 0.6 * -1.43 + log 0.4 * -1.7)
+    image_0 = 0.315 * math.log(0.8) + 0.35 * math.log(0.7)
+    image_1 = 1.43 * math.log(0.6) + 1.7 * math.log(0.4)
     expected = -(log_pi * expected_returns).sum(0).mean()
-    loss = policy_gradient_loss(probs, actions, ce, alpha, gamma)
+    assert expected.item() == pytest.approx((image_0 + image_1) / 2)
+    loss = policy_gradient_loss(probs, actions, ce, alpha, gamma, reduction="mean")
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    # "sum" (the default, official SkipNet's action.reinforce): the images' terms added, batch-size times "mean"
+    summed = policy_gradient_loss(probs, actions, ce, alpha, gamma)
+    assert summed.item() == pytest.approx(image_0 + image_1, rel=1e-6)
+    # and so are the gradients: d/dp of -log pi * R is -R/p for a run gate, R/(1 - p) for a skipped one
+    summed.backward()
+    expected_grad = torch.tensor([[0.315 / 0.8, -1.43 / 0.6], [-0.35 / 0.7, -1.7 / 0.4]])
+    assert torch.allclose(probs.grad, expected_grad)
+    probs.grad = None
+    policy_gradient_loss(probs, actions, ce, alpha, gamma, reduction="mean").backward()
+    assert torch.allclose(probs.grad, expected_grad / 2)
+    with pytest.raises(ValueError, match="reduction"):
+        policy_gradient_loss(probs, actions, ce, alpha, gamma, reduction="max")
     # gamma = 1 (the default): returns are plain sums of the rewards still to come
     assert torch.allclose(gate_returns(actions, -ce, alpha), torch.tensor([[-0.4, -1.8], [-0.4, -1.9]]))
 
@@ -117,9 +133,10 @@ TOY = {
     "data": {"normalization": "cifar10", "holdout": 0.1},
     "augment": None,
     "train": {"batch_size": 32, "weight_decay": 0.0},
-    # rl_weight 1 and lr 0.05 (not the paper's 0.01 and 1e-4) so a few hundred steps suffice on the toy
+    # rl_weight 1/32 on the batch sum (= 1 on the batch mean at batch 32) and lr 0.05 (not the paper's 0.01 and
+    # 1e-4) so a few hundred steps suffice on the toy
     "stages": {"skip-sp": {"epochs": 3, "lr": 0.05},
-               "skip-rl": {"epochs": 12, "lr": 0.05, "alpha": 2.0, "rl_weight": 1.0}},
+               "skip-rl": {"epochs": 12, "lr": 0.05, "alpha": 2.0, "rl_weight": 1 / 32}},
 }
 
 
@@ -228,6 +245,11 @@ def test_eval_cli_reports_the_gates(rl_trained, cifar10_root, tmp_path):
     ({"model": "densenet_bc:depth=10,growth=4"}, "stage 'skip-sp' trains SkipNet gates, but DenseNet has none"),
     ({"stages": {"skip-rl": {"alpha": -0.1}}}, "alpha .* must be non-negative"),
     ({"stages": {"skip-rl": {"gamma": 1.5}}}, "gamma in \\[0, 1\\]"),
+    ({"stages": {"skip-rl": {"alpha": math.nan}}}, "alpha and rl_weight must be finite"),
+    ({"stages": {"skip-rl": {"alpha": math.inf}}}, "alpha and rl_weight must be finite"),
+    ({"stages": {"skip-rl": {"rl_weight": math.nan}}}, "alpha and rl_weight must be finite"),
+    ({"stages": {"skip-rl": {"rl_weight": math.inf}}}, "alpha and rl_weight must be finite"),
+    ({"stages": {"skip-rl": {"rl_reduction": "max"}}}, "rl_reduction must be one of sum, mean, got 'max'"),
 ])
 def test_bad_gate_recipes_fail_in_one_line_before_training(tmp_path, change, message):
     tree = {**TOY, **change}
@@ -236,6 +258,14 @@ def test_bad_gate_recipes_fail_in_one_line_before_training(tmp_path, change, mes
     with pytest.raises(MicronetError, match=message) as err:
         load_recipe(path)
     assert "\n" not in str(err.value)
+
+
+def test_shipped_recipes_reduce_the_rl_term_as_their_sources_did():
+    # official SkipNet (cifar/train_rl.py) sums REINFORCE over the batch; the PyramidNet entry averages it
+    official = load_recipe("skipnet-pyramidnet272").stage("skip-rl")
+    entry = load_recipe("skipnet-pyramidnet272-compressed").stage("skip-rl")
+    assert (official.rl_reduction, official.rl_weight, official.alpha) == ("sum", 0.01, 0.1)
+    assert (entry.rl_reduction, entry.rl_weight, entry.alpha) == ("mean", 0.01, 0.1)
 
 
 def test_skip_rl_from_a_plain_checkpoint_fails_before_training(cifar10_root, tmp_path):
