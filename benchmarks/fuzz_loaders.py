@@ -59,7 +59,7 @@ from micronet.io.untrusted import parse_json
 from micronet.scoring.policy import Policy as ScorePolicy
 from micronet.scoring.policy import resolve_policy
 from micronet.training.augment import POLICY_DIR, load_policy
-from micronet.training.augment import Policy as AugPolicy
+from micronet.training.augment import AugmentPolicy as AugPolicy
 from micronet.training.loop import check_training_state, restore_state, resume_state
 from micronet.training.recipe import RECIPE_DIR, Recipe, load_recipe
 

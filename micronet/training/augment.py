@@ -450,7 +450,7 @@ class PolicyOp:
 
 
 @dataclass(frozen=True)
-class Policy:
+class AugmentPolicy:
     """A list of sub-policies plus the level convention and geometric fill they were written for."""
 
     name: str
@@ -472,8 +472,8 @@ def _parse_fill(value, where: str) -> Fill:
     raise MicronetError(f"{where}: fill must be 'mean', 'black' or [r, g, b] in 0..255, not {value!r}")
 
 
-def parse_policy(obj, name: str = "policy") -> Policy:
-    """Validate a decoded policy JSON (bare list or object, see the module docstring) into a Policy."""
+def parse_policy(obj, name: str = "policy") -> AugmentPolicy:
+    """Validate a decoded policy JSON (bare list or object, see the module docstring) into a AugmentPolicy."""
     levels, fill = "fast-autoaugment", (0, 0, 0)
     weights, searched_on, metadata = None, None, {}
     if isinstance(obj, dict):
@@ -509,7 +509,7 @@ def parse_policy(obj, name: str = "policy") -> Policy:
                 raise MicronetError(f"{name}: sub-policy {i}: level {level!r} of {op} is not in [0, {top:g}]")
             ops.append(PolicyOp(op, float(p), float(level)))
         subs.append(tuple(ops))
-    return Policy(name, tuple(subs), levels, fill, _parse_weights(weights, len(subs), name), searched_on, metadata)
+    return AugmentPolicy(name, tuple(subs), levels, fill, _parse_weights(weights, len(subs), name), searched_on, metadata)
 
 
 _POLICY_KEYS = {"levels", "fill", "policy", "weights", "searched_on", "name", "description", "source", "license",
@@ -536,7 +536,7 @@ _TORCHVISION_SEARCHED_ON = {"autoaugment-cifar10": "cifar10"}
 CHALLENGE_TRACK_DATASETS = ("cifar100",)  # datasets that are MicroNet Challenge tracks (ImageNet is not read here)
 
 
-def check_track(policy: str | Policy | None, dataset: str, strict: bool = False) -> None:
+def check_track(policy: str | AugmentPolicy | None, dataset: str, strict: bool = False) -> None:
     """Warn (or, ``strict``, raise) when ``policy`` was searched on another dataset than the ``dataset`` track.
 
     The MicroNet Challenge rules let a CIFAR-100 entry use only augmentation policies searched on CIFAR-100
@@ -568,7 +568,7 @@ def available_policies() -> list[str]:
     return sorted(p.stem for p in POLICY_DIR.glob("*.json"))
 
 
-def load_policy(name_or_path: str | Path) -> Policy:
+def load_policy(name_or_path: str | Path) -> AugmentPolicy:
     """Load a policy JSON by shipped name (``micronet2019``) or by file path."""
     if "\0" in str(name_or_path):
         raise MicronetError(f"policy {str(name_or_path)[:60]!r} is not a valid name or path")
@@ -589,7 +589,7 @@ def load_policy(name_or_path: str | Path) -> Policy:
 
 
 class PolicyAugment:
-    """Apply a Policy to a uint8 batch: ``ops_per_image`` sub-policies drawn per image, in sequence.
+    """Apply an AugmentPolicy to a uint8 batch: ``ops_per_image`` sub-policies drawn per image, in sequence.
 
     Fully batched and free of host synchronisation: the policy becomes small per-device tables (op, probability,
     magnitude, signed) indexed by each image's drawn sub-policy; at every op position the geometric ops of all
@@ -598,7 +598,7 @@ class PolicyAugment:
     from the generator (copied to the device once), so a batch is a pure function of images and generator.
     """
 
-    def __init__(self, policy: Policy, ops_per_image: int = 1, fill: Fill | None = None,
+    def __init__(self, policy: AugmentPolicy, ops_per_image: int = 1, fill: Fill | None = None,
                  cuda_graph: bool = False) -> None:
         if ops_per_image < 1:
             raise MicronetError(f"ops_per_image must be at least 1, got {ops_per_image}")

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from micronet import io, models
 from micronet.data import ImageSet, Normalization
 from micronet.errors import MicronetError
-from micronet.training.augment import Augmentation, AugmentConfig, Policy, PolicyAugment, parse_policy
+from micronet.training.augment import Augmentation, AugmentConfig, AugmentPolicy, PolicyAugment, parse_policy
 from micronet.training.batches import Augment, BatchStream, derive_seed
 from micronet.training.loop import Runtime, StepContext, lr_at, prepare_input, train_epoch
 
@@ -134,7 +134,7 @@ def baseline_augmentation(settings: SearchSettings) -> Augmentation:
                                       cutout=settings.cutout))
 
 
-def with_policy(policy: Policy | None, baseline: Augmentation | None) -> Augment | None:
+def with_policy(policy: AugmentPolicy | None, baseline: Augmentation | None) -> Augment | None:
     """``policy`` followed by the baseline transforms (as Fast AA's and AWS's training pipelines order them)."""
     apply = PolicyAugment(policy) if policy is not None else None
     if apply is None:
@@ -148,8 +148,8 @@ def with_policy(policy: Policy | None, baseline: Augmentation | None) -> Augment
     return augment
 
 
-def make_policy(subpolicies: list[list[list]], name: str = "candidate", weights: list[float] | None = None) -> Policy:
-    """A Policy from plain ``[[op, probability, level], ...]`` sub-policies (Fast-AA levels)."""
+def make_policy(subpolicies: list[list[list]], name: str = "candidate", weights: list[float] | None = None) -> AugmentPolicy:
+    """An AugmentPolicy from plain ``[[op, probability, level], ...]`` sub-policies (Fast-AA levels)."""
     obj: dict[str, Any] = {"levels": "fast-autoaugment", "policy": subpolicies}
     if weights is not None:
         obj["weights"] = weights

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from micronet.errors import MicronetError
-from micronet.training.augment import Policy
+from micronet.training.augment import AugmentPolicy
 
 BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -16,7 +16,7 @@ def _bin(value: float, top: float) -> int:
     return min(int(x * (len(BINS) - 1)), len(BINS) - 2)
 
 
-def policy_summary(policy: Policy) -> dict[str, Any]:
+def policy_summary(policy: AugmentPolicy) -> dict[str, Any]:
     """Per op: how often it appears (count, and its share of all op slots, sub-policies weighted by their
     weights if any, so the shares sum to 1) and histograms of its probabilities and levels over five equal bins
     of [0, 1] ([0, 10] for TF levels)."""
