@@ -509,7 +509,8 @@ def parse_policy(obj, name: str = "policy") -> AugmentPolicy:
                 raise MicronetError(f"{name}: sub-policy {i}: level {level!r} of {op} is not in [0, {top:g}]")
             ops.append(PolicyOp(op, float(p), float(level)))
         subs.append(tuple(ops))
-    return AugmentPolicy(name, tuple(subs), levels, fill, _parse_weights(weights, len(subs), name), searched_on, metadata)
+    return AugmentPolicy(name, tuple(subs), levels, fill, _parse_weights(weights, len(subs), name), searched_on,
+                         metadata)
 
 
 _POLICY_KEYS = {"levels", "fill", "policy", "weights", "searched_on", "name", "description", "source", "license",

@@ -148,7 +148,8 @@ def with_policy(policy: AugmentPolicy | None, baseline: Augmentation | None) -> 
     return augment
 
 
-def make_policy(subpolicies: list[list[list]], name: str = "candidate", weights: list[float] | None = None) -> AugmentPolicy:
+def make_policy(subpolicies: list[list[list]], name: str = "candidate",
+                weights: list[float] | None = None) -> AugmentPolicy:
     """An AugmentPolicy from plain ``[[op, probability, level], ...]`` sub-policies (Fast-AA levels)."""
     obj: dict[str, Any] = {"levels": "fast-autoaugment", "policy": subpolicies}
     if weights is not None:
