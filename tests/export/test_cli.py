@@ -87,6 +87,7 @@ def test_errors_are_one_line(tmp_path):
     existing.write_bytes(b"keep me")
     res = _run("export", str(path), "-o", str(existing), "--model", "densenet_bc:depth=10,growth=4")
     assert res.exit_code == 2 and "--force" in res.output and res.output.strip().count("\n") == 0
+    assert "force=True" not in res.output  # CLI wording, not the Python keyword
     assert existing.read_bytes() == b"keep me"
     nofile = _run("export", str(tmp_path / "absent.pt"), "-o", str(tmp_path / "a.onnx"))
     assert nofile.exit_code == 2 and "not found" in nofile.output
