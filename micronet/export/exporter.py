@@ -52,6 +52,7 @@ class ExportReport:
     fp32_bytes: int  # the same tensors stored as float32 (the fp32 checkpoint's payload)
     storage_bytes: int | None  # scorer's parameter storage: params (32-bit units) x 4 bytes
     checkpoint_bytes: int | None = None  # size of the checkpoint file exported from, if any
+    dense_file_bytes: int | None = None  # with sparse_weights: the file's size without bitmasks, for comparison
     exact: bool = False
     weights: list[WeightRecord] = field(default_factory=list)
     parity: _verify.ParityReport | None = None
@@ -78,7 +79,8 @@ class ExportReport:
             "path": self.path, "form": self.form, "sparse_weights": self.sparse_weights, "opset": self.opset,
             "ir_version": self.ir_version, "num_classes": self.num_classes, "exact": self.exact,
             "file_bytes": self.file_bytes, "fp32_bytes": self.fp32_bytes, "storage_bytes": self.storage_bytes,
-            "checkpoint_bytes": self.checkpoint_bytes, "weights": self.weight_summary(),
+            "checkpoint_bytes": self.checkpoint_bytes, "dense_file_bytes": self.dense_file_bytes,
+            "weights": self.weight_summary(),
             "parity": self.parity.to_dict() if self.parity else None,
             "latency_ms": None if self.latency is None else {
                 "device": self.latency.device,
@@ -87,6 +89,18 @@ class ExportReport:
             },
             "notes": self.notes,
         }
+
+    def sparse_warning(self) -> str | None:
+        """Why ``sparse_weights`` made the file bigger, or None when it did not (or was not asked for)."""
+        if self.dense_file_bytes is None or self.file_bytes <= self.dense_file_bytes:
+            return None
+        ws = self.weight_summary()
+        masked = sum(n for k, n in ws["tensors"].items() if k.startswith("bitmask"))
+        density = "" if ws["nonzero_fraction"] is None else f" ({ws['nonzero_fraction']:.0%} of codes non-zero)"
+        return (f"--sparse-weights made the file larger ({self.file_bytes:,} B vs {self.dense_file_bytes:,} B "
+                f"without it): the weights are too dense{density} for a mask to pay. A bitmask costs 1 bit per "
+                f"weight plus a decoder call and three initializers per tensor, so it saves bytes only on large, "
+                f"mostly-zero tensors; here {masked} tensor(s) were masked. Export without --sparse-weights.")
 
     def format(self) -> str:
         """Human-readable report."""
@@ -97,14 +111,16 @@ class ExportReport:
             f"wrote {self.path} ({self.form} form, opset {self.opset}, IR {self.ir_version}, "
             f"input [batch,{','.join(map(str, INPUT_SHAPE))}] -> logits [batch,{self.num_classes}])",
             f"  weights: {kinds}{density}",
-            f"  size: {self.file_bytes:,} B  | fp32 tensors {self.fp32_bytes:,} B "
-            f"({self.fp32_bytes / self.file_bytes:.2f}x larger)",
+            f"  size: ONNX file {self.file_bytes:,} B",
         ]
-        if self.checkpoint_bytes is not None:
-            lines.append(f"        checkpoint file {self.checkpoint_bytes:,} B")
-        if self.storage_bytes is not None:
-            lines.append(f"        scorer storage (params x 4 B) {self.storage_bytes:,} B "
-                         f"(file is {self.file_bytes / self.storage_bytes:.2f}x that)")
+        # Every other size is stated next to the ONNX file's, as "the ONNX file is N x that", so no ratio is left
+        # without the thing it compares with.
+        compared = [("the same tensors as fp32", self.fp32_bytes), ("checkpoint file", self.checkpoint_bytes),
+                    ("scorer storage (params x 4 B)", self.storage_bytes),
+                    ("without --sparse-weights", self.dense_file_bytes)]
+        for label, size in compared:
+            if size:
+                lines.append(f"        {label} {size:,} B (the ONNX file is {self.file_bytes / size:.2f}x that)")
         lines.append(self.parity.format() if self.parity else "parity: not verified (--no-verify)")
         if self.latency is not None:
             lines.append(self.latency.format())
@@ -210,6 +226,13 @@ def export_onnx(
 
     atomic_write(path, write_and_verify, force=force)  # the file appears only once it has passed verification
     report = reports[0]
+    if sparse_weights:
+        # A mask pays per tensor (chosen by payload size), but the decoder function and the extra initializers
+        # cost bytes too, so only the dense build's size can tell whether the flag helped.
+        report.dense_file_bytes = len(_build(deploy, form=form, opset=opset).model.SerializeToString())
+        warning = report.sparse_warning()
+        if warning:
+            report.notes.append(warning)
     if is_gated(deploy):
         report.notes.append(BATCH_NOTE)
     return report
