@@ -36,6 +36,17 @@ def test_yaml_policy_file(tmp_path):
     f.write_text("base: riair2019-t4\naccumulator: int_tree_final\nmask: cheapest\n")
     p = resolve_policy(str(f))
     assert (p.name, p.accumulator, p.mask, p.float_bits) == ("mine", "int_tree_final", "cheapest", 16)
+    # described by its base and exactly the fields that differ from it (mask: riair2019-t4 has "always")
+    assert p.description == "riair2019-t4 with accumulator=int_tree_final, mask=cheapest"
+    same = tmp_path / "same.yaml"
+    same.write_text("base: official\naccumulator: fp32\n")  # no field differs: the base's description holds
+    assert resolve_policy(str(same)).description == PRESETS["official"].description
+    res = CliRunner().invoke(main, ["score", "--model", "densenet_bc:depth=10,growth=4", "--policy", str(f),
+                                    "--set", "float_bits=32"])
+    assert res.exit_code == 0, res.output
+    assert "rules page" not in res.output and "2019 CIFAR-100 winner" not in res.output
+    assert "riair2019-t4 with accumulator=int_tree_final, mask=cheapest; then float_bits=32" in res.output
+    assert resolve_policy("official", {"float_bits": 16}).description == "official with float_bits=16"
 
 
 def test_freebie_halves_params_and_mults_not_adds():
