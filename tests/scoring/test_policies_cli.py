@@ -222,3 +222,14 @@ def test_ten_class_state_dict_of_the_published_skipnet_loads_and_scores(tmp_path
     assert loaded.fc.out_features == 10 and loaded.controller.proj.out_features == 1
     report = score(loaded, samples=1)
     assert report.params > 0 and report.gate_rates
+
+
+def test_whole_counts_print_as_integers_in_the_table():
+    res = CliRunner().invoke(main, ["score", "--model", "densenet_bc:depth=10,growth=4"])
+    assert res.exit_code == 0, res.output
+    stem = next(line.split() for line in res.output.splitlines() if line.startswith("conv_stem "))
+    # hand count: 8x3x3x3 float weights, no bias; one multiply per weight per 32x32 output position
+    assert stem[-4:-2] == [f"{8 * 3 * 3 * 3:,}", f"{8 * 3 * 3 * 3 * 32 * 32:,}"]
+    assert not any(token.endswith(".0") or token.endswith(".00") for token in res.output.split())
+    params = next(line for line in res.output.splitlines() if line.startswith("params "))
+    assert params.split()[1] == f"{int(score(models.create('densenet_bc:depth=10,growth=4')).params):,}"
