@@ -34,6 +34,7 @@ from micronet.export import verify as _verify
 from micronet.export.gated import BATCH_NOTE, build_gated_graph, is_gated, verify_gates
 from micronet.export.graph import BuiltGraph, WeightRecord, build_graph
 from micronet.io import atomic_write, check_output_path
+from micronet.progress import progress_bar
 
 INPUT_SHAPE = (3, 32, 32)
 
@@ -180,6 +181,7 @@ def export_onnx(
     force: bool = False,
     timing: bool = True,
     storage_bytes: int | None = None,
+    progress: bool = False,
 ) -> ExportReport:
     """Export ``model`` (training, integer or float form) to a verified single-file ONNX model at ``path``.
 
@@ -189,20 +191,38 @@ def export_onnx(
     batches, or a CIFAR-100 directory; else synthetic) and dynamic batch in onnxruntime on ``device``;
     raises MicronetError and writes nothing if any check fails. ``timing``: add the latency table.
     ``storage_bytes``: the challenge's storage figure (scored params x 4 B) to compare the file with.
+    ``progress``: a status bar over the export's steps and the verification (off by default; the CLI shows it on a
+    terminal).
     """
     path = Path(path)
     _check_output_path(path, force)
     if device not in ("cpu", "cuda"):
         raise MicronetError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
+    steps = 3 + bool(verify) + bool(verify and timing) + bool(sparse_weights)
+    bar = progress_bar(steps, "export: deploy form and graph", progress, unit="step")
+    try:
+        return _export(model, path, bar, form=form, sparse_weights=sparse_weights, opset=opset, verify=verify,
+                       device=device, samples=samples, data=data, force=force, timing=timing,
+                       storage_bytes=storage_bytes, progress=progress)
+    finally:
+        bar.close()
+
+
+def _export(model: nn.Module, path: Path, bar: Any, *, form: str, sparse_weights: bool, opset: int, verify: bool,
+            device: str, samples: int, data: Any, force: bool, timing: bool, storage_bytes: int | None,
+            progress: bool) -> ExportReport:
     inputs, source = _inputs(samples, data) if verify else (None, "")
     deploy = deploy_form(model)
     built = _build(deploy, form=form, sparse_weights=sparse_weights, opset=opset)
+    bar.update()
+    bar.set_description("export: ONNX checker")
     try:
         onnx.checker.check_model(built.model, full_check=True)
     except onnx.checker.ValidationError as exc:  # a bug here, not a user error, but say it plainly
         first = str(exc).strip().splitlines()[0]
         raise MicronetError(f"the generated ONNX model fails the ONNX checker: {first}") from None
     payload = built.model.SerializeToString()
+    bar.update()
 
     reports: list[ExportReport] = []
 
@@ -211,7 +231,10 @@ def export_onnx(
         tmp.write_bytes(payload)
         report = _report(path, built, deploy, opset, sparse_weights, len(payload), storage_bytes)
         if verify:
-            report.parity = _verify.verify(tmp, deploy, built, inputs, source=source, device=device)
+            bar.set_description("export: verification in onnxruntime")
+            report.parity = _verify.verify(tmp, deploy, built, inputs, source=source, device=device,
+                                           progress=progress)
+            bar.update()
             if is_gated(deploy):  # decisions and top-1 per image at batch 1, where the If really skips
                 gates = verify_gates(_verify.make_session(tmp, device), deploy, inputs)
                 report.parity.failures.extend(gates.failures)
@@ -221,15 +244,21 @@ def export_onnx(
                     f"ONNX export failed verification, no file written: {'; '.join(report.parity.failures[:3])}"
                 )
             if timing:
+                bar.set_description("export: timing")
                 report.latency = _verify.measure_latency(tmp, deploy, device=device)
+                bar.update()
         reports.append(report)
 
+    bar.set_description("export: writing")
     atomic_write(path, write_and_verify, force=force)  # the file appears only once it has passed verification
+    bar.update()
     report = reports[0]
     if sparse_weights:
+        bar.set_description("export: dense build for the size comparison")
         # A mask pays per tensor (chosen by payload size), but the decoder function and the extra initializers
         # cost bytes too, so only the dense build's size can tell whether the flag helped.
         report.dense_file_bytes = len(_build(deploy, form=form, opset=opset).model.SerializeToString())
+        bar.update()
         warning = report.sparse_warning()
         if warning:
             report.notes.append(warning)
@@ -270,8 +299,10 @@ def verify_onnx(
     samples: int = 512,
     data: Any = None,
     form: str | None = None,
+    progress: bool = False,
 ) -> _verify.ParityReport:
-    """Verify an existing ONNX file against ``model``; mismatches are reported (``.passed``), not raised."""
+    """Verify an existing ONNX file against ``model``; mismatches are reported (``.passed``), not raised
+    (``progress``: a bar over the checks)."""
     path = Path(path)
     if not path.is_file():
         raise MicronetError(f"file not found: {path}")
@@ -282,7 +313,7 @@ def verify_onnx(
     # Rebuilding (in memory) gives the weight list and whether the graph must be bit-exact.
     built = _build(deploy, form=form)
     inputs, source = _inputs(samples, data)
-    report = _verify.verify(path, deploy, built, inputs, source=source, device=device)
+    report = _verify.verify(path, deploy, built, inputs, source=source, device=device, progress=progress)
     if is_gated(deploy):
         gates = verify_gates(_verify.make_session(path, device), deploy, inputs)
         report.failures.extend(gates.failures)

@@ -117,3 +117,19 @@ def test_size_lines_name_what_they_compare_with_and_a_useless_mask_is_flagged(tm
     assert flagged == (sparse_size > dense_size)
     if flagged:
         assert "too dense" in res.output and "for a mask to pay" in res.output
+
+
+def test_export_verification_shows_a_status_bar_only_when_asked(tmp_path, capsys):
+    from micronet.export import export_onnx
+
+    torch.manual_seed(0)
+    net = compressed(models.create("densenet_bc:depth=10,growth=4"))
+    export_onnx(net, tmp_path / "quiet.onnx", samples=70, timing=False)
+    assert capsys.readouterr().err == ""  # off by default in the library
+    report = export_onnx(net, tmp_path / "shown.onnx", samples=70, timing=False, progress=True)
+    err = capsys.readouterr().err
+    assert report.parity.passed
+    assert "export verification" in err and "export: ONNX checker" in err
+    # its length: 1 weight check + 2 x 2 batches of 64 (PyTorch, onnxruntime) + 3 dynamic-batch checks; the steps:
+    # graph, checker, verification, writing
+    assert "0/8" in err and "0/4" in err
