@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 from micronet.compress import state
 from micronet.compress.parametrizations import ActQuantizer, WeightQuantizer
 from micronet.errors import MicronetError
+from micronet.progress import progress_bar
 
 CALIBRATION_METHODS = ("max", "percentile", "mse")
 
@@ -111,8 +112,9 @@ def refit_weight_scales_(model: nn.Module) -> None:
 
 
 def quantize_(model: nn.Module, config: QuantConfig, calibration_data: Iterable[Tensor] | Tensor | None = None,
-              ) -> nn.Module:
-    """Attach weight and activation quantizers per ``config`` (in place); calibrate if data is given."""
+              *, progress: bool = False) -> nn.Module:
+    """Attach weight and activation quantizers per ``config`` (in place); calibrate if data is given (``progress``:
+    a bar over the calibration batches)."""
     first = state.first_conv_name(model)
     convs = state.select_layers(model, ("conv",), config.include, config.exclude)
     fcs = state.select_layers(model, ("fc",), config.include, config.exclude)
@@ -129,14 +131,19 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration_data: Iterable[
         if config.act_bits is not None and config.quantize_fc_input:
             attach_input_quantizer(module, _act_quantizer(config))
     if calibration_data is not None:
-        calibrate_activations_(model, calibration_data)
+        calibrate_activations_(model, calibration_data, progress=progress)
     return model
 
 
-def _run(model: nn.Module, batches: list, device: torch.device) -> None:
-    for batch in batches:
-        x = batch[0] if isinstance(batch, tuple | list) else batch
-        model(x.to(device))
+def _run(model: nn.Module, batches: list, device: torch.device, desc: str, progress: bool) -> None:
+    bar = progress_bar(len(batches), desc, progress, unit="batch")
+    try:
+        for batch in batches:
+            x = batch[0] if isinstance(batch, tuple | list) else batch
+            model(x.to(device))
+            bar.update()
+    finally:
+        bar.close()
 
 
 def _act_quantizer(config: QuantConfig) -> ActQuantizer:
@@ -146,10 +153,11 @@ def _act_quantizer(config: QuantConfig) -> ActQuantizer:
 
 @torch.no_grad()
 def calibrate_activations_(model: nn.Module, data: Iterable[Tensor] | Tensor, *, only_uncalibrated: bool = False,
-                           ) -> int:
+                           progress: bool = False) -> int:
     """Run ``data`` (a batch or an iterable of batches) through ``model`` in eval mode to set activation steps.
 
     Returns the number of quantizers calibrated. The model's train/eval modes are restored afterwards.
+    ``progress``: show a tqdm bar over the batches (off by default in the library; the CLI turns it on on a TTY).
     """
     quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)
                   and not (only_uncalibrated and bool(m.calibrated))]
@@ -164,7 +172,7 @@ def calibrate_activations_(model: nn.Module, data: Iterable[Tensor] | Tensor, *,
             for q in quantizers:
                 q.calibrating = True
             model.eval()
-            _run(model, batches, device)
+            _run(model, batches, device, "activation calibration", progress)
             unseen = [q for q in quantizers if not q._samples]
             if unseen:
                 # Conditional networks (SkipNet) skip blocks at eval; in train mode every block runs. BatchNorm
@@ -175,7 +183,7 @@ def calibrate_activations_(model: nn.Module, data: Iterable[Tensor] | Tensor, *,
                 for m in model.modules():
                     if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout):
                         m.eval()
-                _run(model, batches, device)
+                _run(model, batches, device, "activation calibration (blocks skipped at eval)", progress)
             for q in quantizers:
                 q.finish_calibration_()
         finally:

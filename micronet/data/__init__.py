@@ -5,6 +5,7 @@ from micronet.data.datasets import (
     ImageSet,
     dataset_stats,
     detect_layout,
+    holdout_amount,
     load_dataset,
     split_holdout,
     stratified_splits,
@@ -25,6 +26,7 @@ from micronet.data.normalization import (
 
 __all__ = [
     "DATASETS", "NORMALIZATIONS", "TRAIN_STATS", "ImageSet", "Normalization", "dataset_stats", "detect_layout",
-    "get_normalization", "host_to_device", "load_dataset", "normalization_from_record", "normalization_record",
+    "get_normalization", "holdout_amount", "host_to_device", "load_dataset", "normalization_from_record",
+    "normalization_record",
     "split_holdout", "stratified_splits", "subsample", "test_images", "train_stats", "training_split",
 ]

@@ -15,6 +15,7 @@ float on its device. Pickles go through a restricted unpickler: no code in a dat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,9 +210,22 @@ def load_dataset(root: str | Path, split: str, dataset: str = "auto", download: 
     return _load_folder(root, split) if layout == "folder" else _load_cifar(root, layout, split)
 
 
+def holdout_amount(value: Any, name: str = "holdout") -> int | float:
+    """``value`` as a held-out amount: a fraction in [0, 1) stays a float, a whole count >= 1 becomes an int (so
+    it prints as ``5000``, not ``5000.0``); anything else is a one-line error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise MicronetError(f"{name} must be a fraction below 1 or a whole image count, not {value!r}")
+    if value < 1:
+        return float(value)
+    if value != int(value):
+        raise MicronetError(f"{name} must be a fraction below 1 or a whole image count, not {value!r}")
+    return int(value)
+
+
 def split_holdout(data: ImageSet, holdout: float, seed: int = 0) -> tuple[ImageSet, ImageSet]:
     """Stratified split into ``(train, validation)``; ``holdout`` is a fraction (<1) or an image count."""
     n = len(data)
+    holdout = holdout_amount(holdout)
     fraction = holdout if holdout < 1 else holdout / max(n, 1)
     if not 0 <= fraction < 1:
         raise MicronetError(f"holdout {holdout} leaves no training images out of {n}")

@@ -34,6 +34,7 @@ from micronet.export import verify as _verify
 from micronet.export.gated import BATCH_NOTE, build_gated_graph, is_gated, verify_gates
 from micronet.export.graph import BuiltGraph, WeightRecord, build_graph
 from micronet.io import atomic_write, check_output_path
+from micronet.progress import progress_bar
 
 INPUT_SHAPE = (3, 32, 32)
 
@@ -52,6 +53,7 @@ class ExportReport:
     fp32_bytes: int  # the same tensors stored as float32 (the fp32 checkpoint's payload)
     storage_bytes: int | None  # scorer's parameter storage: params (32-bit units) x 4 bytes
     checkpoint_bytes: int | None = None  # size of the checkpoint file exported from, if any
+    dense_file_bytes: int | None = None  # with sparse_weights: the file's size without bitmasks, for comparison
     exact: bool = False
     weights: list[WeightRecord] = field(default_factory=list)
     parity: _verify.ParityReport | None = None
@@ -78,7 +80,8 @@ class ExportReport:
             "path": self.path, "form": self.form, "sparse_weights": self.sparse_weights, "opset": self.opset,
             "ir_version": self.ir_version, "num_classes": self.num_classes, "exact": self.exact,
             "file_bytes": self.file_bytes, "fp32_bytes": self.fp32_bytes, "storage_bytes": self.storage_bytes,
-            "checkpoint_bytes": self.checkpoint_bytes, "weights": self.weight_summary(),
+            "checkpoint_bytes": self.checkpoint_bytes, "dense_file_bytes": self.dense_file_bytes,
+            "weights": self.weight_summary(),
             "parity": self.parity.to_dict() if self.parity else None,
             "latency_ms": None if self.latency is None else {
                 "device": self.latency.device,
@@ -87,6 +90,18 @@ class ExportReport:
             },
             "notes": self.notes,
         }
+
+    def sparse_warning(self) -> str | None:
+        """Why ``sparse_weights`` made the file bigger, or None when it did not (or was not asked for)."""
+        if self.dense_file_bytes is None or self.file_bytes <= self.dense_file_bytes:
+            return None
+        ws = self.weight_summary()
+        masked = sum(n for k, n in ws["tensors"].items() if k.startswith("bitmask"))
+        density = "" if ws["nonzero_fraction"] is None else f" ({ws['nonzero_fraction']:.0%} of codes non-zero)"
+        return (f"--sparse-weights made the file larger ({self.file_bytes:,} B vs {self.dense_file_bytes:,} B "
+                f"without it): the weights are too dense{density} for a mask to pay. A bitmask costs 1 bit per "
+                f"weight plus a decoder call and three initializers per tensor, so it saves bytes only on large, "
+                f"mostly-zero tensors; here {masked} tensor(s) were masked. Export without --sparse-weights.")
 
     def format(self) -> str:
         """Human-readable report."""
@@ -97,14 +112,16 @@ class ExportReport:
             f"wrote {self.path} ({self.form} form, opset {self.opset}, IR {self.ir_version}, "
             f"input [batch,{','.join(map(str, INPUT_SHAPE))}] -> logits [batch,{self.num_classes}])",
             f"  weights: {kinds}{density}",
-            f"  size: {self.file_bytes:,} B  | fp32 tensors {self.fp32_bytes:,} B "
-            f"({self.fp32_bytes / self.file_bytes:.2f}x larger)",
+            f"  size: ONNX file {self.file_bytes:,} B",
         ]
-        if self.checkpoint_bytes is not None:
-            lines.append(f"        checkpoint file {self.checkpoint_bytes:,} B")
-        if self.storage_bytes is not None:
-            lines.append(f"        scorer storage (params x 4 B) {self.storage_bytes:,} B "
-                         f"(file is {self.file_bytes / self.storage_bytes:.2f}x that)")
+        # Every other size is stated next to the ONNX file's, as "the ONNX file is N x that", so no ratio is left
+        # without the thing it compares with.
+        compared = [("the same tensors as fp32", self.fp32_bytes), ("checkpoint file", self.checkpoint_bytes),
+                    ("scorer storage (params x 4 B)", self.storage_bytes),
+                    ("without --sparse-weights", self.dense_file_bytes)]
+        for label, size in compared:
+            if size:
+                lines.append(f"        {label} {size:,} B (the ONNX file is {self.file_bytes / size:.2f}x that)")
         lines.append(self.parity.format() if self.parity else "parity: not verified (--no-verify)")
         if self.latency is not None:
             lines.append(self.latency.format())
@@ -164,6 +181,7 @@ def export_onnx(
     force: bool = False,
     timing: bool = True,
     storage_bytes: int | None = None,
+    progress: bool = False,
 ) -> ExportReport:
     """Export ``model`` (training, integer or float form) to a verified single-file ONNX model at ``path``.
 
@@ -173,20 +191,38 @@ def export_onnx(
     batches, or a CIFAR-100 directory; else synthetic) and dynamic batch in onnxruntime on ``device``;
     raises MicronetError and writes nothing if any check fails. ``timing``: add the latency table.
     ``storage_bytes``: the challenge's storage figure (scored params x 4 B) to compare the file with.
+    ``progress``: a status bar over the export's steps and the verification (off by default; the CLI shows it on a
+    terminal).
     """
     path = Path(path)
     _check_output_path(path, force)
     if device not in ("cpu", "cuda"):
         raise MicronetError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
+    steps = 3 + bool(verify) + bool(verify and timing) + bool(sparse_weights)
+    bar = progress_bar(steps, "export: deploy form and graph", progress, unit="step")
+    try:
+        return _export(model, path, bar, form=form, sparse_weights=sparse_weights, opset=opset, verify=verify,
+                       device=device, samples=samples, data=data, force=force, timing=timing,
+                       storage_bytes=storage_bytes, progress=progress)
+    finally:
+        bar.close()
+
+
+def _export(model: nn.Module, path: Path, bar: Any, *, form: str, sparse_weights: bool, opset: int, verify: bool,
+            device: str, samples: int, data: Any, force: bool, timing: bool, storage_bytes: int | None,
+            progress: bool) -> ExportReport:
     inputs, source = _inputs(samples, data) if verify else (None, "")
     deploy = deploy_form(model)
     built = _build(deploy, form=form, sparse_weights=sparse_weights, opset=opset)
+    bar.update()
+    bar.set_description("export: ONNX checker")
     try:
         onnx.checker.check_model(built.model, full_check=True)
     except onnx.checker.ValidationError as exc:  # a bug here, not a user error, but say it plainly
         first = str(exc).strip().splitlines()[0]
         raise MicronetError(f"the generated ONNX model fails the ONNX checker: {first}") from None
     payload = built.model.SerializeToString()
+    bar.update()
 
     reports: list[ExportReport] = []
 
@@ -195,7 +231,10 @@ def export_onnx(
         tmp.write_bytes(payload)
         report = _report(path, built, deploy, opset, sparse_weights, len(payload), storage_bytes)
         if verify:
-            report.parity = _verify.verify(tmp, deploy, built, inputs, source=source, device=device)
+            bar.set_description("export: verification in onnxruntime")
+            report.parity = _verify.verify(tmp, deploy, built, inputs, source=source, device=device,
+                                           progress=progress)
+            bar.update()
             if is_gated(deploy):  # decisions and top-1 per image at batch 1, where the If really skips
                 gates = verify_gates(_verify.make_session(tmp, device), deploy, inputs)
                 report.parity.failures.extend(gates.failures)
@@ -205,11 +244,24 @@ def export_onnx(
                     f"ONNX export failed verification, no file written: {'; '.join(report.parity.failures[:3])}"
                 )
             if timing:
+                bar.set_description("export: timing")
                 report.latency = _verify.measure_latency(tmp, deploy, device=device)
+                bar.update()
         reports.append(report)
 
+    bar.set_description("export: writing")
     atomic_write(path, write_and_verify, force=force)  # the file appears only once it has passed verification
+    bar.update()
     report = reports[0]
+    if sparse_weights:
+        bar.set_description("export: dense build for the size comparison")
+        # A mask pays per tensor (chosen by payload size), but the decoder function and the extra initializers
+        # cost bytes too, so only the dense build's size can tell whether the flag helped.
+        report.dense_file_bytes = len(_build(deploy, form=form, opset=opset).model.SerializeToString())
+        bar.update()
+        warning = report.sparse_warning()
+        if warning:
+            report.notes.append(warning)
     if is_gated(deploy):
         report.notes.append(BATCH_NOTE)
     return report
@@ -247,8 +299,10 @@ def verify_onnx(
     samples: int = 512,
     data: Any = None,
     form: str | None = None,
+    progress: bool = False,
 ) -> _verify.ParityReport:
-    """Verify an existing ONNX file against ``model``; mismatches are reported (``.passed``), not raised."""
+    """Verify an existing ONNX file against ``model``; mismatches are reported (``.passed``), not raised
+    (``progress``: a bar over the checks)."""
     path = Path(path)
     if not path.is_file():
         raise MicronetError(f"file not found: {path}")
@@ -259,7 +313,7 @@ def verify_onnx(
     # Rebuilding (in memory) gives the weight list and whether the graph must be bit-exact.
     built = _build(deploy, form=form)
     inputs, source = _inputs(samples, data)
-    report = _verify.verify(path, deploy, built, inputs, source=source, device=device)
+    report = _verify.verify(path, deploy, built, inputs, source=source, device=device, progress=progress)
     if is_gated(deploy):
         gates = verify_gates(_verify.make_session(path, device), deploy, inputs)
         report.failures.extend(gates.failures)

@@ -23,6 +23,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -35,6 +36,7 @@ from micronet.errors import MicronetError
 from micronet.export import encoding
 from micronet.export.builder import INPUT_NAME, OUTPUT_NAME
 from micronet.export.graph import BuiltGraph
+from micronet.progress import progress_bar
 
 ATOL = 1e-4  # per-logit tolerance of the statistical check
 MIN_WITHIN = 0.99  # fraction of samples that must be within ATOL
@@ -176,12 +178,17 @@ def _input_shape(onnx_model: onnx.ModelProto) -> tuple[int, ...]:
     return tuple(int(d.dim_value) for d in dims)
 
 
-def _run_ort(sess, x: np.ndarray, batch: int = BATCH) -> np.ndarray:
-    return np.concatenate([sess.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + batch]})[0]
-                           for i in range(0, len(x), batch)])
+def _run_ort(sess, x: np.ndarray, batch: int = BATCH, bar: Any = None) -> np.ndarray:
+    outs = []
+    for i in range(0, len(x), batch):
+        outs.append(sess.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + batch]})[0])
+        if bar is not None:
+            bar.update()
+    return np.concatenate(outs)
 
 
-def _run_torch(model: nn.Module, x: torch.Tensor, dev: torch.device, batch: int = BATCH) -> np.ndarray:
+def _run_torch(model: nn.Module, x: torch.Tensor, dev: torch.device, batch: int = BATCH, bar: Any = None,
+               ) -> np.ndarray:
     outs = []
     # The reference must be true fp32: TF32 convs/matmuls (PyTorch's cuDNN default) round float inputs.
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -190,6 +197,8 @@ def _run_torch(model: nn.Module, x: torch.Tensor, dev: torch.device, batch: int 
         with torch.inference_mode():
             for i in range(0, len(x), batch):
                 outs.append(model(x[i : i + batch].to(dev)).float().cpu())
+                if bar is not None:
+                    bar.update()
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     return torch.cat(outs).numpy()
@@ -233,8 +242,20 @@ def verify(
     *,
     source: str = "synthetic",
     device: str = "cpu",
+    progress: bool = False,
 ) -> ParityReport:
-    """Run all checks on the file at ``path`` against the integer-form ``reference`` model."""
+    """Run all checks on the file at ``path`` against the integer-form ``reference`` model (``progress``: a bar
+    over the weight check, the PyTorch and onnxruntime batches and the dynamic-batch checks)."""
+    batches = -(-len(inputs) // BATCH)
+    bar = progress_bar(1 + 2 * batches + len(BATCH_CHECKS), "export verification: weights", progress, unit="step")
+    try:
+        return _verify(path, reference, built, inputs, source, device, bar)
+    finally:
+        bar.close()
+
+
+def _verify(path: str | Path, reference: nn.Module, built: BuiltGraph, inputs: torch.Tensor, source: str,
+            device: str, bar: Any) -> ParityReport:
     onnx_model = onnx.load(str(path))
     sess = make_session(Path(path), device)
     report = ParityReport(
@@ -248,18 +269,23 @@ def verify(
                             + (" ..." if len(built.inexact_reasons) > 3 else ""))
     bad, report.weights_checked, report.scales_checked = check_weights(onnx_model, reference, built, device)
     report.failures.extend(bad)
+    bar.update()
 
     x = inputs.detach().float().cpu().contiguous()
     dev = _torch_device(device)
-    ref = _run_torch(reference.to(dev), x, dev)
-    ort_out = _run_ort(sess, x.numpy())
+    bar.set_description("export verification: PyTorch logits")
+    ref = _run_torch(reference.to(dev), x, dev, bar=bar)
+    bar.set_description("export verification: onnxruntime logits")
+    ort_out = _run_ort(sess, x.numpy(), bar=bar)
     compare_logits(ort_out, ref, report)
 
-    _check_batches(sess, x, ort_out, built.exact, report)
+    bar.set_description("export verification: dynamic batch")
+    _check_batches(sess, x, ort_out, built.exact, report, bar)
     return report
 
 
-def _check_batches(sess, x: torch.Tensor, ort_out: np.ndarray, exact: bool, report: ParityReport) -> None:
+def _check_batches(sess, x: torch.Tensor, ort_out: np.ndarray, exact: bool, report: ParityReport,
+                   bar: Any = None) -> None:
     """Small batches must reproduce the batch-64 rows: exactly in exact mode, else by the statistical rule.
 
     Convolution algorithms may change with the batch size, so a float-input layer can flip a rounding
@@ -268,6 +294,8 @@ def _check_batches(sess, x: torch.Tensor, ort_out: np.ndarray, exact: bool, repo
     rows = ort_out[: min(len(x), BATCH)]
     worst, checked, beyond, top1_bad = 0.0, 0, 0, 0
     for b in BATCH_CHECKS:
+        if bar is not None:
+            bar.update()
         if b > len(rows):
             continue
         got = sess.run([OUTPUT_NAME], {INPUT_NAME: x[:b].numpy()})[0]

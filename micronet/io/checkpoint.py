@@ -325,8 +325,10 @@ def _torch_load(path: Path) -> Any:
         detail = _unpickler_detail(str(exc))
         if "GLOBAL" in detail or "global" in detail:  # an object the safe unpickler will not rebuild
             raise MicronetError(f"refused to load {path}: it contains objects other than tensors ({detail})") from None
-        raise MicronetError(f"cannot read {path} as a PyTorch state_dict (not a weights file, or corrupted: "
-                            f"{detail})") from None
+        # Any other unpickling failure ("Unsupported operand 123", "Can only build Tensor...") means the bytes are
+        # not a torch.save stream at all; the unpickler's wording would mean nothing to the user.
+        raise MicronetError(f"{path} is not a weights file PyTorch can read (not saved by torch.save, or "
+                            "damaged)") from None
     except (RuntimeError, EOFError, OSError, ValueError, OverflowError, MemoryError) as exc:
         raise MicronetError(f"cannot read {path} as a PyTorch state_dict (truncated or corrupted?): "
                             f"{first_line(exc)}") from None

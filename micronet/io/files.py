@@ -104,7 +104,7 @@ def check_output_path(path: str | os.PathLike, force: bool) -> Path:
     if not stat.S_ISREG(info.st_mode):
         raise MicronetError(f"{path} is not a regular file (a device, FIFO or socket); refusing to replace it")
     if not force:
-        raise MicronetError(f"{path} already exists; pass --force (force=True) to overwrite it")
+        raise MicronetError(f"{path} already exists; pass --force to overwrite it")
     return path
 
 
@@ -144,7 +144,7 @@ def _link_no_clobber(tmp: str, path: Path) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise MicronetError(f"{path} already exists (written meanwhile by someone else); pass --force (force=True) "
+        raise MicronetError(f"{path} already exists (written meanwhile by someone else); pass --force "
                             "to overwrite it") from None
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
@@ -154,7 +154,7 @@ def _link_no_clobber(tmp: str, path: Path) -> None:
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except FileExistsError:
-            raise MicronetError(f"{path} already exists; pass --force (force=True) to overwrite it") from None
+            raise MicronetError(f"{path} already exists; pass --force to overwrite it") from None
         os.replace(tmp, path)
 
 

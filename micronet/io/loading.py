@@ -188,8 +188,10 @@ def _holds_pickled_objects(path: Path) -> bool:
     """Whether torch's safe (weights-only) unpickler refused the file for holding objects other than tensors."""
     try:
         torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        return True
+    except pickle.UnpicklingError as exc:
+        # Only a refused GLOBAL means "real objects inside"; other unpickling errors ("Unsupported operand 123")
+        # mean the bytes are no pickle at all, and --trust-pickle would not help.
+        return "global" in str(exc).lower()
     except Exception:  # truncated, not a torch file at all, ...: the caller's own error says so
         return False
     return False

@@ -222,6 +222,13 @@ def with_overrides(policy: Policy, overrides: dict[str, Any]) -> Policy:
         return policy
     if "name" not in clean:
         clean["name"] = policy.name + "+" + ",".join(f"{k}={v}" for k, v in clean.items())
+    changed = {k: v for k, v in clean.items() if k not in ("name", "description") and getattr(policy, k) != v}
+    if "description" not in clean and changed:
+        # The base's description no longer holds once a field differs (a custom YAML policy described as "rules
+        # page + reference counter" misleads); say what it is instead: the base and exactly what differs.
+        what = ", ".join(f"{k}={v}" for k, v in changed.items())
+        preset = PRESETS.get(policy.name) == policy
+        clean["description"] = f"{policy.name} with {what}" if preset else f"{policy.description}; then {what}"
     return replace(policy, **clean)
 
 

@@ -43,6 +43,13 @@ def _num(x: Fraction | int) -> float | int:
     return int(x)
 
 
+def _count(x: Fraction | int | float, places: int = 1) -> str:
+    """A count for people: ``1,234`` when whole, else ``1,234.6`` (``places`` decimals); never ``1,234.0``."""
+    if x == int(x):
+        return f"{int(x):,}"
+    return f"{float(x):,.{places}f}"
+
+
 @dataclass
 class LayerRow:
     """Costs charged to one (module, op kind) pair; counts are per example."""
@@ -268,8 +275,7 @@ class ScoreReport:
         """Human-readable report: per-layer table, totals by kind, totals and the score."""
         from tabulate import tabulate
 
-        def fmt(x: Fraction) -> str:
-            return f"{float(x):,.1f}" if x else "0"
+        fmt = _count
 
         rows = self.layers if max_rows is None else self.layers[:max_rows]
         body = [
@@ -295,10 +301,10 @@ class ScoreReport:
         kinds = [
             [
                 k,
-                f"{v['params']:,.1f}",
-                f"{v['mults']:,.1f}",
-                f"{v['adds']:,.1f}",
-                f"{v['ops']:,.1f}",
+                _count(v["params"]),
+                _count(v["mults"]),
+                _count(v["adds"]),
+                _count(v["ops"]),
                 v["layers"],
             ]
             for k, v in self.by_kind().items()
@@ -319,10 +325,10 @@ class ScoreReport:
             f"{self.track.baseline_params:,} params, {self.track.baseline_ops:,} ops"
         )
         parts.append(
-            f"params  {float(self.params):,.2f}  (32-bit units)   param score {self.param_score:.6f}"
+            f"params  {_count(self.params, 2)}  (32-bit units)   param score {self.param_score:.6f}"
         )
         parts.append(
-            f"ops     {float(self.ops):,.2f}  = mults {float(self.mults):,.2f} + adds {float(self.adds):,.2f}"
+            f"ops     {_count(self.ops, 2)}  = mults {_count(self.mults, 2)} + adds {_count(self.adds, 2)}"
             f"  (32-bit units per example; raw {int(self.mults_raw):,} mults, {int(self.adds_raw):,} adds)"
             f"   op score {self.op_score:.6f}"
         )
@@ -335,10 +341,10 @@ class ScoreReport:
         if self.dynamic is not None:
             d = self.dynamic.to_dict(self.track, self.params)
             parts.append(f"dynamic score: {d['label']}")
-            parts.append(f"worst case (every gate open): ops {float(self.dynamic.worst_ops):,.2f}   "
+            parts.append(f"worst case (every gate open): ops {_count(self.dynamic.worst_ops, 2)}   "
                          f"op score {d['worst_case_op_score']:.6f}   score {d['worst_case_score']:.6f}")
-            parts.append(f"gate network (included above): ops {float(self.dynamic.gate_ops):,.2f}   "
-                         f"params {float(self.dynamic.gate_params):,.2f}")
+            parts.append(f"gate network (included above): ops {_count(self.dynamic.gate_ops, 2)}   "
+                         f"params {_count(self.dynamic.gate_params, 2)}")
         for gate, rate in self.gate_rates.items():
             parts.append(f"gate {gate}: executed for {rate:.1%} of examples")
         if self.unknown_ops:
@@ -347,7 +353,7 @@ class ScoreReport:
         for d in self.dead:
             parts.append(
                 f"dead: {d['module'] or '(root)'} {d['op']} x{d['count']}: result never reaches the output, not "
-                f"charged (would cost {d['ops']:,.1f} ops, {d['params']:,.1f} params)"
+                f"charged (would cost {_count(d['ops'])} ops, {_count(d['params'])} params)"
             )
         parts.extend(f"note: {n}" for n in self.notes)
         return "\n".join(parts)

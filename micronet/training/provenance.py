@@ -115,7 +115,8 @@ def stage_provenance(stage: str, recipe: Recipe, *, model: str, num_classes: int
         "settings": _canonical(cfg),
         "recipe": {
             "dataset": recipe.dataset, "seed": recipe.seed, "normalization": recipe.normalization,
-            "holdout": recipe.holdout, "holdout_seed": recipe.holdout_seed, "subsample": recipe.subsample,
+            "holdout": float(recipe.holdout),  # float: fingerprints of runs made before counts were ints stay valid
+            "holdout_seed": recipe.holdout_seed, "subsample": recipe.subsample,
             "subsample_seed": recipe.subsample_seed,
             "augment": _canonical(recipe.augment) if recipe.augment is not None else None,
         },

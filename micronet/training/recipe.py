@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from micronet import models
-from micronet.data import DATASETS, NORMALIZATIONS, TRAIN_STATS
+from micronet.data import DATASETS, NORMALIZATIONS, TRAIN_STATS, holdout_amount
 from micronet.errors import MicronetError
 from micronet.io import load_yaml_file
 from micronet.training.augment import TORCHVISION_POLICIES, AugmentConfig, check_track, load_policy
@@ -81,7 +81,7 @@ class Recipe:
     dataset: str
     seed: int
     normalization: str
-    holdout: float
+    holdout: int | float  # an image count (int) or a fraction below 1 (float)
     holdout_seed: int
     augment: AugmentConfig | None
     stages: dict[str, StageSettings]
@@ -355,9 +355,7 @@ def parse_recipe(raw: Mapping[str, Any], source: str = "<recipe>") -> Recipe:
     normalization = data.get("normalization", "cifar100")
     if normalization not in (*NORMALIZATIONS, TRAIN_STATS):
         raise MicronetError(f"{where}: data.normalization must be one of {', '.join(NORMALIZATIONS)}, {TRAIN_STATS}")
-    holdout = _typed(where, data.get("holdout", 0), float, "data.holdout")
-    if holdout < 0:
-        raise MicronetError(f"{where}: data.holdout must be non-negative")
+    holdout = holdout_amount(data.get("holdout", 0), f"{where}: data.holdout")
     subsample = _typed(where, data.get("subsample", 0), int, "data.subsample")
     if subsample < 0:
         raise MicronetError(f"{where}: data.subsample must be a non-negative image count (0: all)")
@@ -418,7 +416,7 @@ def parse_recipe(raw: Mapping[str, Any], source: str = "<recipe>") -> Recipe:
         dataset=dataset,
         seed=seed,
         normalization=normalization,
-        holdout=float(holdout),
+        holdout=holdout,
         holdout_seed=_typed(where, data.get("holdout_seed", 0), int, "data.holdout_seed"),
         augment=_augment_config(raw.get("augment")),
         stages=stages,

@@ -6,6 +6,7 @@ from micronet.compress import (
     ActQuantizer,
     QuantConfig,
     SparsityConfig,
+    calibrate_activations_,
     compression_summary,
     input_quantizer,
     least_squares_scale,
@@ -168,3 +169,13 @@ def test_bit_widths_are_2_to_16(field):
         with pytest.raises(MicronetError, match=f"{field} must be an integer in 2..16"):
             QuantConfig(**{field: bad})
     assert getattr(QuantConfig(**{field: 2}), field) == 2 and getattr(QuantConfig(**{field: 16}), field) == 16
+
+
+def test_calibration_shows_a_bar_only_when_asked(tiny_densenet, capsys):
+    quantize_(tiny_densenet, QuantConfig(weight_bits=4, act_bits=4))
+    batches = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    calibrate_activations_(tiny_densenet, batches)
+    assert capsys.readouterr().err == ""  # off by default in the library
+    calibrate_activations_(tiny_densenet, batches, progress=True)
+    err = capsys.readouterr().err
+    assert "activation calibration" in err and "3/3" in err

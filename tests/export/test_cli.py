@@ -87,6 +87,49 @@ def test_errors_are_one_line(tmp_path):
     existing.write_bytes(b"keep me")
     res = _run("export", str(path), "-o", str(existing), "--model", "densenet_bc:depth=10,growth=4")
     assert res.exit_code == 2 and "--force" in res.output and res.output.strip().count("\n") == 0
+    assert "force=True" not in res.output  # CLI wording, not the Python keyword
     assert existing.read_bytes() == b"keep me"
     nofile = _run("export", str(tmp_path / "absent.pt"), "-o", str(tmp_path / "a.onnx"))
     assert nofile.exit_code == 2 and "not found" in nofile.output
+
+
+def test_size_lines_name_what_they_compare_with_and_a_useless_mask_is_flagged(tmp_path):
+    from micronet.io import save
+
+    torch.manual_seed(0)
+    ckpt = save(tmp_path / "m.safetensors", compressed(models.create("densenet_bc:depth=10,growth=4")))
+    out = tmp_path / "m.onnx"
+    res = _run("export", str(ckpt), "-o", str(out), "--sparse-weights", "--samples", "8", "--no-timing")
+    assert res.exit_code == 0, res.output
+    size_lines = [line for line in res.output.splitlines() if " B" in line and not line.startswith(("wrote", "note"))]
+    assert any(f"ONNX file {out.stat().st_size:,} B" in line for line in size_lines)
+    for line in size_lines[1:]:  # every other size says it is compared with the ONNX file
+        assert "the ONNX file is" in line and "x that)" in line, line
+    assert "larger)" not in res.output
+    # Oracle: the same checkpoint exported without --sparse-weights, measured on disk.
+    dense = tmp_path / "d.onnx"
+    plain = _run("export", str(ckpt), "-o", str(dense), "--samples", "8", "--no-timing", "--json")
+    assert plain.exit_code == 0, plain.output
+    assert json.loads(plain.output)["dense_file_bytes"] is None
+    dense_size, sparse_size = dense.stat().st_size, out.stat().st_size
+    assert f"without --sparse-weights {dense_size:,} B" in res.output
+    flagged = "--sparse-weights made the file larger" in res.output
+    assert flagged == (sparse_size > dense_size)
+    if flagged:
+        assert "too dense" in res.output and "for a mask to pay" in res.output
+
+
+def test_export_verification_shows_a_status_bar_only_when_asked(tmp_path, capsys):
+    from micronet.export import export_onnx
+
+    torch.manual_seed(0)
+    net = compressed(models.create("densenet_bc:depth=10,growth=4"))
+    export_onnx(net, tmp_path / "quiet.onnx", samples=70, timing=False)
+    assert capsys.readouterr().err == ""  # off by default in the library
+    report = export_onnx(net, tmp_path / "shown.onnx", samples=70, timing=False, progress=True)
+    err = capsys.readouterr().err
+    assert report.parity.passed
+    assert "export verification" in err and "export: ONNX checker" in err
+    # its length: 1 weight check + 2 x 2 batches of 64 (PyTorch, onnxruntime) + 3 dynamic-batch checks; the steps:
+    # graph, checker, verification, writing
+    assert "0/8" in err and "0/4" in err

@@ -75,6 +75,21 @@ class _Payload:
         return (os.mkdir, (self.target,))
 
 
+@pytest.mark.parametrize("content", [b'{"a": 1}\n', b"hello, not weights", bytes(range(256)) * 4])
+def test_a_file_that_is_not_weights_gets_one_plain_line(tmp_path, content):
+    path = tmp_path / "notes.pt"
+    path.write_bytes(content)
+    with pytest.raises(MicronetError) as info:
+        io.load_state_dict_file(path)
+    message = str(info.value)
+    assert "\n" not in message and "operand" not in message.lower() and "unpickl" not in message.lower()
+    assert "not a weights file PyTorch can read" in message or "cannot read" in message
+    # the "any file -> model" path must not mistake these bytes for a pickled model that --trust-pickle would open
+    with pytest.raises(MicronetError) as info:
+        io.load_model(path, model="densenet_bc:depth=10,growth=4")
+    assert "trust-pickle" not in str(info.value) and "operand" not in str(info.value).lower()
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickle_is_refused_without_running(tmp_path):
     marker = tmp_path / "pwned"

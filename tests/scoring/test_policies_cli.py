@@ -36,6 +36,17 @@ def test_yaml_policy_file(tmp_path):
     f.write_text("base: riair2019-t4\naccumulator: int_tree_final\nmask: cheapest\n")
     p = resolve_policy(str(f))
     assert (p.name, p.accumulator, p.mask, p.float_bits) == ("mine", "int_tree_final", "cheapest", 16)
+    # described by its base and exactly the fields that differ from it (mask: riair2019-t4 has "always")
+    assert p.description == "riair2019-t4 with accumulator=int_tree_final, mask=cheapest"
+    same = tmp_path / "same.yaml"
+    same.write_text("base: official\naccumulator: fp32\n")  # no field differs: the base's description holds
+    assert resolve_policy(str(same)).description == PRESETS["official"].description
+    res = CliRunner().invoke(main, ["score", "--model", "densenet_bc:depth=10,growth=4", "--policy", str(f),
+                                    "--set", "float_bits=32"])
+    assert res.exit_code == 0, res.output
+    assert "rules page" not in res.output and "2019 CIFAR-100 winner" not in res.output
+    assert "riair2019-t4 with accumulator=int_tree_final, mask=cheapest; then float_bits=32" in res.output
+    assert resolve_policy("official", {"float_bits": 16}).description == "official with float_bits=16"
 
 
 def test_freebie_halves_params_and_mults_not_adds():
@@ -211,3 +222,14 @@ def test_ten_class_state_dict_of_the_published_skipnet_loads_and_scores(tmp_path
     assert loaded.fc.out_features == 10 and loaded.controller.proj.out_features == 1
     report = score(loaded, samples=1)
     assert report.params > 0 and report.gate_rates
+
+
+def test_whole_counts_print_as_integers_in_the_table():
+    res = CliRunner().invoke(main, ["score", "--model", "densenet_bc:depth=10,growth=4"])
+    assert res.exit_code == 0, res.output
+    stem = next(line.split() for line in res.output.splitlines() if line.startswith("conv_stem "))
+    # hand count: 8x3x3x3 float weights, no bias; one multiply per weight per 32x32 output position
+    assert stem[-4:-2] == [f"{8 * 3 * 3 * 3:,}", f"{8 * 3 * 3 * 3 * 32 * 32:,}"]
+    assert not any(token.endswith(".0") or token.endswith(".00") for token in res.output.split())
+    params = next(line for line in res.output.splitlines() if line.startswith("params "))
+    assert params.split()[1] == f"{int(score(models.create('densenet_bc:depth=10,growth=4')).params):,}"

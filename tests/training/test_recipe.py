@@ -111,6 +111,19 @@ def test_bad_recipes_fail_with_one_line(tmp_path, change, message):
     assert "\n" not in str(info.value)
 
 
+def test_holdout_is_a_fraction_or_a_whole_count_and_counts_stay_integers(tmp_path):
+    count = load_recipe(_write(tmp_path, {**BASE, "data": {"holdout": 5000}}))
+    assert count.holdout == 5000 and isinstance(count.holdout, int) and str(count.holdout) == "5000"
+    whole = load_recipe(_write(tmp_path, {**BASE, "data": {"holdout": 5000.0}}))  # YAML `5000.0` is a count too
+    assert isinstance(whole.holdout, int) and whole.holdout == 5000
+    fraction = load_recipe(_write(tmp_path, {**BASE, "data": {"holdout": 0.1}}))
+    assert fraction.holdout == 0.1 and isinstance(fraction.holdout, float)
+    for bad in ("5k", 2.5, -1, True):
+        with pytest.raises(MicronetError, match="data.holdout must be a fraction below 1 or a whole image") as info:
+            load_recipe(_write(tmp_path, {**BASE, "data": {"holdout": bad}}))
+        assert "float" not in str(info.value)
+
+
 def test_unknown_recipe_name_and_bad_set(tmp_path):
     with pytest.raises(MicronetError, match="micronet2019-densenet"):
         load_recipe("no-such-recipe")
