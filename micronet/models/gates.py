@@ -54,14 +54,15 @@ class GateController(nn.Module):
         self.proj = nn.Linear(hidden, 1)
 
     def forward(self, features: torch.Tensor, state: LSTMState | None) -> tuple[torch.Tensor, LSTMState]:
-        """Execution probability p (float32) of shape [N] for features [N, F]; `state=None` starts from zeros."""
+        """Execution probability p of shape [N] for features [N, F], in the controller's own dtype (float32 unless the
+        model was made float64); `state=None` starts from zeros."""
         # Always float32, also under the amp stages' autocast: in bf16 (8 mantissa bits) sigmoid saturates to
         # exactly 1 from a logit of about 6.2, so log(1 - p) of the RL loss and the STE gradient p(1 - p)
         # would degenerate, and a p near 0.5 would round across the threshold. The controller is tiny.
         device = features.device.type
         fp32 = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
         with fp32:
-            out, state = self.lstm(features.float().unsqueeze(0), state)
+            out, state = self.lstm(features.to(self.proj.weight.dtype).unsqueeze(0), state)
             return torch.sigmoid(self.proj(out.squeeze(0))).squeeze(1), state
 
 

