@@ -68,6 +68,9 @@ class BuiltGraph:
     form: str
 
 
+_INPUT_TYPES = {torch.float32: TensorProto.FLOAT, torch.uint8: TensorProto.UINT8}
+
+
 def _ir_version(opset: int) -> int:
     """The lowest IR version that carries ``opset`` (make_model would stamp the newest, which ORT refuses)."""
     for _release, ir, ai_onnx, *_ in onnx.helper.VERSION_TABLE:
@@ -83,8 +86,14 @@ def build_graph(
     sparse_weights: bool = False,
     opset: int = 21,
     input_shape: tuple[int, ...] = (3, 32, 32),
+    input_dtype: torch.dtype = torch.float32,
 ) -> BuiltGraph:
-    """Convert an eval-mode integer-form (or float) model into an ONNX ModelProto."""
+    """Convert an eval-mode integer-form (or float) model into an ONNX ModelProto.
+
+    ``input_dtype``: torch.float32 (images as floats) or torch.uint8 (pixel-input models).
+    """
+    if input_dtype not in _INPUT_TYPES:
+        raise MicronetError(f"unsupported input dtype {input_dtype}; use torch.float32 or torch.uint8")
     if form not in ("integer", "qdq"):
         raise MicronetError(f"unknown graph form {form!r}; use 'integer' or 'qdq'")
     if not 21 <= opset <= onnx.defs.onnx_opset_version():
@@ -108,8 +117,8 @@ def build_graph(
     constants = {n for n in nodes if not depends[n]}
 
     ba, bb = BATCHES
-    rec_a = record(gm, input_shape, ba, constants)
-    rec_b = record(gm, input_shape, bb, set())
+    rec_a = record(gm, input_shape, ba, constants, input_dtype)
+    rec_b = record(gm, input_shape, bb, set(), input_dtype)
     for n in nodes:
         if n.op in ("call_function", "call_method") and depends[n] and rec_a[n].is_tensor:
             if converter_for_call(n) is None:
@@ -144,7 +153,7 @@ def build_graph(
     graph = oh.make_graph(
         nodes,
         "micronet",
-        [oh.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", *input_shape])],
+        [oh.make_tensor_value_info(INPUT_NAME, _INPUT_TYPES[input_dtype], ["batch", *input_shape])],
         [oh.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", output.shape[1]])],
         initializers,
     )
