@@ -32,7 +32,7 @@ verifier then demands exact equality (``BuiltGraph.exact``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
@@ -66,6 +66,9 @@ class BuiltGraph:
     inexact_reasons: list[str]
     num_classes: int
     form: str
+    # Every converted module in execution order: (module path, ONNX name of its input, of its output). The
+    # verifier reads these intermediate values to name the first layer where onnxruntime and PyTorch part.
+    module_values: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 _INPUT_TYPES = {torch.float32: TensorProto.FLOAT, torch.uint8: TensorProto.UINT8}
@@ -128,6 +131,7 @@ def build_graph(
         raise UnsupportedModelError(f"cannot export these ops to ONNX: {names}")
 
     b = GraphBuilder(form=form, sparse_weights=sparse_weights)
+    module_values: list[tuple[str, str, str]] = []
     env: dict[fx.Node, Any] = {}
     output: Any = None
     for n in nodes:
@@ -142,6 +146,9 @@ def build_graph(
             env[n] = merge_python(ra.value, rec_b[n].value, ba, bb)
         else:
             env[n] = _convert(b, gm, n, env, ra, rec_b[n], ba, bb)
+            first = n.args[0] if n.args else None
+            if n.op == "call_module" and isinstance(env.get(first), Value):
+                module_values.append((str(n.target), env[first].name, env[n].name))
 
     if not isinstance(output, Value):
         raise UnsupportedModelError("the model must return a single logits tensor")
@@ -171,12 +178,14 @@ def build_graph(
         producer_version=__version__,
     )
     oh.set_model_props(onnx_model, {"micronet.form": form})
+    produced = {o for node in nodes for o in node.output} | {INPUT_NAME}
+    module_values = [mv for mv in module_values if mv[1] in produced and mv[2] in produced]
     has_codes = any(w.kind == "codes" for w in b.weights)
     if not has_codes:
         b.inexact.insert(0, "no integer-code layers (float model)")
     return BuiltGraph(
         onnx_model, b.weights, exact=not b.inexact, inexact_reasons=b.inexact,
-        num_classes=int(output.shape[1]), form=form,
+        num_classes=int(output.shape[1]), form=form, module_values=module_values,
     )
 
 
