@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from micronet.compress import deploy_form
+from micronet.compress.pixel_input import PIXEL_BITS, pixel_input_of
 from micronet.compress.state import has_training_form, model_device, preserved_modes
 from micronet.errors import MicronetError
 from micronet.scoring.accounting import account
@@ -26,11 +28,13 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def _synthetic_inputs(samples: int, channels: int, size: int, device: torch.device) -> Iterator[Tensor]:
-    """Deterministic normalised-image-like inputs, one example each."""
+def _synthetic_inputs(samples: int, channels: int, size: int, device: torch.device,
+                      channels_last: bool = False) -> Iterator[Tensor]:
+    """Deterministic normalised-image-like inputs, one example each (NHWC for an NHWC pixel-input model)."""
     gen = torch.Generator().manual_seed(0)
     for _ in range(samples):
-        yield torch.randn(1, channels, size, size, generator=gen).to(device)
+        x = torch.randn(1, channels, size, size, generator=gen)
+        yield (x.permute(0, 2, 3, 1).contiguous() if channels_last else x).to(device)
 
 
 def _split_examples(data: Tensor | Iterable[Any], samples: int) -> Iterator[Tensor]:
@@ -97,18 +101,25 @@ def score(
     data: Tensor | Iterable[Any] | None = None,
     in_channels: int = 3,
     model_name: str = "",
+    input: str = "float",
+    normalization: Any = None,
     **overrides: Any,
 ) -> ScoreReport:
     """Score ``model`` under a policy and track; ops per example (mean over ``samples`` for dynamic nets).
 
     The caller's model is not modified and no hooks are left behind. ``overrides`` replace policy fields
-    (e.g. ``accumulator="adder_tree"``).
+    (e.g. ``accumulator="adder_tree"``). ``input="pixels"`` scores the pixel-input deploy form (uint8 images,
+    ``normalization`` folded into the first layer), as ``micronet export --input pixels`` writes it.
     """
     pol = resolve_policy(policy, overrides)
     trk = get_track(track)
     # Every model, float or compressed, is scored as it deploys: its integer form, BN folded (a deep copy,
     # so resetting gate counters and the train-mode parameter trace leave the caller's model alone).
-    target = deploy_form(model)
+    target = deploy_form(model, input=input, normalization=normalization)
+    pixels = pixel_input_of(target)
+    if pixels is not None and "input_bits" not in overrides:
+        # What runs takes 8-bit pixels: the first layer multiplies 8-bit inputs (policy field, in the JSON).
+        pol = replace(pol, input_bits=PIXEL_BITS)
     dynamic = is_dynamic(target)
     n = samples if samples is not None else (16 if dynamic else 1)
     if n < 1:
@@ -117,7 +128,7 @@ def score(
     examples = (
         _split_examples(data, n)
         if data is not None
-        else _synthetic_inputs(n, in_channels, input_size, device)
+        else _synthetic_inputs(n, in_channels, input_size, device, pixels is not None and pixels.layout == "nhwc")
     )
     traces: list[Trace] = []
     with _eval_mode(target), _forward_errors(input_size), torch.random.fork_rng(devices=[]):
@@ -134,7 +145,8 @@ def score(
             param_traces.append(
                 trace_model(
                     target,
-                    next(_synthetic_inputs(1, in_channels, input_size, device)),
+                    next(_synthetic_inputs(1, in_channels, input_size, device,
+                                           pixels is not None and pixels.layout == "nhwc")),
                     input_bits=pol.model_input_bits,
                     float_bits=pol.float_bits,
                 )
@@ -148,6 +160,9 @@ def score(
             "use --policy official"
         )
     notes = []
+    if pixels is not None:
+        notes.append(f"scored the pixel-input deploy form: uint8 {pixels.layout.upper()} images, normalisation "
+                     f"{pixels.normalization.name} folded into the first layer (input_bits={pol.input_bits})")
     if has_training_form(model):
         notes.append("scored the integer deploy form (compress.deploy_form) of the model")
     report = ScoreReport(
