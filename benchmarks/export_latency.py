@@ -3,7 +3,8 @@
 Exports one model twice (``--input float`` and ``--input pixels``) without verification, then times each
 at batch 1 and 64 with the same thread count in both runtimes (``torch.set_num_threads(n)``,
 onnxruntime ``intra_op_num_threads=n``, one inter-op thread), reporting the median of ``--repeats`` runs
-after a warm-up. Target: the pixel-input model at most 10% slower than the float-input one in onnxruntime.
+after a warm-up, the four variants interleaved run by run (float inputs are the pixels normalised).
+Target: the pixel-input model at most 10% slower than the float-input one in onnxruntime.
 
 Models: ``winner`` (the synthetic 2019 winner-format DenseNet-BC-100, riair2019 legacy normalisation) or
 any zoo spec, pruned 75% and quantized to 4 bits (6-bit FC).
@@ -44,17 +45,6 @@ def build(spec: str) -> tuple[torch.nn.Module, str]:
     return model.eval(), "cifar100"
 
 
-def median_ms(fn, repeats: int) -> float:
-    """Median wall time of ``fn`` in ms after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; exit status 1 if the pixel-input model is more than 10% slower in onnxruntime."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -69,26 +59,39 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(tempfile.mkdtemp(prefix="micronet_latency_"))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
-    results: dict[str, dict[str, dict[int, float]]] = {}
+    sessions, deploys = {}, {}
     for kind in ("float", "pixels"):
         path = out / f"{kind}.onnx"
         export_onnx(model, path, input=kind, normalization=norm if kind == "pixels" else None, verify=False)
-        deploy = deploy_form(model, input=kind, normalization=get_normalization(norm) if kind == "pixels" else None)
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        row: dict[str, dict[int, float]] = {"onnxruntime": {}, "pytorch": {}}
-        for b in (int(v) for v in args.batches.split(",")):
-            g = torch.Generator().manual_seed(1)
-            x = (torch.randint(0, 256, (b, 3, 32, 32), generator=g, dtype=torch.uint8) if kind == "pixels"
-                 else torch.randn((b, 3, 32, 32), generator=g))
-            xn = x.numpy()
-            row["onnxruntime"][b] = median_ms(lambda xn=xn, s=sess: s.run(["logits"], {"input": xn}), args.repeats)
+        deploys[kind] = deploy_form(model, input=kind,
+                                    normalization=get_normalization(norm) if kind == "pixels" else None)
+        sessions[kind] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    results: dict[str, dict[str, dict[int, float]]] = {k: {"onnxruntime": {}, "pytorch": {}} for k in sessions}
+    for b in (int(v) for v in args.batches.split(",")):
+        g = torch.Generator().manual_seed(1)
+        pixels = torch.randint(0, 256, (b, 3, 32, 32), generator=g, dtype=torch.uint8)
+        inputs = {"pixels": pixels, "float": get_normalization(norm)(pixels)}
+        calls = {}
+        for kind in sessions:
+            x = inputs[kind]
+            calls[(kind, "onnxruntime")] = lambda xn=x.numpy(), s=sessions[kind]: s.run(["logits"], {"input": xn})
 
-            def eager(x: torch.Tensor = x, net: torch.nn.Module = deploy) -> None:
+            def eager(x: torch.Tensor = x, net: torch.nn.Module = deploys[kind]) -> None:
                 with torch.inference_mode():
                     net(x)
 
-            row["pytorch"][b] = median_ms(eager, args.repeats)
-        results[kind] = row
+            calls[(kind, "pytorch")] = eager
+        # interleaved repeats, so a noisy neighbour slows every variant alike
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
+        for fn in calls.values():
+            fn()  # warm-up
+        for _ in range(args.repeats):
+            for key, fn in calls.items():
+                t0 = time.perf_counter()
+                fn()
+                times[key].append((time.perf_counter() - t0) * 1e3)
+        for (kind, runtime), ts in times.items():
+            results[kind][runtime][b] = statistics.median(ts)
     ratios = {b: results["pixels"]["onnxruntime"][b] / results["float"]["onnxruntime"][b]
               for b in results["float"]["onnxruntime"]}
     ok = all(r <= MAX_PIXEL_SLOWDOWN for r in ratios.values())
