@@ -26,7 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import onnx
 import torch
+from onnx import numpy_helper as onh
 
 from micronet import models
 from micronet.compress import QuantConfig, SparsityConfig, prune_, quantize_
@@ -43,10 +46,6 @@ PUBLISHED_WINNER_FP32_BYTES = 3_284_590
 
 def mask_figures(path: Path) -> dict:
     """Bytes of every bitmask in an exported file vs the same masks Golomb-Rice coded (best k per tensor)."""
-    import numpy as np  # only this measurement needs it here
-    import onnx
-    from onnx import numpy_helper as onh
-
     bitmask = rice = 0
     inits = {t.name: t for t in onnx.load(str(path)).graph.initializer}
     for name, t in inits.items():
