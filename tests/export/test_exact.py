@@ -23,9 +23,11 @@ from onnx import numpy_helper as onh
 from micronet import models
 from micronet.cli import main
 from micronet.compress import deploy_form
+from micronet.compress.integer_modules import RoundClamp
 from micronet.data import get_normalization
 from micronet.errors import MicronetError
 from micronet.export import export_checkpoint, export_onnx, verify_onnx
+from micronet.export.verify import BATCH, ParityReport, Parting, _part_one, compare_float64
 from micronet.io.riair2019 import build_riair2019, random_riair2019_state
 from micronet.scoring import score
 from tests.export.conftest import TINY_ZOO, IntDenseNet, compressed
@@ -251,3 +253,42 @@ def test_faithful_export_passes_on_three_input_distributions(int_densenet, tmp_p
         assert report.passed, (kind, report.format())
         # independent check of the verdict: onnxruntime's logits are float64's up to fp32 rounding
         np.testing.assert_allclose(_ort(path, x), _float64(deploy, x), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ the rule itself, on hand-made values
+
+
+def _quantizer_values(x_ort: float, x64: float) -> tuple[list, dict, dict, dict]:
+    """One RoundClamp(0, 15) module seeing a 1-element input: onnxruntime's and float64's values."""
+    q = RoundClamp(0, 15)
+    codes = lambda v: np.clip(np.round(np.array([[v]])), 0, 15)  # noqa: E731
+    got = {"in": np.array([[x_ort]], np.float32), "out": codes(np.float32(x_ort)).astype(np.float32)}
+    captured = {"q": (np.array([[x64]]), codes(x64))}
+    return [("q", "in", "out")], got, captured, {"q": q}
+
+
+@pytest.mark.parametrize("x_ort, x64, tie, phrase", [
+    (5.5000005, 5.4999995, True, "rounding ties"),        # an ulp-level difference across k + 0.5
+    (5.8, 5.2, False, "no rounding tie nearby"),          # +-1, but far from the boundary
+    (7.2, 5.2, False, "by 2"),                            # a code off by 2
+])
+def test_first_differing_quantizer_is_a_tie_flip_only_at_a_rounding_boundary(x_ort, x64, tie, phrase):
+    values, got, captured, modules = _quantizer_values(x_ort, x64)
+    part = _part_one(0, values, got, captured, modules)
+    assert part.layer == "q" and part.tie is tie and phrase in part.detail
+
+
+def test_faithful_rule_accepts_explained_tie_flips_and_rejects_the_rest():
+    rng = np.random.default_rng(0)
+    ref64 = rng.normal(size=(BATCH, 10))
+    pt = (ref64 + rng.normal(scale=1e-7, size=ref64.shape)).astype(np.float32)
+    ort_out = (ref64 + rng.normal(scale=1e-7, size=ref64.shape)).astype(np.float32)
+    ort_out[3] += 0.5  # one sample moved by a flipped code
+    for tie, passed in ((True, True), (False, False)):
+        report = ParityReport("statistical", BATCH, "synthetic", ["cpu"])
+        parting = Parting("blocks.0.quant", tie, "1 codes flipped" if tie else "3 values differ")
+        compare_float64(ort_out, pt, ref64, report, lambda idx, p=parting: {int(i): p for i in idx})
+        assert report.passed is passed, report.failures
+        assert report.tie_flips == (1 if tie else 0)
+        if not passed:
+            assert "sample 3" in report.failures[0] and "blocks.0.quant" in report.failures[0]
