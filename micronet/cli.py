@@ -114,13 +114,20 @@ def models_command(as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--force-extension", is_flag=True, help="Allow an -o name that does not end in .onnx.")
 @click.option("--no-timing", is_flag=True, help="Skip the latency table.")
+@click.option("--input", "model_input", type=click.Choice(["float", "pixels"]), default="float", show_default=True,
+              help="float: normalised float images; pixels: uint8 images, normalisation folded into an exact "
+                   "first layer.")
+@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True,
+              help="Image layout of --input pixels.")
+@click.option("--normalization", default=None,
+              help="Normalisation preset for --input pixels (default: the one the checkpoint records).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--no-progress", is_flag=True, help="No status bar (it is shown only on a terminal anyway).")
 @_ALLOW_LARGE
 def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool, no_verify: bool, device: str,
                    samples: int, data_root: str | None, arch: str | None, fmt: str, force: bool,
-                   force_extension: bool, no_timing: bool, as_json: bool, no_progress: bool,
-                   allow_large: bool) -> None:
+                   force_extension: bool, no_timing: bool, model_input: str, layout: str, normalization: str | None,
+                   as_json: bool, no_progress: bool, allow_large: bool) -> None:
     """Export CHECKPOINT to one small, verified ONNX file (packed INT4 weights, dynamic batch)."""
     if Path(output).suffix.lower() != ".onnx" and not force_extension:
         raise MicronetError(f"-o {output}: export writes an ONNX model, so the name should end in .onnx "
@@ -128,7 +135,8 @@ def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool
     report = export_checkpoint(checkpoint, output, format=fmt, model=arch, form=form,
                                sparse_weights=sparse_weights, verify=not no_verify, device=device,
                                samples=samples, data=data_root, force=force, timing=not no_timing,
-                               storage=_storage_bytes, allow_large=allow_large, progress=_progress(no_progress))
+                               storage=_storage_bytes, allow_large=allow_large, progress=_progress(no_progress),
+                               input=model_input, layout=layout, normalization=normalization)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
 
 

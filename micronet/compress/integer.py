@@ -32,17 +32,29 @@ from torch import Tensor, fx, nn
 
 from micronet.compress import state
 from micronet.compress.integer_modules import ChannelAffine, FoldedAffine, IntConv2d, IntLinear, RoundClamp
+from micronet.compress.pixel_input import Float64Reduce, Normalization, PixelInputConv, pixel_input_form
 from micronet.errors import MicronetError
 
-_LEAVES = (ChannelAffine, RoundClamp, IntConv2d, IntLinear)
+_LEAVES = (ChannelAffine, RoundClamp, IntConv2d, IntLinear, PixelInputConv, Float64Reduce)
+INPUTS = ("float", "pixels")
 
 
-def deploy_form(model: nn.Module) -> nn.Module:
+def deploy_form(model: nn.Module, *, input: str = "float", normalization: Normalization | None = None,
+                layout: str = "nchw") -> nn.Module:
     """The integer deploy form of any model, float or compressed: a converted eval-mode deep copy.
 
     This is the one training form -> deploy form conversion: the scorer counts its result and the exporter
     writes it. A model already in deploy form (integer modules, no training-form state) is copied as it is.
+    ``input="pixels"`` gives the pixel-input form (uint8 images in ``layout``, ``normalization`` folded into an
+    exact first layer; :mod:`micronet.compress.pixel_input`).
     """
+    if input not in INPUTS:
+        raise MicronetError(f"unknown model input {input!r}; use one of {', '.join(INPUTS)}")
+    if input == "pixels":
+        if normalization is None:
+            raise MicronetError("pixel input needs the model's normalisation, and it is not known; "
+                                "pass --normalization NAME (e.g. cifar100)")
+        return pixel_input_form(deploy_form(model), normalization, layout)
     if _is_deploy_form(model):
         return detached_copy(model).eval()
     spec = getattr(model, "micronet_spec", None)

@@ -70,6 +70,8 @@ class GraphBuilder:
         self.initializers: list[onnx.TensorProto] = []
         self.weights: list[WeightRecord] = []
         self.inexact: list[str] = []
+        # (module path, ONNX name of its input, of its output) of every converted module, in execution order
+        self.module_values: list[tuple[str, str, str]] = []
         self.uses_decoder = False
         self._names: set[str] = {INPUT_NAME, OUTPUT_NAME}
         self._counter = 0

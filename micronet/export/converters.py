@@ -21,10 +21,12 @@ import ml_dtypes
 import numpy as np
 import torch
 import torch.nn.functional as F
+from onnx import TensorProto
 from onnx import numpy_helper as onh
 from torch import fx, nn
 
 from micronet.compress.integer_modules import ChannelAffine, IntConv2d, IntLinear, RoundClamp
+from micronet.compress.pixel_input import Float64Reduce, PixelInputConv, first_layer_bound
 from micronet.export.builder import EXACT_LIMIT, GraphBuilder, UnsupportedModelError, Value
 
 # =================================================================================================
@@ -179,6 +181,59 @@ def _linear(b: GraphBuilder, x: Value, w: str, bias: str | None) -> str:
         return b.add("Gemm", [x.name, w] + ([bias] if bias else []), transB=1)
     y = b.add("MatMul", [x.name, b.add("Transpose", [w], perm=[1, 0])])
     return b.add("Add", [y, bias]) if bias else y
+
+
+@converts_module(PixelInputConv)
+def _pixel_input_conv(b: GraphBuilder, ctx: Ctx) -> Value:
+    """uint8 image -> exact grouped integer conv -> the fixed sequence of elementwise steps PyTorch runs."""
+    m, x = ctx.module, ctx.args[0]
+    src = x.name
+    if m.layout == "nhwc":
+        src = b.add("Transpose", [src], perm=[0, 3, 1, 2])
+    pixels = b.add("Cast", [src], to=TensorProto.FLOAT)
+    bound = first_layer_bound(m.codes())
+    if bound >= EXACT_LIMIT:
+        b.inexact.append(f"{ctx.fqn}: pixel x code sums may reach {bound} >= 2^24")
+    w = b.code_weight(ctx.fqn, m.weight)
+    attrs = _conv_attrs(SimpleNamespace(stride=m.stride, padding=m.padding, dilation=m.dilation,
+                                        groups=m.in_channels), m.kernel_size)
+    grouped = b.add("Conv", [pixels, w], **attrs)
+    image = [1, m.in_channels, *ctx.args[0].shape[1:3]] if m.layout == "nhwc" else [1, *x.shape[1:]]
+    ones = b.add("ConstantOfShape", [b.ints(image)], value=onh.from_array(np.array([1.0], dtype=np.float32)))
+    counts = b.add("Conv", [ones, w], **attrs)
+    o = m.out_channels
+
+    def part(t: str, c: int) -> str:
+        return b.add("Slice", [t, b.ints([c * o]), b.ints([(c + 1) * o]), b.ints([1])])
+
+    scale, shift = m.scale.tolist(), m.shift.tolist()
+    y = b.add("Mul", [part(grouped, 0), b.scalar(scale[0])])
+    border = b.add("Mul", [part(counts, 0), b.scalar(shift[0])])
+    for c in range(1, m.in_channels):  # the order of PixelInputConv.forward, step for step
+        y = b.add("Add", [y, b.add("Mul", [part(grouped, c), b.scalar(scale[c])])])
+        border = b.add("Add", [border, b.add("Mul", [part(counts, c), b.scalar(shift[c])])])
+    return _out(ctx, b.add("Add", [y, border]))
+
+
+@converts_module(Float64Reduce)
+def _float64_reduce(b: GraphBuilder, ctx: Ctx) -> Value:
+    """A global average pool or a classifier computed in float64 and rounded once, as Float64Reduce does."""
+    m, x = ctx.module, ctx.args[0]
+    op, fqn = m.op, f"{ctx.fqn}.op"
+    xd = b.add("Cast", [x.name], to=TensorProto.DOUBLE)
+    if isinstance(op, IntLinear):
+        w = b.add("Cast", [b.code_weight(fqn, op.weight)], to=TensorProto.DOUBLE)
+        if x.rank != 2:
+            raise UnsupportedModelError(f"module '{ctx.fqn}': a float64 classifier needs a [batch, features] input")
+        y = b.add("Gemm", [xd, w], transB=1)
+    elif isinstance(op, nn.AdaptiveAvgPool2d | nn.AvgPool2d):
+        # onnxruntime has no float64 AveragePool: sum, then divide by the window size as PyTorch does
+        h, w_ = x.shape[2:]
+        total = b.add("ReduceSum", [xd, b.ints([2, 3])], keepdims=1)
+        y = b.add("Div", [total, b.scalar(float(h * w_), np.float64)])
+    else:
+        raise UnsupportedModelError(f"module '{ctx.fqn}': no float64 form for {type(op).__name__}")
+    return _out(ctx, b.add("Cast", [y], to=TensorProto.FLOAT))
 
 
 @converts_module(IntLinear)

@@ -166,3 +166,18 @@ def read_codes(model: onnx.ModelProto, prefix: str) -> np.ndarray | None:
         flat[mask] = nz[: int(mask.sum())]
         return flat.reshape(shape)
     return None
+
+
+def rice_mask_bits(mask: np.ndarray) -> tuple[int, int]:
+    """(bits, k) of the best Golomb-Rice code of a mask's zero runs, k in 0..8: a size *measurement* to compare
+    with the bitmask's one bit per position (no ONNX decoder for it exists yet)."""
+    flat = np.asarray(mask, dtype=bool).reshape(-1)
+    ones = np.flatnonzero(flat)
+    # zero-run before each set position, plus the trailing run (coded once more at the end)
+    runs = np.diff(np.concatenate([[-1], ones, [flat.size]])) - 1
+    best = None
+    for k in range(9):
+        bits = int(np.sum((runs >> k) + 1 + k))
+        if best is None or bits < best[0]:
+            best = (bits, k)
+    return best

@@ -16,6 +16,7 @@ wins, and uninstalling either one breaks the other (spec onnx-export.md §6).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,11 +25,13 @@ from typing import Any
 
 import onnx
 import torch
+from onnx import helper as oh
 from torch import nn
 
 from micronet import io
 from micronet.compress import deploy_form
-from micronet.data import test_images
+from micronet.compress.pixel_input import LAYOUTS
+from micronet.data import Normalization, get_normalization, load_dataset, normalization_record, test_images
 from micronet.errors import MicronetError
 from micronet.export import verify as _verify
 from micronet.export.gated import BATCH_NOTE, build_gated_graph, is_gated, verify_gates
@@ -37,6 +40,7 @@ from micronet.io import atomic_write, check_output_path
 from micronet.progress import progress_bar
 
 INPUT_SHAPE = (3, 32, 32)
+INPUTS = ("float", "pixels")
 
 
 @dataclass
@@ -55,6 +59,7 @@ class ExportReport:
     checkpoint_bytes: int | None = None  # size of the checkpoint file exported from, if any
     dense_file_bytes: int | None = None  # with sparse_weights: the file's size without bitmasks, for comparison
     exact: bool = False
+    input: dict[str, Any] = field(default_factory=lambda: {"kind": "float", "dtype": "float32", "layout": "nchw"})
     weights: list[WeightRecord] = field(default_factory=list)
     parity: _verify.ParityReport | None = None
     latency: _verify.Latency | None = None
@@ -78,7 +83,7 @@ class ExportReport:
         """JSON-able form."""
         return {
             "path": self.path, "form": self.form, "sparse_weights": self.sparse_weights, "opset": self.opset,
-            "ir_version": self.ir_version, "num_classes": self.num_classes, "exact": self.exact,
+            "ir_version": self.ir_version, "num_classes": self.num_classes, "exact": self.exact, "input": self.input,
             "file_bytes": self.file_bytes, "fp32_bytes": self.fp32_bytes, "storage_bytes": self.storage_bytes,
             "checkpoint_bytes": self.checkpoint_bytes, "dense_file_bytes": self.dense_file_bytes,
             "weights": self.weight_summary(),
@@ -108,9 +113,13 @@ class ExportReport:
         ws = self.weight_summary()
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(ws["tensors"].items()))
         density = "" if ws["nonzero_fraction"] is None else f", {ws['nonzero_fraction']:.1%} of codes non-zero"
+        shape = ",".join(map(str, self.input.get("shape", INPUT_SHAPE)))
+        what = f"{self.input['dtype']} {self.input['layout'].upper()}"
+        if self.input["kind"] == "pixels":
+            what += f" pixels, normalisation {self.input['normalization']} folded in"
         lines = [
             f"wrote {self.path} ({self.form} form, opset {self.opset}, IR {self.ir_version}, "
-            f"input [batch,{','.join(map(str, INPUT_SHAPE))}] -> logits [batch,{self.num_classes}])",
+            f"input {what} [batch,{shape}] -> logits [batch,{self.num_classes}])",
             f"  weights: {kinds}{density}",
             f"  size: ONNX file {self.file_bytes:,} B",
         ]
@@ -139,15 +148,18 @@ def _fp32_bytes(model: nn.Module) -> int:
     return 4 * sum(t.numel() for t in tensors.values())
 
 
-def _inputs(samples: int, data: Any) -> tuple[torch.Tensor, str]:
-    """Verification inputs: the first ``samples`` images of ``data``, else seeded N(0, 1) images."""
+def _inputs(samples: int, data: Any, pixels: bool = False, layout: str = "nchw") -> tuple[torch.Tensor, str]:
+    """Verification inputs: the first ``samples`` images of ``data``, else seeded synthetic images (N(0, 1)
+    floats; for pixel input, uint8 images, half uniform noise and half smooth, as photos are)."""
     if samples < 1:
         raise MicronetError("samples must be at least 1")
     if data is None:
         g = torch.Generator().manual_seed(12345)
+        if pixels:
+            return _to_layout(synthetic_pixels(samples, g), layout), "synthetic"
         return torch.randn((samples, *INPUT_SHAPE), generator=g), "synthetic"
     if isinstance(data, str | os.PathLike):  # a dataset folder: its test images, CIFAR-100 statistics
-        data = test_images(data, samples)
+        data = load_dataset(data, "test").images[:samples] if pixels else test_images(data, samples)
     if isinstance(data, torch.Tensor):
         x = data
     else:  # an iterable of batches or (images, labels) pairs
@@ -161,10 +173,36 @@ def _inputs(samples: int, data: Any) -> tuple[torch.Tensor, str]:
         if not parts:
             raise MicronetError("the verification data is empty")
         x = torch.cat(parts)
-    x = x[:samples].float()
-    if tuple(x.shape[1:]) != INPUT_SHAPE:
-        raise MicronetError(f"verification images must be [N,{','.join(map(str, INPUT_SHAPE))}], got {list(x.shape)}")
+    x = x[:samples]
+    if pixels:
+        if x.dtype != torch.uint8:
+            raise MicronetError(f"pixel-input verification needs uint8 images, got {x.dtype}")
+        if tuple(x.shape[1:]) == INPUT_SHAPE:
+            x = _to_layout(x, layout)
+    else:
+        x = x.float()
+    want = _input_shape(layout) if pixels else INPUT_SHAPE
+    if tuple(x.shape[1:]) != want:
+        raise MicronetError(f"verification images must be [N,{','.join(map(str, want))}], got {list(x.shape)}")
     return x, "data"
+
+
+def synthetic_pixels(samples: int, generator: torch.Generator) -> torch.Tensor:
+    """uint8 NCHW images: the first half uniform noise, the second half smooth (upsampled coarse noise)."""
+    noise = torch.randint(0, 256, (samples, *INPUT_SHAPE), generator=generator, dtype=torch.uint8)
+    coarse = torch.rand((samples, INPUT_SHAPE[0], 4, 4), generator=generator) * 255
+    smooth = torch.nn.functional.interpolate(coarse, size=INPUT_SHAPE[1:], mode="bilinear", align_corners=False)
+    half = samples // 2
+    return torch.cat([noise[: samples - half], smooth[:half].round().clamp(0, 255).to(torch.uint8)])
+
+
+def _to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1).contiguous() if layout == "nhwc" else x
+
+
+def _input_shape(layout: str) -> tuple[int, ...]:
+    c, h, w = INPUT_SHAPE
+    return (h, w, c) if layout == "nhwc" else INPUT_SHAPE
 
 
 def export_onnx(
@@ -182,6 +220,9 @@ def export_onnx(
     timing: bool = True,
     storage_bytes: int | None = None,
     progress: bool = False,
+    input: str = "float",
+    layout: str = "nchw",
+    normalization: str | Normalization | None = None,
 ) -> ExportReport:
     """Export ``model`` (training, integer or float form) to a verified single-file ONNX model at ``path``.
 
@@ -193,27 +234,40 @@ def export_onnx(
     ``storage_bytes``: the challenge's storage figure (scored params x 4 B) to compare the file with.
     ``progress``: a status bar over the export's steps and the verification (off by default; the CLI shows it on a
     terminal).
+    ``input``: "float" (normalised float images, the default) or "pixels" (uint8 images in ``layout``, "nchw"
+    or "nhwc", with ``normalization`` folded into an exact first layer; :mod:`micronet.compress.pixel_input`).
     """
     path = Path(path)
     _check_output_path(path, force)
     if device not in ("cpu", "cuda"):
         raise MicronetError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
+    if input not in INPUTS:
+        raise MicronetError(f"unknown input {input!r}; use one of {', '.join(INPUTS)}")
+    if layout not in LAYOUTS:
+        raise MicronetError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    if input == "float" and layout != "nchw":
+        raise MicronetError("--layout nhwc needs --input pixels (float input is NCHW)")
+    norm = get_normalization(normalization) if normalization is not None else None
     steps = 3 + bool(verify) + bool(verify and timing) + bool(sparse_weights)
     bar = progress_bar(steps, "export: deploy form and graph", progress, unit="step")
     try:
         return _export(model, path, bar, form=form, sparse_weights=sparse_weights, opset=opset, verify=verify,
                        device=device, samples=samples, data=data, force=force, timing=timing,
-                       storage_bytes=storage_bytes, progress=progress)
+                       storage_bytes=storage_bytes, progress=progress, pixels=input == "pixels", layout=layout,
+                       norm=norm)
     finally:
         bar.close()
 
 
 def _export(model: nn.Module, path: Path, bar: Any, *, form: str, sparse_weights: bool, opset: int, verify: bool,
             device: str, samples: int, data: Any, force: bool, timing: bool, storage_bytes: int | None,
-            progress: bool) -> ExportReport:
-    inputs, source = _inputs(samples, data) if verify else (None, "")
-    deploy = deploy_form(model)
-    built = _build(deploy, form=form, sparse_weights=sparse_weights, opset=opset)
+            progress: bool, pixels: bool, layout: str, norm: Normalization | None) -> ExportReport:
+    inputs, source = _inputs(samples, data, pixels, layout) if verify else (None, "")
+    deploy = deploy_form(model, input="pixels" if pixels else "float", normalization=norm, layout=layout)
+    built = _build(deploy, form=form, sparse_weights=sparse_weights, opset=opset, pixels=pixels, layout=layout)
+    if pixels:  # what a later verify_onnx needs to rebuild the same pixel form
+        oh.set_model_props(built.model, {"micronet.form": form, "micronet.input": "pixels", "micronet.layout": layout,
+                                         "micronet.normalization": json.dumps(normalization_record(norm))})
     bar.update()
     bar.set_description("export: ONNX checker")
     try:
@@ -230,6 +284,9 @@ def _export(model: nn.Module, path: Path, bar: Any, *, form: str, sparse_weights
         tmp = Path(tmp_name)
         tmp.write_bytes(payload)
         report = _report(path, built, deploy, opset, sparse_weights, len(payload), storage_bytes)
+        if pixels:
+            report.input = {"kind": "pixels", "dtype": "uint8", "layout": layout, "shape": list(_input_shape(layout)),
+                            "normalization": norm.name, "model_input_bits": 8}
         if verify:
             bar.set_description("export: verification in onnxruntime")
             report.parity = _verify.verify(tmp, deploy, built, inputs, source=source, device=device,
@@ -257,7 +314,8 @@ def _export(model: nn.Module, path: Path, bar: Any, *, form: str, sparse_weights
         bar.set_description("export: dense build for the size comparison")
         # A mask pays per tensor (chosen by payload size), but the decoder function and the extra initializers
         # cost bytes too, so only the dense build's size can tell whether the flag helped.
-        report.dense_file_bytes = len(_build(deploy, form=form, opset=opset).model.SerializeToString())
+        report.dense_file_bytes = len(_build(deploy, form=form, opset=opset, pixels=pixels,
+                                             layout=layout).model.SerializeToString())
         bar.update()
         warning = report.sparse_warning()
         if warning:
@@ -267,10 +325,15 @@ def _export(model: nn.Module, path: Path, bar: Any, *, form: str, sparse_weights
     return report
 
 
-def _build(deploy: nn.Module, *, form: str, sparse_weights: bool = False, opset: int = 21) -> BuiltGraph:
-    """The graph of a deploy-form model: gated networks get one ``If`` per gate (export/gated.py)."""
-    build = build_gated_graph if is_gated(deploy) else build_graph
-    return build(deploy, form=form, sparse_weights=sparse_weights, opset=opset, input_shape=INPUT_SHAPE)
+def _build(deploy: nn.Module, *, form: str, sparse_weights: bool = False, opset: int = 21, pixels: bool = False,
+           layout: str = "nchw") -> BuiltGraph:
+    """The graph of a deploy-form model: gated networks get one ``If`` per gate (export/gated.py); a pixel-input
+    form takes uint8 images in ``layout``."""
+    if is_gated(deploy):
+        return build_gated_graph(deploy, form=form, sparse_weights=sparse_weights, opset=opset, input_shape=INPUT_SHAPE)
+    return build_graph(deploy, form=form, sparse_weights=sparse_weights, opset=opset,
+                       input_shape=_input_shape(layout) if pixels else INPUT_SHAPE,
+                       input_dtype=torch.uint8 if pixels else torch.float32)
 
 
 def _report(path: Path, built: BuiltGraph, deploy: nn.Module, opset: int, sparse: bool, size: int,
@@ -302,17 +365,24 @@ def verify_onnx(
     progress: bool = False,
 ) -> _verify.ParityReport:
     """Verify an existing ONNX file against ``model``; mismatches are reported (``.passed``), not raised
-    (``progress``: a bar over the checks)."""
+    (``progress``: a bar over the checks). A pixel-input file (it records its layout and normalisation) is
+    checked against ``model``'s pixel form."""
     path = Path(path)
     if not path.is_file():
         raise MicronetError(f"file not found: {path}")
     proto = onnx.load(str(path), load_external_data=False)
     props = {p.key: p.value for p in proto.metadata_props}
     form = form or props.get("micronet.form", "integer")
-    deploy = deploy_form(model)
+    pixels = props.get("micronet.input") == "pixels"
+    layout = props.get("micronet.layout", "nchw")
+    norm = None
+    if pixels:
+        rec = json.loads(props["micronet.normalization"])
+        norm = Normalization(rec["name"], tuple(rec["mean"]), tuple(rec["std"]), rec["extra_divisor"])
+    deploy = deploy_form(model, input="pixels" if pixels else "float", normalization=norm, layout=layout)
     # Rebuilding (in memory) gives the weight list and whether the graph must be bit-exact.
-    built = _build(deploy, form=form)
-    inputs, source = _inputs(samples, data)
+    built = _build(deploy, form=form, pixels=pixels, layout=layout)
+    inputs, source = _inputs(samples, data, pixels, layout)
     report = _verify.verify(path, deploy, built, inputs, source=source, device=device, progress=progress)
     if is_gated(deploy):
         gates = verify_gates(_verify.make_session(path, device), deploy, inputs)
@@ -337,12 +407,29 @@ def export_checkpoint(
     scorer's), which the report compares the file with; other keyword arguments go to ``export_onnx``.
     """
     _check_output_path(Path(path), bool(kwargs.get("force", False)))
+    if kwargs.get("input") == "pixels" and kwargs.get("normalization") is None:
+        kwargs["normalization"] = _known_normalization(checkpoint, format)
     net = io.load_model(checkpoint, format=format, model=model, allow_large=allow_large)
     if storage is not None:
         kwargs["storage_bytes"] = storage(net)
     data = kwargs.get("data")
-    if isinstance(data, str | os.PathLike):  # preprocess real images the way this checkpoint expects
+    if isinstance(data, str | os.PathLike) and kwargs.get("input") != "pixels":
+        # preprocess real images the way this checkpoint expects (pixel input reads them raw)
         kwargs["data"] = io.checkpoint_test_images(checkpoint, data, kwargs.get("samples", 512), format)
     report = export_onnx(net, path, **kwargs)
     report.checkpoint_bytes = Path(checkpoint).stat().st_size
     return report
+
+
+def _known_normalization(checkpoint: str | os.PathLike, format: str) -> Normalization:
+    """The normalisation a checkpoint records (micronet metadata, or the riair2019 format's legacy scaling);
+    refuses a plain state_dict or a checkpoint without a record, whose normalisation would only be a guess."""
+    fmt = io.detect_format(checkpoint) if format == "auto" else format
+    recorded = fmt == "riair2019"
+    if fmt == "micronet":
+        extra = io.read_header(checkpoint).get("extra")
+        recorded = isinstance(extra, dict) and "normalization" in extra
+    if not recorded:
+        raise MicronetError(f"--input pixels needs the model's normalisation, and {Path(checkpoint).name} does not "
+                            "record it; pass --normalization NAME (e.g. cifar100)")
+    return io.checkpoint_normalization(checkpoint, format)

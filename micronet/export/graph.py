@@ -32,7 +32,7 @@ verifier then demands exact equality (``BuiltGraph.exact``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
@@ -66,6 +66,12 @@ class BuiltGraph:
     inexact_reasons: list[str]
     num_classes: int
     form: str
+    # Every converted module in execution order: (module path, ONNX name of its input, of its output). The
+    # verifier reads these intermediate values to name the first layer where onnxruntime and PyTorch part.
+    module_values: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+_INPUT_TYPES = {torch.float32: TensorProto.FLOAT, torch.uint8: TensorProto.UINT8}
 
 
 def _ir_version(opset: int) -> int:
@@ -83,8 +89,14 @@ def build_graph(
     sparse_weights: bool = False,
     opset: int = 21,
     input_shape: tuple[int, ...] = (3, 32, 32),
+    input_dtype: torch.dtype = torch.float32,
 ) -> BuiltGraph:
-    """Convert an eval-mode integer-form (or float) model into an ONNX ModelProto."""
+    """Convert an eval-mode integer-form (or float) model into an ONNX ModelProto.
+
+    ``input_dtype``: torch.float32 (images as floats) or torch.uint8 (pixel-input models).
+    """
+    if input_dtype not in _INPUT_TYPES:
+        raise MicronetError(f"unsupported input dtype {input_dtype}; use torch.float32 or torch.uint8")
     if form not in ("integer", "qdq"):
         raise MicronetError(f"unknown graph form {form!r}; use 'integer' or 'qdq'")
     if not 21 <= opset <= onnx.defs.onnx_opset_version():
@@ -93,15 +105,17 @@ def build_graph(
             f"(this onnx package writes up to {onnx.defs.onnx_opset_version()})"
         )
     b = GraphBuilder(form=form, sparse_weights=sparse_weights)
-    output = emit_module(b, model, Value(INPUT_NAME, (BATCHES[0], *input_shape), batched=True), input_shape)
+    output = emit_module(b, model, Value(INPUT_NAME, (BATCHES[0], *input_shape), batched=True), input_shape,
+                         input_dtype)
     if not isinstance(output, Value):
         raise UnsupportedModelError("the model must return a single logits tensor")
     if output.rank != 2 or not output.batched:
         raise UnsupportedModelError(f"the model must return [batch, classes] logits, not shape {output.shape}")
-    return assemble(b, output, form=form, opset=opset, input_shape=input_shape)
+    return assemble(b, output, form=form, opset=opset, input_shape=input_shape, input_dtype=input_dtype)
 
 
-def emit_module(b: GraphBuilder, model: nn.Module, x: Value, input_shape: tuple[int, ...]) -> Any:
+def emit_module(b: GraphBuilder, model: nn.Module, x: Value, input_shape: tuple[int, ...],
+                input_dtype: torch.dtype = torch.float32) -> Any:
     """Trace ``model`` (one tensor input of ``input_shape`` per sample) and append its ops to ``b`` on ``x``.
 
     Returns the converted output (a :class:`Value`, or the structure of Values the forward returns).
@@ -122,8 +136,8 @@ def emit_module(b: GraphBuilder, model: nn.Module, x: Value, input_shape: tuple[
     constants = {n for n in nodes if not depends[n]}
 
     ba, bb = BATCHES
-    rec_a = record(gm, input_shape, ba, constants)
-    rec_b = record(gm, input_shape, bb, set())
+    rec_a = record(gm, input_shape, ba, constants, input_dtype)
+    rec_b = record(gm, input_shape, bb, set(), input_dtype)
     for n in nodes:
         if n.op in ("call_function", "call_method") and depends[n] and rec_a[n].is_tensor:
             if converter_for_call(n) is None:
@@ -146,11 +160,15 @@ def emit_module(b: GraphBuilder, model: nn.Module, x: Value, input_shape: tuple[
             env[n] = merge_python(ra.value, rec_b[n].value, ba, bb)
         else:
             env[n] = _convert(b, gm, n, env, ra, rec_b[n], ba, bb)
+            first = n.args[0] if n.args else None
+            if n.op == "call_module" and isinstance(env.get(first), Value):
+                b.module_values.append((str(n.target), env[first].name, env[n].name))
     return output
 
 
 def assemble(b: GraphBuilder, output: Value, *, form: str, opset: int, input_shape: tuple[int, ...],
-             extra_outputs: tuple[onnx.ValueInfoProto, ...] = ()) -> BuiltGraph:
+             extra_outputs: tuple[onnx.ValueInfoProto, ...] = (),
+             input_dtype: torch.dtype = torch.float32) -> BuiltGraph:
     """The ModelProto around ``b``'s nodes: ``output`` becomes the logits (plus ``extra_outputs``)."""
     b.add("Identity", [output.name], out=OUTPUT_NAME)
     nodes, initializers = _live(b.nodes, b.initializers, [OUTPUT_NAME, *(o.name for o in extra_outputs)])
@@ -158,7 +176,7 @@ def assemble(b: GraphBuilder, output: Value, *, form: str, opset: int, input_sha
     graph = oh.make_graph(
         nodes,
         "micronet",
-        [oh.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", *input_shape])],
+        [oh.make_tensor_value_info(INPUT_NAME, _INPUT_TYPES[input_dtype], ["batch", *input_shape])],
         [oh.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", output.shape[1]]), *extra_outputs],
         initializers,
     )
@@ -176,12 +194,14 @@ def assemble(b: GraphBuilder, output: Value, *, form: str, opset: int, input_sha
         producer_version=__version__,
     )
     oh.set_model_props(onnx_model, {"micronet.form": form})
+    produced = {o for node in nodes for o in node.output} | {INPUT_NAME}
+    module_values = [mv for mv in b.module_values if mv[1] in produced and mv[2] in produced]
     has_codes = any(w.kind == "codes" for w in b.weights)
     if not has_codes:
         b.inexact.insert(0, "no integer-code layers (float model)")
     return BuiltGraph(
         onnx_model, b.weights, exact=not b.inexact, inexact_reasons=b.inexact,
-        num_classes=int(output.shape[1]), form=form,
+        num_classes=int(output.shape[1]), form=form, module_values=module_values,
     )
 
 

@@ -99,11 +99,17 @@ class _NodeResultRecorder(fx.Interpreter):
 
 
 def record(
-    gm: fx.GraphModule, input_shape: tuple[int, ...], batch: int, keep: set[fx.Node]
+    gm: fx.GraphModule, input_shape: tuple[int, ...], batch: int, keep: set[fx.Node],
+    input_dtype: torch.dtype = torch.float32,
 ) -> dict[fx.Node, NodeResult]:
-    """Run ``gm`` on seeded N(0, 1) inputs of ``batch`` samples; tensor values are kept for ``keep`` only."""
+    """Run ``gm`` on seeded N(0, 1) inputs (uniform pixels for uint8) of ``batch`` samples; tensor values are
+    kept for ``keep`` only."""
     recorder = _NodeResultRecorder(gm, keep)
-    x = torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    if input_dtype == torch.uint8:
+        x = torch.randint(0, 256, (batch, *input_shape), generator=gen, dtype=torch.uint8)
+    else:
+        x = torch.randn((batch, *input_shape), generator=gen)
     with torch.inference_mode():
         try:
             recorder.run(x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from fractions import Fraction
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from micronet.compress import deploy_form
+from micronet.compress.pixel_input import PIXEL_BITS, pixel_input_of
 from micronet.compress.state import has_training_form, model_device, preserved_modes
 from micronet.errors import MicronetError
 from micronet.progress import progress_bar
@@ -33,11 +35,13 @@ TRACK_INPUT_SIZE = {"cifar100": 32, "imagenet": 224}
 
 
 def _synthetic_inputs(samples: int, shape: tuple[int, ...], device: torch.device,
-                      dtype: torch.dtype = torch.float32) -> Iterator[Tensor]:
-    """Deterministic normalised-image-like inputs of ``shape`` (batch 1 first), one example each."""
+                      dtype: torch.dtype = torch.float32, channels_last: bool = False) -> Iterator[Tensor]:
+    """Deterministic normalised-image-like inputs of ``shape`` (batch 1 first), one example each (NHWC for an
+    NHWC pixel-input model)."""
     gen = torch.Generator().manual_seed(0)
     for _ in range(samples):
-        yield torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        x = torch.randn(shape, generator=gen)
+        yield (x.permute(0, 2, 3, 1).contiguous() if channels_last else x).to(device=device, dtype=dtype)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -174,6 +178,8 @@ def score(
     strict: bool = False,
     model_name: str = "",
     progress: bool = False,
+    input: str = "float",
+    normalization: Any = None,
     **overrides: Any,
 ) -> ScoreReport:
     """Score ``model`` under a policy and track; ops per example (mean over ``samples`` for dynamic nets).
@@ -184,6 +190,8 @@ def score(
     policy fields (e.g. ``accumulator="adder_tree"``).
     ``progress`` shows a status bar (deploy form, one step per traced example, accounting): a large or dynamic
     model takes many seconds, and a library stays quiet unless asked.
+    ``input="pixels"`` scores the pixel-input deploy form (uint8 images, ``normalization`` folded into the first
+    layer), as ``micronet export --input pixels`` writes it.
     """
     pol = resolve_policy(policy, overrides)
     trk = get_track(track)
@@ -191,7 +199,11 @@ def score(
     # Every model, float or compressed, is scored as it deploys: its integer form, BN folded (a deep copy,
     # so resetting gate counters and the train-mode parameter trace leave the caller's model alone).
     bar = progress_bar(None, "scoring: deploy form", progress, unit="step")
-    target = deploy_form(model)
+    target = deploy_form(model, input=input, normalization=normalization)
+    pixels = pixel_input_of(target)
+    if pixels is not None and "input_bits" not in overrides:
+        # What runs takes 8-bit pixels: the first layer multiplies 8-bit inputs (policy field, in the JSON).
+        pol = replace(pol, input_bits=PIXEL_BITS)
     # torch.ao fake-quantizers keep observing while they run: freeze their ranges on this copy, so scoring
     # prices the quantization the model has instead of re-calibrating it on the synthetic input.
     target.apply(torch.ao.quantization.disable_observer)
@@ -208,7 +220,7 @@ def score(
     examples = (
         _split_examples(data, n)
         if data is not None
-        else _synthetic_inputs(n, shape, device, dtype)
+        else _synthetic_inputs(n, shape, device, dtype, pixels is not None and pixels.layout == "nhwc")
     )
     if input_shape is None:
         shown_size = str(shape[2]) if shape[2] == shape[3] else f"{shape[2]}x{shape[3]}"
@@ -230,7 +242,7 @@ def score(
             param_traces.append(
                 trace_model(
                     target,
-                    next(_synthetic_inputs(1, shape, device, dtype)),
+                    next(_synthetic_inputs(1, shape, device, dtype, pixels is not None and pixels.layout == "nhwc")),
                     input_bits=pol.model_input_bits,
                     float_bits=pol.float_bits,
                 )
@@ -260,6 +272,9 @@ def score(
             "use --policy official"
         )
     notes = []
+    if pixels is not None:
+        notes.append(f"scored the pixel-input deploy form: uint8 {pixels.layout.upper()} images, normalisation "
+                     f"{pixels.normalization.name} folded into the first layer (input_bits={pol.input_bits})")
     if has_training_form(model):
         notes.append("scored the integer deploy form (compress.deploy_form) of the model")
     report = ScoreReport(

@@ -1,0 +1,236 @@
+"""The pixel-input deploy form: a network that takes uint8 images and computes its first layer exactly.
+
+A checkpoint's first conv reads normalised images ``(p - m_c) / s_c`` (``m_c``, ``s_c`` in pixel units). With
+integer weight codes ``W`` and integer pixels ``p`` the normalised conv splits into exact integer parts::
+
+    conv(norm(p), W)[o] = sum_c a_c * S_c[o]  +  B[o],     a_c = 1 / s_c
+    S_c = conv(p_c, W[:, c])                 (zero-padded pixels: integers, exact while |S| < 2^24)
+    B   = sum_c (-a_c m_c) * V_c,  V_c = conv(ones_c, W[:, c])   (the same zero padding: integer counts)
+
+``B`` accounts for the mean *and* for the zero padding of the normalised image (a padded position is zero
+in normalised space, i.e. the non-integer pixel value ``m_c``): ``V_c`` counts, per output position, the
+weights that fall on real pixels. The float steps after the integer convs are elementwise and run in one
+fixed order (``a_0 S_0``, ``+ a_1 S_1``, ``+ a_2 S_2``, then ``B`` the same way, then ``+ B``), so PyTorch
+and onnxruntime round them identically; the result is an equally valid fp32 evaluation of the normalised
+model (spec exact-export-notes.md).
+
+The head's float reductions (global average pool, the classifier on float inputs) sum non-integer values,
+whose fp32 result depends on the summation order; :class:`Float64Reduce` runs them in float64 and rounds
+once to float32. Products of fp32 values with small integer codes are exact in float64 and a few hundred
+of them sum exactly unless their magnitudes span more than ~20 binary orders, so this is exact in
+practice (not by construction): measured bit-identical logits in both runtimes.
+
+``pixel_input_form(deploy, normalization)`` rewrites an integer deploy form; scoring and export both use it,
+so what is scored is what the ONNX file runs (8-bit model input).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from micronet.compress.integer_modules import ChannelAffine, IntConv2d, IntLinear, RoundClamp
+from micronet.errors import MicronetError
+
+EXACT_LIMIT = 2**24  # fp32 holds every integer up to 2^24
+PIXEL_MAX = 255
+LAYOUTS = ("nchw", "nhwc")
+PIXEL_BITS = 8
+
+
+class Normalization(Protocol):
+    """What the pixel form needs of a normalisation (``micronet.data.Normalization`` has it; compress does
+    not import data): per-channel ``(x/255 - mean)/std``, divided once more by ``extra_divisor``."""
+
+    name: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    extra_divisor: float
+
+
+@dataclass(frozen=True)
+class PixelInput:
+    """What a pixel-input model expects: uint8 images in ``layout``, normalised as ``normalization``."""
+
+    layout: str
+    normalization: Normalization
+
+
+class PixelInputConv(nn.Module):
+    """First conv on uint8 pixels with the normalisation folded exactly (see the module docstring).
+
+    ``weight`` holds the codes regrouped per input channel, shape ``[C_in * C_out, 1, kh, kw]`` (row
+    ``c * C_out + o`` is ``W[o, c]``), so one grouped conv yields every ``S_c``. ``scale`` is ``a_c`` and
+    ``shift`` is ``-a_c * m_c`` (float32, one per input channel).
+    """
+
+    def __init__(self, conv: IntConv2d, normalization: Normalization, layout: str = "nchw") -> None:
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise MicronetError(f"unknown input layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+        codes = conv.weight.detach()
+        c_out, c_in = codes.shape[0], codes.shape[1]
+        self.register_buffer("weight", codes.transpose(0, 1).reshape(c_in * c_out, 1, *codes.shape[2:]).clone())
+        mean = torch.tensor(normalization.mean, dtype=torch.float64) * 255.0
+        std = torch.tensor(normalization.std, dtype=torch.float64) * 255.0 * normalization.extra_divisor
+        scale = (1.0 / std).to(torch.float32)
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", (-scale.double() * mean).to(torch.float32))
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.weight_bits, self.weight_signed, self.block = conv.weight_bits, conv.weight_signed, conv.block
+        self.in_channels, self.out_channels, self.kernel_size = c_in, c_out, tuple(codes.shape[2:])
+        self.layout = layout
+        self.input = PixelInput(layout, normalization)
+
+    def codes(self) -> Tensor:
+        """The codes in the ordinary ``[C_out, C_in, kh, kw]`` layout."""
+        return self.weight.reshape(self.in_channels, self.out_channels, *self.kernel_size).transpose(0, 1)
+
+    def _grouped(self, x: Tensor) -> list[Tensor]:
+        w = self.weight.to(x.dtype)
+        y = F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.in_channels)
+        return list(y.split(self.out_channels, dim=1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.layout == "nhwc":
+            x = x.permute(0, 3, 1, 2)
+        dtype = self.scale.dtype  # float32, or float64 in a .double() reference
+        x = x.to(dtype)
+        scale, shift = self.scale.to(dtype), self.shift.to(dtype)
+        parts = self._grouped(x)
+        # ones in the image's shape, zero-padded like it: integer counts of the weights on real pixels
+        counts = self._grouped(x.new_ones((1, *x.shape[1:])))
+        y = parts[0] * scale[0]
+        border = counts[0] * shift[0]
+        for c in range(1, self.in_channels):
+            y = y + parts[c] * scale[c]
+            border = border + counts[c] * shift[c]
+        return y + border
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, layout={self.layout}, normalization={self.input.normalization.name}")
+
+
+class Float64Reduce(nn.Module):
+    """Runs ``op`` (a global average pool or a classifier on float inputs) in float64, rounding once to fp32."""
+
+    def __init__(self, op: nn.Module) -> None:
+        super().__init__()
+        self.op = op
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x.to(torch.float64)).to(x.dtype)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        leaves = (ChannelAffine, RoundClamp, IntConv2d, IntLinear, PixelInputConv, Float64Reduce)
+        return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
+
+
+def pixel_input_of(model: nn.Module) -> PixelInput | None:
+    """The pixel input a model expects, or None for a float-input model."""
+    for m in model.modules():
+        if isinstance(m, PixelInputConv):
+            return m.input
+    return None
+
+
+def first_layer_bound(codes: Tensor) -> int:
+    """Largest |S_c| the pixel-input first layer can reach: 255 x the largest per-(output, input) sum of |codes|."""
+    per = codes.detach().abs().flatten(2).sum(2)
+    return int(per.max().item()) * PIXEL_MAX if per.numel() else 0
+
+
+def pixel_input_form(deploy: nn.Module, normalization: Normalization, layout: str = "nchw",
+                     image_size: tuple[int, int] = (32, 32)) -> fx.GraphModule:
+    """The pixel-input form of an integer deploy form (a new module; ``deploy`` is not changed)."""
+    if layout not in LAYOUTS:
+        raise MicronetError(f"unknown input layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    if pixel_input_of(deploy) is not None:
+        raise MicronetError("the model already takes pixel input")
+    try:
+        gm = fx.GraphModule(deploy, _Tracer().trace(deploy), type(deploy).__name__)
+    except Exception as exc:  # fx raises many types; all mean "this Python code does not trace"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise MicronetError(f"pixel input needs a model that traces with torch.fx ({first}); "
+                            "use --input float") from None
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    stem = _first_layer(gm, placeholder)
+    conv = gm.get_submodule(str(stem.target))
+    bound = first_layer_bound(conv.weight)
+    if bound >= EXACT_LIMIT:
+        raise MicronetError(
+            f"first layer '{stem.target}': pixel x weight-code sums may reach {bound:,} >= 2^24, which fp32 "
+            "cannot hold exactly; use --input float, or quantize the first layer's weights to fewer bits"
+        )
+    gm.set_submodule(str(stem.target), PixelInputConv(conv, normalization, layout))
+    stem.args = (placeholder, *stem.args[1:])
+    _float64_head(gm, image_size)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    spec = getattr(deploy, "micronet_spec", None)
+    if spec is not None:
+        gm.micronet_spec = spec
+    return gm.eval()
+
+
+def _first_layer(gm: fx.GraphModule, placeholder: fx.Node) -> fx.Node:
+    """The conv that reads the image, past identities; anything else is refused with the fix."""
+    node = placeholder
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            raise MicronetError(f"pixel input needs the image to feed exactly one first layer, it feeds {len(users)} "
+                                "ops; use --input float")
+        node = users[0]
+        m = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if isinstance(m, nn.Identity):
+            continue
+        if isinstance(m, IntConv2d) and m.groups == 1 and m.in_channels == 3:
+            return node
+        if isinstance(m, nn.Conv2d):
+            raise MicronetError(f"first layer '{node.target}' has float weights; pixel input needs integer weight "
+                                "codes there (quantize the first conv's weights), or use --input float")
+        what = type(m).__name__ if m is not None else str(node.target)
+        raise MicronetError(f"pixel input needs a 3-channel integer conv as the first layer, found {what}; "
+                            "use --input float")
+
+
+def _float64_head(gm: fx.GraphModule, image_size: tuple[int, int]) -> None:
+    """Wrap global average pools and the classifier (float inputs) in :class:`Float64Reduce`."""
+    shapes: dict[fx.Node, tuple[int, ...]] = {}
+
+    class _Shapes(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            out = super().run_node(n)
+            if isinstance(out, Tensor):
+                shapes[n] = tuple(out.shape)
+            return out
+
+    with torch.no_grad():
+        _Shapes(gm).run(torch.zeros((1, *_image_shape(gm, image_size)), dtype=torch.uint8))
+    for n in list(gm.graph.nodes):
+        if n.op != "call_module":
+            continue
+        m = gm.get_submodule(str(n.target))
+        is_global_pool = isinstance(m, nn.AdaptiveAvgPool2d | nn.AvgPool2d) and n in shapes \
+            and shapes[n][2:] == (1, 1) and getattr(m, "padding", 0) in (0, (0, 0))
+        if is_global_pool or isinstance(m, IntLinear):
+            gm.set_submodule(str(n.target), Float64Reduce(m))
+
+
+def _image_shape(gm: fx.GraphModule, image_size: tuple[int, int]) -> tuple[int, ...]:
+    spec = pixel_input_of(gm)
+    channels = 3
+    return (*image_size, channels) if spec is not None and spec.layout == "nhwc" else (channels, *image_size)
+
+
+__all__ = ["LAYOUTS", "PIXEL_BITS", "Float64Reduce", "PixelInput", "PixelInputConv", "first_layer_bound",
+           "pixel_input_form", "pixel_input_of"]
