@@ -175,6 +175,7 @@ def build_gated_graph(model: nn.Module, *, form: str = "integer", sparse_weights
     built = assemble(b, logits, form=form, opset=opset, input_shape=input_shape, extra_outputs=(gates_info,))
     built.inexact_reasons.append("gate controller (LSTM) in float32")
     built.exact = False  # the controller's float sums may round differently in onnxruntime
+    built.opaque_branches = True  # values inside the If branches are not recorded: no first-parting analysis
     return built
 
 

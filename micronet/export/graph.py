@@ -69,6 +69,9 @@ class BuiltGraph:
     # Every converted module in execution order: (module path, ONNX name of its input, of its output). The
     # verifier reads these intermediate values to name the first layer where onnxruntime and PyTorch part.
     module_values: list[tuple[str, str, str]] = field(default_factory=list)
+    # Gated graphs: module values inside ``If`` branches are not recorded, so a difference cannot be traced to
+    # a tie flip; the verifier then applies the statistical rule (and says so).
+    opaque_branches: bool = False
 
 
 _INPUT_TYPES = {torch.float32: TensorProto.FLOAT, torch.uint8: TensorProto.UINT8}

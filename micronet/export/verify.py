@@ -257,6 +257,25 @@ def compare_logits(ort_out: np.ndarray, ref: np.ndarray, report: ParityReport) -
         report.notes.append(f"{n} samples; the rule is specified for >= 512")
 
 
+def _statistical(ort_out: np.ndarray, ref: np.ndarray, ref64: np.ndarray, report: ParityReport) -> None:
+    """The rule for graphs whose intermediate values cannot be compared (``If`` branches): at least
+    ``MIN_WITHIN`` of the samples within ``ATOL`` of PyTorch fp32, and onnxruntime's top-1 equal to the float64
+    reference's wherever PyTorch fp32's is."""
+    n = len(ref)
+    e_pt = np.abs(ref.astype(np.float64) - ref64).max(axis=1)
+    e_ort = np.abs(ort_out.astype(np.float64) - ref64).max(axis=1)
+    report.float64_max_pytorch, report.float64_max_onnxruntime = float(e_pt.max()), float(e_ort.max())
+    report.notes.append("gated graph: values inside the If branches are not recorded, so the statistical rule "
+                        f"applies ({MIN_WITHIN:.0%} of samples within {ATOL:g} of PyTorch, top-1 as float64)")
+    if report.within_tol < MIN_WITHIN * n:
+        report.failures.append(f"only {report.within_tol}/{n} samples have all logits within {ATOL:g} of PyTorch")
+    top64 = ref64.argmax(1)
+    wrong = np.flatnonzero((ref.argmax(1) == top64) & (ort_out.argmax(1) != top64))
+    if wrong.size:
+        report.failures.append(f"sample {wrong[0]}: onnxruntime's top-1 differs from the float64 reference's "
+                               f"({wrong.size} samples)")
+
+
 def compare_float64(ort_out: np.ndarray, ref: np.ndarray, ref64: np.ndarray, report: ParityReport,
                     explain: Callable[[np.ndarray], dict[int, Parting]] | None = None) -> None:
     """Judge onnxruntime against the float64 evaluation ``ref64`` (PyTorch fp32 ``ref`` sets the yardstick).
@@ -473,7 +492,10 @@ def _verify(path: str | Path, reference: nn.Module, built: BuiltGraph, inputs: t
         return {int(i): p for i, p in zip(indices, parts)}
 
     compare_logits(ort_out, ref, report)
-    compare_float64(ort_out, ref, ref64, report, explain)
+    if built.opaque_branches:
+        _statistical(ort_out, ref, ref64, report)
+    else:
+        compare_float64(ort_out, ref, ref64, report, explain)
 
     bar.set_description("export verification: dynamic batch")
     _check_batches(sess, x, ort_out, built.exact, report, bar)
