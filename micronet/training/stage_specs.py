@@ -46,7 +46,8 @@ class StageSettings:
         """Whether the stage distils from a teacher checkpoint."""
         return False
 
-    def compress_(self, model: nn.Module, kind: str | None, calibration: Calibration) -> None:
+    def compress_(self, model: nn.Module, kind: str | None, calibration: Calibration, *,
+                  progress: bool = False) -> None:
         """Attach what the stage adds to ``model`` (run once when the stage starts, not on resume)."""
 
     def step_hook(self, model: nn.Module, kind: str | None) -> StepHook | None:
@@ -141,7 +142,8 @@ class PruneSettings(TrainSettings):
         if every < 0 or until < 0 or (until and not every):
             raise MicronetError("mask_update_until needs a positive mask_update_every (both non-negative)")
 
-    def compress_(self, model: nn.Module, kind: str | None, calibration: Calibration) -> None:
+    def compress_(self, model: nn.Module, kind: str | None, calibration: Calibration, *,
+                  progress: bool = False) -> None:
         """Mask the stage's layers; earlier masks are frozen first, so only this stage's may be refreshed."""
         compress.freeze_masks_(model)
         compress.prune_(model, self.sparsity_config(kind))
@@ -187,10 +189,11 @@ class ActQuantSettings(TrainSettings):
         if self.calibration_batches < 1:
             raise MicronetError(f"calibration_batches must be positive, got {self.calibration_batches}")
 
-    def compress_(self, model: nn.Module, kind: str | None, calibration: Calibration) -> None:
+    def compress_(self, model: nn.Module, kind: str | None, calibration: Calibration, *,
+                  progress: bool = False) -> None:
         """Attach and calibrate the activation quantizers; every mask is fixed from here on."""
         compress.freeze_masks_(model)
-        compress.quantize_(model, self.quant_config(), calibration(self.calibration_batches))
+        compress.quantize_(model, self.quant_config(), calibration(self.calibration_batches), progress=progress)
 
     def summary(self, kind: str | None) -> str:
         """What the stage's compression is, in a few words."""
@@ -217,7 +220,8 @@ class WeightQuantSettings(TrainSettings):
         super().check(stage)
         self.quant_config("conv")  # bits and refit schedule are checked by QuantConfig
 
-    def compress_(self, model: nn.Module, kind: str | None, calibration: Calibration) -> None:
+    def compress_(self, model: nn.Module, kind: str | None, calibration: Calibration, *,
+                  progress: bool = False) -> None:
         """Attach the weight quantizers (masks fixed first, so quantized zeros stay the pruned ones)."""
         compress.freeze_masks_(model)
         compress.quantize_(model, self.quant_config(kind))
@@ -334,9 +338,10 @@ class StageSpec:
         """Whether the stage adds compression to the model."""
         return self.settings.compress_ is not StageSettings.compress_
 
-    def compress_(self, model: nn.Module, settings: StageSettings, calibration: Calibration) -> None:
-        """Attach this stage's compression to ``model`` with ``settings``."""
-        settings.compress_(model, self.layers, calibration)
+    def compress_(self, model: nn.Module, settings: StageSettings, calibration: Calibration, *,
+                  progress: bool = False) -> None:
+        """Attach this stage's compression to ``model`` with ``settings`` (``progress``: calibration bars)."""
+        settings.compress_(model, self.layers, calibration, progress=progress)
 
     def step_hook(self, model: nn.Module, settings: StageSettings) -> StepHook | None:
         """This stage's per-step compression maintenance, or None."""

@@ -404,7 +404,8 @@ class _StageRun:
         stage, spec, cfg, rt, model = self.stage, self.spec, self.cfg, self.rt, self.model
         resuming = bool(self.training_state)
         if not resuming:
-            spec.compress_(model, cfg, lambda count: list(self.shared_batches(count)))
+            spec.compress_(model, cfg, lambda count: list(self.shared_batches(count)),
+                           progress=self.options.progress and self.rt.is_main)
         params = spec.trainable_parameters(model)
         if not params:
             raise MicronetError(f"stage {stage!r}: nothing to train (every parameter is frozen)")
