@@ -312,6 +312,11 @@ def _unpickler_detail(message: str) -> str:
     return (lines[0] if lines else "unreadable")[:160]
 
 
+class PickledObjectsError(MicronetError):
+    """A weights file the safe unpickler refused because it holds Python objects (e.g. a whole model), not only
+    tensors: what ``--trust-pickle`` is for."""
+
+
 def _torch_load(path: Path) -> Any:
     """``torch.load(weights_only=True)`` of an untrusted file, zip sizes checked first; one-line errors."""
     if zipfile.is_zipfile(path):
@@ -323,8 +328,11 @@ def _torch_load(path: Path) -> Any:
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = _unpickler_detail(str(exc))
-        if "GLOBAL" in detail or "global" in detail:  # an object the safe unpickler will not rebuild
-            raise MicronetError(f"refused to load {path}: it contains objects other than tensors ({detail})") from None
+        # An object the safe unpickler will not rebuild: torch names the refused GLOBAL somewhere in its message
+        # (not always on the line _unpickler_detail picks for display).
+        if "global" in str(exc).lower():
+            raise PickledObjectsError(f"refused to load {path}: it contains objects other than tensors ({detail})"
+                                      ) from None
         # Any other unpickling failure ("Unsupported operand 123", "Can only build Tensor...") means the bytes are
         # not a torch.save stream at all; the unpickler's wording would mean nothing to the user.
         raise MicronetError(f"{path} is not a weights file PyTorch can read (not saved by torch.save, or "

@@ -21,7 +21,14 @@ from micronet import models
 from micronet.compress.state import classifier_name
 from micronet.data import Normalization, get_normalization, normalization_from_record, test_images
 from micronet.errors import MicronetError
-from micronet.io.checkpoint import load, load_into, load_state_dict_file, read_header, read_metadata
+from micronet.io.checkpoint import (
+    PickledObjectsError,
+    load,
+    load_into,
+    load_state_dict_file,
+    read_header,
+    read_metadata,
+)
 from micronet.io.riair2019 import build_riair2019, looks_like_riair2019
 from micronet.io.untrusted import check_model_budget
 
@@ -184,19 +191,6 @@ def _load_pickled_module(path: Path) -> nn.Module | dict[str, Tensor]:
     raise MicronetError(f"{path} holds a {type(obj).__name__}, neither a module nor a state_dict")
 
 
-def _holds_pickled_objects(path: Path) -> bool:
-    """Whether torch's safe (weights-only) unpickler refused the file for holding objects other than tensors."""
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # Only a refused GLOBAL means "real objects inside"; other unpickling errors ("Unsupported operand 123")
-        # mean the bytes are no pickle at all, and --trust-pickle would not help.
-        return "global" in str(exc).lower()
-    except Exception:  # truncated, not a torch file at all, ...: the caller's own error says so
-        return False
-    return False
-
-
 def load_model(path: str | Path, format: str = "auto", model: str | None = None, *, trust_pickle: bool = False,
                model_args: dict[str, Any] | None = None, allow_large: bool = False, **riair_kwargs: Any) -> nn.Module:
     """Load a model from a micronet checkpoint, a plain state_dict (``model`` names the architecture: zoo or
@@ -215,9 +209,7 @@ def load_model(path: str | Path, format: str = "auto", model: str | None = None,
         raise MicronetError(f"{path} is not a micronet checkpoint (no micronet metadata)")
     try:
         state = load_state_dict_file(path)
-    except MicronetError:
-        if not _holds_pickled_objects(path):
-            raise
+    except PickledObjectsError:  # the safe reader's own verdict: no second, unguarded read of the file
         if not trust_pickle:
             raise MicronetError(f"{path} holds pickled Python objects (e.g. a whole model), not just tensors; if you "
                                 "trust the file, pass --trust-pickle (unpickling runs code from the file)") from None
