@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from micronet.data import ImageSet
+from tests.threads import one_thread_per_test  # noqa: F401  (autouse: one thread per test)
 
 CLASSES = 10
 STEP_DEGREES = 10.0  # class c: gratings at +-c·10° (0..90°); a mirror maps +a to -a (same class). Steps this fine
@@ -37,12 +37,3 @@ def orientation_images(per_class: int, seed: int, size: int = 16) -> ImageSet:
     images = bg[:, :, None, None] + (fg - bg)[:, :, None, None] * wave[:, None]
     return ImageSet(images.round().clamp(0, 255).to(torch.uint8), labels, tuple(f"deg{int(c * STEP_DEGREES)}"
                                                                                for c in range(CLASSES)))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: deterministic, and faster than two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -18,8 +18,8 @@ import struct
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
+
+from tests.threads import one_thread_per_test  # noqa: F401  (autouse: one thread per test)
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -97,11 +97,3 @@ def write_py27(root: Path, name: str, train: int = 30, test: int = 10, bytes_key
             blob = py2_pickle({"data": data, "labels": labels, "batch_label": "x"})
         (root / f"{name}_{split}_py27").write_bytes(blob)
     return root
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

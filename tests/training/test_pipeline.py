@@ -25,6 +25,7 @@ from micronet.cli import main
 from micronet.compress import state
 from micronet.training import RunOptions, TrainingDiverged, load_recipe, run_all, run_stage
 from micronet.training.stage_specs import STAGE_SPECS
+from tests.threads import one_thread
 
 #: The compression pipeline's stages (SkipNet's gate stages are tested in test_skipnet.py).
 STAGES = tuple(name for name, spec in STAGE_SPECS.items() if spec.gates is None)
@@ -56,21 +57,12 @@ def write_recipe(path: Path, tree: dict = TINY) -> Path:
     return path
 
 
-class _OneThread:
-    def __enter__(self):
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.before)
-
-
 @pytest.fixture(scope="session")
 def pipeline(cifar10_root, tmp_path_factory):
     """``train-stage all`` on the tiny recipe: (out dir, results by stage)."""
     base = tmp_path_factory.mktemp("pipeline")
     recipe = load_recipe(write_recipe(base / "tiny.yaml"))
-    with _OneThread():
+    with one_thread():
         results = run_all(recipe, RunOptions(data_root=cifar10_root, out=base / "run", progress=False))
     return base / "run", {r.stage: r for r in results}
 
@@ -289,7 +281,7 @@ def test_bad_inputs_fail_before_training_with_one_line(pipeline, cifar10_root, t
 
 def test_cli_runs_a_stage_with_overrides(cifar10_root, tmp_path):
     recipe = str(write_recipe(tmp_path / "tiny.yaml"))
-    with _OneThread():
+    with one_thread():
         r = _cli("student", "--recipe", recipe, "--data-root", str(cifar10_root), "--out", str(tmp_path / "o"),
                  "--epochs", "1", "--batch-size", "64", "--lr", "0.05", "--no-progress")
     assert r.exit_code == 0, r.output
@@ -303,7 +295,7 @@ def test_eval_cli_reads_riair2019_files_with_the_legacy_scaling(cifar100_root, t
 
     path = tmp_path / "densenet-100.pth.tar"
     torch.save(random_riair2019_state(), path)
-    with _OneThread():
+    with one_thread():
         r = CliRunner().invoke(main, ["eval", str(path), "--data-root", str(cifar100_root), "--json"])
     assert r.exit_code == 0, r.output
     reported = json.loads(r.output)
@@ -314,7 +306,7 @@ def test_eval_cli_reads_riair2019_files_with_the_legacy_scaling(cifar100_root, t
 def test_select_best_keeps_the_best_epoch_on_the_held_out_split(cifar10_root, tmp_path):
     tree = {**TINY, "stages": {"student": {**TINY["stages"]["student"], "select": "best"}}}
     recipe = load_recipe(write_recipe(tmp_path / "best.yaml", tree))
-    with _OneThread():
+    with one_thread():
         result = run_stage("student", recipe, RunOptions(data_root=cifar10_root, out=tmp_path / "o", progress=False))
     epochs = [json.loads(line) for line in (tmp_path / "o" / "student.jsonl").read_text().splitlines()][1:-1]
     best = max(epochs, key=lambda e: e["val_top1"])  # first maximum, as the stage keeps it

@@ -3,7 +3,6 @@ the RL stage skipping a useless block and keeping a useful one, resume, reports 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -21,6 +20,7 @@ from micronet.models import GateStats, create, registry
 from micronet.scoring import score
 from micronet.training import RunOptions, load_recipe, run_all, run_stage
 from micronet.training.skip_rl import gate_returns, policy_gradient_loss
+from tests.threads import one_thread
 from tests.training.gated_toy import ToyGatedNet
 
 
@@ -140,16 +140,6 @@ TOY = {
 }
 
 
-@contextlib.contextmanager
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _recipe(path, **rl):
     tree = {**TOY, "stages": {**TOY["stages"], "skip-rl": {**TOY["stages"]["skip-rl"], **rl}}}
     path.write_text(yaml.safe_dump(tree))
@@ -160,7 +150,7 @@ def _recipe(path, **rl):
 def pretrained(cifar10_root, tmp_path_factory):
     """skip-sp on the toy: (its checkpoint, its result)."""
     base = tmp_path_factory.mktemp("skipsp")
-    with _one_thread():  # module fixtures run before the per-test one-thread fixture
+    with one_thread():  # module fixtures run before the per-test one-thread fixture
         result = run_stage("skip-sp", _recipe(base / "toy.yaml"), RunOptions(data_root=cifar10_root, out=base,
                                                                               progress=False))
     return result.path, result
@@ -175,7 +165,7 @@ def _skip_rl(cifar10_root, pretrained, out, **rl):
 @pytest.fixture(scope="module")
 def rl_trained(cifar10_root, pretrained, tmp_path_factory):
     """skip-rl with alpha 2 (216 steps) from the skip-sp checkpoint."""
-    with _one_thread():
+    with one_thread():
         return _skip_rl(cifar10_root, pretrained, tmp_path_factory.mktemp("skiprl") / "run")
 
 
