@@ -58,6 +58,7 @@ def deploy_form(model: nn.Module, *, input: str = "float", normalization: Normal
     if _is_deploy_form(model):
         return detached_copy(model).eval()
     spec = getattr(model, "micronet_spec", None)
+    state.check_quantizable(model)  # before any work: a layer with no integer form is named, not a forward error
     try:
         work = detached_copy(model).eval()
         with torch.no_grad():
@@ -132,7 +133,7 @@ def _deploy_layer(layer: nn.Conv2d | nn.Linear) -> nn.Module:
             core = IntLinear(codes, **kwargs)
         parts["conv" if isinstance(layer, nn.Conv2d) else "linear"] = core
         out_scale = (in_step * w_step.reshape(-1)).expand(codes.shape[0]).clone()
-        parts["out_scale"] = ChannelAffine(out_scale, bias, quant_step=True)
+        parts["out_scale"] = ChannelAffine(out_scale, bias, quant_step=True, axis=_channel_axis(layer))
     else:
         core = _plain_copy(layer, w * in_step, bias)
         core.block = block
@@ -140,6 +141,11 @@ def _deploy_layer(layer: nn.Conv2d | nn.Linear) -> nn.Module:
     if len(parts) == 1:
         return next(iter(parts.values()))
     return nn.Sequential(parts)
+
+
+def _channel_axis(layer: nn.Module) -> int:
+    """Axis of a layer's output channels: 1 for a conv (NCHW), -1 for a Linear (features last at any rank)."""
+    return -1 if isinstance(layer, nn.Linear | IntLinear) else 1
 
 
 def _plain_copy(layer: nn.Conv2d | nn.Linear, weight: Tensor, bias: Tensor | None) -> nn.Module:
@@ -287,8 +293,19 @@ def _called(pp: _Peephole, node, kind) -> nn.Module | None:
     return None
 
 
+def _same_axis(first: ChannelAffine, second: ChannelAffine) -> bool:
+    """Whether two affines scale the same channels (a scalar one fits any axis), so they can be combined."""
+    return not (first.per_channel and second.per_channel) or first.axis == second.axis
+
+
+def _fits_layer(affine: ChannelAffine, layer: nn.Module) -> bool:
+    """Whether ``affine``'s channels are ``layer``'s output channels (a BN after a Linear is on axis 1, which is
+    the Linear's feature axis only for a 2-D input, unknown here: it is not folded)."""
+    return not affine.per_channel or affine.axis == _channel_axis(layer)
+
+
 def _combine(first: ChannelAffine, second: ChannelAffine) -> ChannelAffine:
-    """The affine equal to applying ``first`` then ``second``."""
+    """The affine equal to applying ``first`` then ``second`` (``_same_axis`` holds)."""
     scale = second.scale * first.scale
     bias = None
     if first.bias is not None:
@@ -297,8 +314,9 @@ def _combine(first: ChannelAffine, second: ChannelAffine) -> ChannelAffine:
         bias = second.bias.expand_as(scale) if bias is None else bias + second.bias
     if bias is not None and bias.numel() < scale.numel():
         bias = bias.expand_as(scale)
+    axis = first.axis if first.per_channel else second.axis
     return ChannelAffine(scale, bias, origin=first.origin + second.origin,
-                         quant_step=first.quant_step or second.quant_step)
+                         quant_step=first.quant_step or second.quant_step, axis=axis)
 
 
 def _scaled_layer(layer: nn.Module, affine: ChannelAffine) -> nn.Module:
@@ -482,7 +500,7 @@ def merge_affines(pp: _Peephole, node: fx.Node) -> bool:
     affine = _called(pp, node, ChannelAffine)
     src = node.args[0] if node.args else None
     first = _called(pp, src, ChannelAffine)
-    if affine is None or first is None or len(src.users) != 1:
+    if affine is None or first is None or len(src.users) != 1 or not _same_axis(first, affine):
         return False
     pp.install(src, _combine(first, affine))
     pp.bypass(node, src)
@@ -496,7 +514,7 @@ def fold_affine_into_layer(pp: _Peephole, node: fx.Node) -> bool:
     affine = _called(pp, node, ChannelAffine)
     src = node.args[0] if node.args else None
     layer = _called(pp, src, (nn.Conv2d, nn.Linear))
-    if affine is None or layer is None or len(src.users) != 1:
+    if affine is None or layer is None or len(src.users) != 1 or not _fits_layer(affine, layer):
         return False
     pp.install(src, _scaled_layer(layer, affine))
     pp.bypass(node, src)
@@ -515,9 +533,9 @@ def move_scale_before_relu(pp: _Peephole, node: fx.Node) -> bool:
     producer = src.args[0]
     first = _called(pp, producer, ChannelAffine)
     layer = _called(pp, producer, (nn.Conv2d, nn.Linear))
-    if first is not None and len(producer.users) == 1:
+    if first is not None and len(producer.users) == 1 and _same_axis(first, affine):
         pp.install(producer, _combine(first, affine))
-    elif layer is not None and len(producer.users) == 1:
+    elif layer is not None and len(producer.users) == 1 and _fits_layer(affine, layer):
         pp.install(producer, _scaled_layer(layer, affine))
     else:
         return False

@@ -7,8 +7,9 @@ This is the representation the scorer counts and the ONNX exporter writes. Read 
 
 * ``IntConv2d`` / ``IntLinear``: buffer ``weight`` (codes), ``weight_bits`` (int), ``weight_signed``
   (bool), ``block`` (mask block ``(out, in)`` or ``None`` for element masks).
-* ``ChannelAffine``: buffers ``scale`` (shape ``[C]`` or ``[1]``) and optional ``bias``; computes
-  ``y[:, c] = scale[c] * x[:, c] + bias[c]``.
+* ``ChannelAffine``: buffers ``scale`` (shape ``[C]`` or ``[1]``) and optional ``bias``, and ``axis`` (1 or -1,
+  the channel axis); computes ``y[:, c] = scale[c] * x[:, c] + bias[c]`` (axis 1: conv/BN outputs) or
+  ``y[..., c] = scale[c] * x[..., c] + bias[c]`` (axis -1: a Linear's outputs, whatever the input's rank).
 * ``RoundClamp``: ``qmin``, ``qmax``, ``bits``; output codes are integers in ``[qmin, qmax]``.
 * A float ``nn.Conv2d`` / ``nn.Linear`` that absorbed affines (BN folding) carries ``folded`` (the
   :class:`FoldedAffine` records of what it absorbed) and ``bias_folded`` (its bias exists only because a
@@ -104,16 +105,20 @@ class IntLinear(nn.Module):
 
 
 class ChannelAffine(nn.Module):
-    """Per-channel affine ``y = scale[c] * x + bias[c]`` over dimension 1 (a scalar when C == 1).
+    """Per-channel affine ``y = scale[c] * x + bias[c]`` over dimension ``axis`` (a scalar when C == 1).
 
+    ``axis`` is 1 for the channels of a conv or BatchNorm output (NCHW) and -1 for the features of a Linear's
+    output, which are last at any rank (a ConvNeXt block's channels-last Linear, a transformer's MLP).
     ``origin`` lists the training-form affines (BatchNorms, constant scales) merged into this one;
     ``quant_step`` says whether a quantizer's step (de- or re-scaling of integer codes) is merged in too.
     """
 
     def __init__(self, scale: Tensor, bias: Tensor | None = None, origin: tuple[FoldedAffine, ...] = (),
-                 quant_step: bool = False) -> None:
+                 quant_step: bool = False, axis: int = 1) -> None:
         super().__init__()
-        self.origin, self.quant_step = tuple(origin), bool(quant_step)
+        if axis not in (1, -1):
+            raise ValueError(f"ChannelAffine axis must be 1 or -1, got {axis}")
+        self.origin, self.quant_step, self.axis = tuple(origin), bool(quant_step), axis
         self.register_buffer("scale", _as_float(scale).reshape(-1))
         if bias is not None:
             bias = _as_float(bias).reshape(-1)
@@ -121,11 +126,18 @@ class ChannelAffine(nn.Module):
 
     @property
     def num_channels(self) -> int:
-        return self.scale.numel()
+        return max(self.scale.numel(), 0 if self.bias is None else self.bias.numel())
+
+    @property
+    def per_channel(self) -> bool:
+        """True when some value differs per channel (then ``axis`` matters); a scalar affine fits any axis."""
+        return self.num_channels > 1
 
     def _view(self, t: Tensor, x: Tensor) -> Tensor:
         if t.numel() == 1:
             return t.reshape(())
+        if self.axis == -1:
+            return t  # a [C] vector broadcasts over the last dimension
         return t.reshape((1, -1) + (1,) * (x.dim() - 2))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -135,7 +147,8 @@ class ChannelAffine(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return f"channels={self.num_channels}, bias={self.bias is not None}"
+        axis = "" if self.axis == 1 else f", axis={self.axis}"
+        return f"channels={self.num_channels}, bias={self.bias is not None}{axis}"
 
 
 class RoundClamp(nn.Module):

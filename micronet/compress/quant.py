@@ -39,9 +39,10 @@ def _check_bits(name: str, bits: int | None) -> None:
 class QuantConfig:
     """Which tensors to quantize and how. ``None`` bits leave that part unquantized.
 
-    ``weight_bits`` applies to the selected conv layers, ``fc_weight_bits`` to the classifier the model declares,
-    ``act_bits`` to the inputs of the selected convs (the first conv's input, i.e. the image, and the
-    classifier's input stay float unless ``quantize_first_input`` / ``quantize_fc_input``).
+    ``weight_bits`` applies to the selected layers of ``kinds`` ("conv", and "linear" for the other Linears of e.g.
+    a ConvNeXt or a transformer), ``fc_weight_bits`` to the classifier the model declares, ``act_bits`` to the
+    inputs of the selected layers (the first conv's input, i.e. the image, and the classifier's input stay float
+    unless ``quantize_first_input`` / ``quantize_fc_input``).
     """
 
     weight_bits: int | None = 4
@@ -58,8 +59,12 @@ class QuantConfig:
     quantize_fc_input: bool = False
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ("conv",)
 
     def __post_init__(self) -> None:
+        if "fc" in self.kinds or not set(self.kinds) <= set(state.LAYER_KINDS):
+            raise MicronetError(f"quantization kinds must be among 'conv', 'linear' (the classifier has its own "
+                                f"fc_weight_bits), got {self.kinds!r}")
         _check_bits("weight_bits", self.weight_bits)
         _check_bits("act_bits", self.act_bits)
         _check_bits("fc_weight_bits", self.fc_weight_bits)
@@ -116,8 +121,11 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration_data: Iterable[
     """Attach weight and activation quantizers per ``config`` (in place); calibrate if data is given (``progress``:
     a bar over the calibration batches)."""
     first = state.first_conv_name(model)
-    convs = state.select_layers(model, ("conv",), config.include, config.exclude)
+    convs = state.select_layers(model, config.kinds, config.include, config.exclude)
     fcs = state.select_layers(model, ("fc",), config.include, config.exclude)
+    about_to_quantize = [n for n, _ in convs if config.weight_bits is not None or config.act_bits is not None]
+    about_to_quantize += [n for n, _ in fcs if config.fc_weight_bits is not None or config.quantize_fc_input]
+    state.check_quantizable(model, about_to_quantize)
     for name, module in convs:
         if config.weight_bits is not None:
             attach_weight_quantizer(module, config.weight_bits, per_channel=config.per_channel,

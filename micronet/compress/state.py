@@ -19,9 +19,10 @@ from micronet.compress.integer_modules import IntConv2d, IntLinear, RoundClamp
 from micronet.compress.parametrizations import WeightMask, WeightQuantizer
 from micronet.errors import MicronetError
 
-#: The short layer-kind names configs use: "conv" = every Conv2d except the classifier, "fc" = the classifier
-#: the model declares (see ``classifier_name``). Only Conv2d and Linear modules carry weight compression.
-LAYER_KINDS = ("conv", "fc")
+#: The short layer-kind names configs use: "conv" = every Conv2d except the classifier, "linear" = every other
+#: Linear except the classifier (a ConvNeXt block's channels-last Linears, a transformer's MLP), "fc" = the
+#: classifier the model declares (see ``classifier_name``). Only Conv2d and Linear modules carry weight compression.
+LAYER_KINDS = ("conv", "linear", "fc")
 _WEIGHTED = (nn.Conv2d, nn.Linear)
 
 
@@ -77,6 +78,41 @@ def is_quantized(model: nn.Module) -> bool:
     return False
 
 
+# torch modules whose forward reads their child Linears' weights directly instead of calling them
+# (F.multi_head_attention_forward reads out_proj.weight; the Transformer layers' fast path passes linear1/linear2
+# and the attention weights to one fused kernel): an input quantizer's hook on such a Linear never runs, and no
+# integer replacement (codes + scales) can stand where a float weight is read.
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def weight_read_directly(model: nn.Module) -> dict[str, str]:
+    """{path of a Linear: the torch module type that reads its weight without calling it} over ``model``."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _READS_CHILD_WEIGHTS):
+            for child_name, child in module.named_modules():
+                if child_name and isinstance(child, nn.Linear):
+                    found[f"{name}.{child_name}" if name else child_name] = type(module).__name__
+    return found
+
+
+def check_quantizable(model: nn.Module, paths: Sequence[str] | None = None) -> None:
+    """Refuse (one line) a quantizer on a Linear whose owner reads its weight directly (``weight_read_directly``):
+    the ``paths`` about to be quantized, or every quantized layer of ``model`` when ``paths`` is None."""
+    direct = weight_read_directly(model)
+    if not direct:
+        return
+    if paths is None:
+        paths = [n for n, m in model.named_modules()
+                 if weight_quantizer(m) is not None or input_quantizer(m) is not None]
+    bad = next((p for p in paths if p in direct), None)
+    if bad is not None:
+        raise MicronetError(
+            f"{bad}: cannot quantize a Linear inside nn.{direct[bad]}, which reads its weight directly instead of "
+            f"calling it (its input quantizer would never run and integer codes cannot replace the weight); "
+            f"leave it float (exclude={bad!r}); pruning it is supported")
+
+
 def classifier_name(model: nn.Module) -> str | None:
     """Qualified name of the model's classifier: the one it declares, else the last Linear (third-party models).
 
@@ -118,7 +154,7 @@ def select_layers(
     head = classifier_name(model)
 
     def wanted(name: str, module: nn.Module) -> bool:
-        kind = "fc" if name == head else "conv" if isinstance(module, nn.Conv2d) else None
+        kind = "fc" if name == head else "conv" if isinstance(module, nn.Conv2d) else "linear"
         return (kind in kinds
                 and (not include or any(fnmatch.fnmatchcase(name, p) for p in include))
                 and not any(fnmatch.fnmatchcase(name, p) for p in exclude))

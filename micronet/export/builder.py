@@ -191,11 +191,14 @@ class GraphBuilder:
         self._weight_values[name] = value
         return value
 
-    def channel_view(self, t: torch.Tensor, rank: int, name: str) -> str:
-        """Per-channel vector as a constant broadcastable over dim 1 of a rank-``rank`` tensor."""
+    def channel_view(self, t: torch.Tensor, rank: int, name: str, axis: int = 1) -> str:
+        """Per-channel vector as a constant broadcastable over dim ``axis`` (1, or -1: the last) of a rank-``rank``
+        tensor."""
         arr = t.detach().cpu().float().reshape(-1).numpy()
         if arr.size == 1:
             return self.initializer(arr.reshape(()), name)
+        if axis == -1:
+            return self.initializer(arr, name)
         return self.initializer(arr.reshape((1, -1) + (1,) * (rank - 2)), name)
 
 

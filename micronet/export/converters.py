@@ -255,9 +255,9 @@ def _float_linear(b: GraphBuilder, ctx: Ctx) -> Value:
 def _channel_affine(b: GraphBuilder, ctx: Ctx) -> Value:
     m, x = ctx.module, ctx.args[0]
     # Mul then Add, two roundings, exactly as ChannelAffine.forward computes it.
-    y = b.add("Mul", [x.name, b.channel_view(m.scale, x.rank, f"{ctx.fqn}.scale")])
+    y = b.add("Mul", [x.name, b.channel_view(m.scale, x.rank, f"{ctx.fqn}.scale", m.axis)])
     if m.bias is not None:
-        y = b.add("Add", [y, b.channel_view(m.bias, x.rank, f"{ctx.fqn}.bias")])
+        y = b.add("Add", [y, b.channel_view(m.bias, x.rank, f"{ctx.fqn}.bias", m.axis)])
     return _out(ctx, y)
 
 
