@@ -16,7 +16,7 @@ from micronet.data import DATASETS, dataset_stats
 from micronet.errors import MicronetError
 from micronet.export import export_checkpoint
 from micronet.models import describe_models, list_families
-from micronet.scoring import TRACKS, score
+from micronet.scoring import INPUT_DTYPES, TRACKS, score
 from micronet.scoring.policy import parse_overrides
 from micronet.scoring.report import format_gate_summary, plot_gate_summary
 from micronet.training import (
@@ -160,6 +160,9 @@ def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool
               help="Input image size (default: the track's, cifar100 32, imagenet 224).")
 @click.option("--input-shape", default=None, metavar="D1xD2...",
               help="Example shape without batch for non-image models, e.g. 16x64 (sequence of 16 x 64).")
+@click.option("--input-dtype", type=click.Choice(list(INPUT_DTYPES)), default=None,
+              help="Input dtype (default: the model's float dtype); int64 for token ids, drawn below the smallest "
+                   "embedding table, charged at their width.")
 @click.option("--strict", is_flag=True, help="Fail (exit 2) when any op has no cost rule.")
 @click.option("--samples", type=int, help="Examples to average ops over (dynamic nets; default 16 for them).")
 @click.option("--data-root", type=click.Path(file_okay=False), help="Real test images for dynamic nets.")
@@ -171,8 +174,8 @@ def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool
 @click.option("--no-progress", is_flag=True, help="No status bar (it is shown only on a terminal anyway).")
 @_ALLOW_LARGE
 def score_command(checkpoint, model_name, model_arg_items, trust_pickle, file_format, recipe, policy, sets, track,
-                  input_size, input_shape, strict, samples, data_root, as_json, csv_path, plot_path, force, all_rows,
-                  no_progress, allow_large) -> None:
+                  input_size, input_shape, input_dtype, strict, samples, data_root, as_json, csv_path, plot_path,
+                  force, all_rows, no_progress, allow_large) -> None:
     """Score a model by the MicroNet rules: params and ops in 32-bit units, per layer."""
     overrides = parse_overrides(sets)
     model_args = io.parse_model_args(model_arg_items)
@@ -187,8 +190,8 @@ def score_command(checkpoint, model_name, model_arg_items, trust_pickle, file_fo
                                         allow_large)
     data = io.checkpoint_test_images(checkpoint, data_root, samples or 16) if data_root else None
     report = score(target, policy, track, None if size is None else (size[0], size[-1]), samples=samples, data=data,
-                   input_shape=shape, strict=strict, model_name=name, progress=_progress(no_progress),
-                   **overrides)
+                   input_shape=shape, input_dtype=input_dtype, strict=strict, model_name=name,
+                   progress=_progress(no_progress), **overrides)
     report.notes[:0] = notes
     if csv_path:
         report.write_csv(csv_path, force=force)

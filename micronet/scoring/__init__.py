@@ -5,12 +5,13 @@ See docs/architecture.md ("Scoring data flow") and spec scoring.md for the conve
 """
 
 from micronet.scoring.accumulators import accumulate, adder_tree_bitadds
-from micronet.scoring.api import score
+from micronet.scoring.api import INPUT_DTYPES, score
 from micronet.scoring.policy import PRESETS, TRACKS, Policy, Track, get_track, list_policies, resolve_policy
 from micronet.scoring.report import LayerRow, ScoreReport
 from micronet.scoring.rules import RULES, Cost, register
 
 __all__ = [
+    "INPUT_DTYPES",
     "PRESETS",
     "RULES",
     "TRACKS",

@@ -34,13 +34,39 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 TRACK_INPUT_SIZE = {"cifar100": 32, "imagenet": 224}
 
 
+#: ``input_dtype`` names (the CLI's ``--input-dtype``): integer ones for token ids and other integer inputs.
+INPUT_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
+                "int8": torch.int8, "uint8": torch.uint8}
+
+
+def resolve_input_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """``input_dtype`` as a torch dtype (None stays None: the model's float dtype)."""
+    if value is None or isinstance(value, torch.dtype) and value in INPUT_DTYPES.values():
+        return value
+    if isinstance(value, str) and value in INPUT_DTYPES:
+        return INPUT_DTYPES[value]
+    raise MicronetError(f"unknown input dtype {value!r}; use one of {', '.join(INPUT_DTYPES)}")
+
+
+def _integer_high(model: nn.Module, dtype: torch.dtype) -> int:
+    """Exclusive upper bound of synthetic integer inputs: below the smallest embedding table (token ids valid for
+    every table), else the values an 8-bit code holds (non-negative, within ``dtype``)."""
+    tables = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding | nn.EmbeddingBag)]
+    return min(tables) if tables else min(256, torch.iinfo(dtype).max + 1)
+
+
 def _synthetic_inputs(samples: int, shape: tuple[int, ...], device: torch.device,
-                      dtype: torch.dtype = torch.float32, channels_last: bool = False) -> Iterator[Tensor]:
+                      dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                      high: int = 2) -> Iterator[Tensor]:
     """Deterministic normalised-image-like inputs of ``shape`` (batch 1 first), one example each (NHWC for an
-    NHWC pixel-input model)."""
+    NHWC pixel-input model); integers in [0, ``high``) for an integer ``dtype`` (token ids)."""
     gen = torch.Generator().manual_seed(0)
     for _ in range(samples):
-        x = torch.randn(shape, generator=gen)
+        if dtype.is_floating_point:
+            x = torch.randn(shape, generator=gen)
+        else:
+            x = torch.randint(0, high, shape, generator=gen)
         yield (x.permute(0, 2, 3, 1).contiguous() if channels_last else x).to(device=device, dtype=dtype)
 
 
@@ -154,7 +180,7 @@ def is_dynamic(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _forward_errors(input_size: object) -> Iterator[None]:
+def _forward_errors(input_size: object, dtype: torch.dtype = torch.float32) -> Iterator[None]:
     """Turn a failing traced forward (e.g. an input size the architecture cannot take) into a one-line error."""
     try:
         yield
@@ -162,7 +188,11 @@ def _forward_errors(input_size: object) -> Iterator[None]:
         raise
     except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise MicronetError(f"the model's forward pass failed at input size {input_size}: {first}") from None
+        hint = ""
+        if dtype.is_floating_point and "indices" in first:  # e.g. an nn.Embedding given float "token ids"
+            hint = " (token ids? pass input_dtype='int64', --input-dtype int64 on the CLI)"
+        raise MicronetError(f"the model's forward pass failed at input size {input_size} ({str(dtype)[6:]}): "
+                            f"{first}{hint}") from None
 
 
 def score(
@@ -175,6 +205,7 @@ def score(
     data: Tensor | Iterable[Any] | None = None,
     in_channels: int = 3,
     input_shape: tuple[int, ...] | None = None,
+    input_dtype: torch.dtype | str | None = None,
     strict: bool = False,
     model_name: str = "",
     progress: bool = False,
@@ -185,8 +216,10 @@ def score(
     """Score ``model`` under a policy and track; ops per example (mean over ``samples`` for dynamic nets).
 
     ``input_size`` (side, or (H, W)) defaults to the track's (cifar100 32, imagenet 224); ``input_shape``
-    (e.g. ``(1, 16, 64)`` for a sequence model) replaces the image shape. ``strict=True`` raises when any op
-    has no cost rule. The caller's model is not modified and no hooks are left behind. ``overrides`` replace
+    (e.g. ``(1, 16, 64)`` for a sequence model) replaces the image shape; ``input_dtype`` (a torch dtype or a name
+    in ``INPUT_DTYPES``, e.g. "int64" for token ids, drawn below the smallest embedding table) replaces the model's
+    float dtype, and the input is charged at its width (at most the policy's ``input_bits``). ``strict=True`` raises
+    when any op has no cost rule. The caller's model is not modified and no hooks are left behind. ``overrides`` replace
     policy fields (e.g. ``accumulator="adder_tree"``).
     ``progress`` shows a status bar (deploy form, one step per traced example, accounting): a large or dynamic
     model takes many seconds, and a library stays quiet unless asked.
@@ -195,6 +228,7 @@ def score(
     """
     pol = resolve_policy(policy, overrides)
     trk = get_track(track)
+    in_dtype = resolve_input_dtype(input_dtype)
     shape = input_shape_for(trk, input_size, input_shape, in_channels)
     # Every model, float or compressed, is scored as it deploys: its integer form, BN folded (a deep copy,
     # so resetting gate counters and the train-mode parameter trace leave the caller's model alone).
@@ -216,18 +250,19 @@ def score(
     bar.update()
     bar.set_description(f"scoring: tracing {n} example{'s' if n > 1 else ''}")
     device = model_device(target)
-    dtype = _model_dtype(target)
+    dtype = in_dtype or _model_dtype(target)
+    high = 2 if dtype.is_floating_point else _integer_high(target, dtype)
     examples = (
         _split_examples(data, n)
         if data is not None
-        else _synthetic_inputs(n, shape, device, dtype, pixels is not None and pixels.layout == "nhwc")
+        else _synthetic_inputs(n, shape, device, dtype, pixels is not None and pixels.layout == "nhwc", high)
     )
     if input_shape is None:
         shown_size = str(shape[2]) if shape[2] == shape[3] else f"{shape[2]}x{shape[3]}"
     else:
         shown_size = "x".join(map(str, shape))
     traces: list[Trace] = []
-    with _eval_mode(target), _forward_errors(shown_size), torch.random.fork_rng(devices=[]):
+    with _eval_mode(target), _forward_errors(shown_size, dtype), torch.random.fork_rng(devices=[]):
         _reset_gate_stats(target)
         for x in examples:
             traces.append(
@@ -242,7 +277,8 @@ def score(
             param_traces.append(
                 trace_model(
                     target,
-                    next(_synthetic_inputs(1, shape, device, dtype, pixels is not None and pixels.layout == "nhwc")),
+                    next(_synthetic_inputs(1, shape, device, dtype, pixels is not None and pixels.layout == "nhwc",
+                                           high)),
                     input_bits=pol.model_input_bits,
                     float_bits=pol.float_bits,
                 )
@@ -260,7 +296,7 @@ def score(
             target.eval()
 
             def trace_one() -> Trace:
-                x = next(iter(_synthetic_inputs(1, shape, device, dtype)))
+                x = next(iter(_synthetic_inputs(1, shape, device, dtype, high=high)))
                 return trace_model(target, x, input_bits=pol.model_input_bits, float_bits=pol.float_bits)
 
             dynamic_compute = _dynamic_compute(target, traces, param_traces, pol, trk, acc,
@@ -290,6 +326,8 @@ def score(
         model=model_name or type(model).__name__,
         quantized=acc.quantized,
         input_shape=tuple(shape),
+        input_dtype=str(traces[0].input_dtype).removeprefix("torch."),
+        input_bits=traces[0].input_bits,
         dead=acc.dead,
     )
     if strict and not report.complete:

@@ -158,6 +158,8 @@ class ScoreReport:
     model: str = ""
     quantized: bool = False
     input_shape: tuple[int, ...] = ()  # one example's shape, batch 1 first
+    input_dtype: str = "float32"  # e.g. int64 for token ids
+    input_bits: int = 32  # the width the input was charged at
     dead: list[dict[str, Any]] = field(default_factory=list)  # work whose result never reaches the output
 
     @property
@@ -256,6 +258,8 @@ class ScoreReport:
             "complete": self.complete,
             "input_shape": list(self.input_shape),
             "input_size": list(self.input_shape[2:]) if len(self.input_shape) == 4 else None,
+            "input_dtype": self.input_dtype,
+            "input_bits": self.input_bits,
             "samples": self.samples,
             "gate_rates": self.gate_rates,
             "dynamic": self.dynamic.to_dict(self.track, self.params) if self.dynamic else None,
@@ -335,7 +339,8 @@ class ScoreReport:
         bound = "" if self.complete else "   LOWER BOUND: some ops have no cost rule (see WARNING)"
         parts.append(f"score   {self.score:.6f}{bound}")
         if self.input_shape:
-            parts.append(f"input   {'x'.join(map(str, self.input_shape[1:]))} per example")
+            parts.append(f"input   {'x'.join(map(str, self.input_shape[1:]))} {self.input_dtype} per example, "
+                         f"charged at {self.input_bits} bits")
         if self.samples > 1:
             parts.append(f"ops are the mean over {self.samples} examples")
         if self.dynamic is not None:

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from micronet.compress.integer_modules import ChannelAffine
 from micronet.scoring.accumulators import INT_ACCUMULATORS, accumulate, accumulator_float_bits
 from micronet.scoring.policy import Policy
-from micronet.scoring.storage import ParamUse, block_of, block_rows, stored_sparse
+from micronet.scoring.storage import ParamUse, block_of, multiplied_per_row
 from micronet.scoring.trace import (
     AO_FAKE_QUANT,
     DATA_MOVEMENT,
@@ -212,10 +212,7 @@ def _gemm(
             use = ctx.param(ref, sparse=ref is w, module=rec.module)
             if ref is w and use.numel == sum(nnz) + sum(dense_k - n for n in nnz):
                 use.nnz = sum(nnz)  # the weight is the whole stored tensor: reuse the count
-                if not stored_sparse(use, policy.mask):
-                    nnz = [dense_k] * len(nnz)  # stored dense: its zeros are stored and multiplied
-                elif use.block is not None and use.value is not None and use.value.dim() >= 2:
-                    nnz = block_rows(use.value, use.block)[0]  # kept blocks are stored and multiplied whole
+                nnz = multiplied_per_row(use, policy.mask, nnz, dense_k)
             params.append(use)
     cost.mul(sum(nnz) * positions, max(a_bits, w_bits))
     adds, bitops = accumulate(mode, nnz, dense_k, a_bits, w_bits, a_signed)
@@ -947,8 +944,7 @@ def quantized_layer_cost(rec: OpRecord, ctx: CostContext) -> list[Cost] | None:
     use = ParamUse(name, name, codes.numel(), w_bits, codes, True, None)
     nnz = _nnz_rows(codes, c_out)
     use.nnz = sum(nnz)
-    if not stored_sparse(use, ctx.policy.mask):
-        nnz = [dense_k] * c_out
+    nnz = multiplied_per_row(use, ctx.policy.mask, nnz, dense_k)
     positions = out.numel // (out.shape[-1] if linear else out.shape[1]) if len(out.shape) > 1 else 1
     mode = ctx.policy.accumulator_for(linear)
     cost = Cost("linear" if linear else "conv", shape=tuple(w.shape), input_bits=a_bits, weight_bits=w_bits,

@@ -1,8 +1,14 @@
-"""Sparse-storage layout: what a stored tensor costs in bits under a policy's mask mode (spec scoring.md c.4).
+"""Sparse-storage layout: what a stored tensor costs in bits under a policy's mask mode (spec scoring.md a.3, c.4).
 
 A sparse tensor is stored as its nonzero values plus a bitmask (one bit per element, or per block for
 block masks); ``mask`` decides when: always, only when it has zeros (``always_if_sparse``, formerly
 ``if_sparse``), or whichever of dense/sparse is smaller (``cheapest``, the official default).
+
+Under ``cheapest`` the mask may also be one bit per structure (rules a.3: "block sparsity may use one mask bit
+per block"): per output channel (filter) or per input channel of a conv/linear weight, as structured pruning
+(``torch.nn.utils.prune.ln_structured``, channel pruning) leaves it. Every value of a kept structure is stored and
+multiplied; a removed one costs its bit only. The smallest of these layouts is the tensor's storage. A layer's
+declared block (micronet block masks) is its one sparse layout in every mode.
 """
 
 from __future__ import annotations
@@ -45,35 +51,80 @@ def block_of(module: Any) -> tuple[int, int] | None:
     return None
 
 
-def sparse_layout(use: ParamUse) -> tuple[int, int, int]:
-    """(stored values, mask bits, total bits) of ``use`` stored as nonzeros + bitmask (element or block)."""
-    value = use.value
-    if use.block is not None and value.dim() >= 2:
-        nonzero_values, mask_bits = block_counts(value, use.block)
-    else:
-        nonzero_values = use.nnz if use.nnz is not None else int(value.count_nonzero())
-        mask_bits = use.numel
-    return nonzero_values, mask_bits, nonzero_values * use.bits + mask_bits
+@dataclass(frozen=True)
+class Layout:
+    """How one tensor is stored: dense, or sparse with a mask bit per element (``block`` None) or per block."""
+
+    sparse: bool
+    values: int  # values stored
+    mask_bits: int
+    bits: int  # total
+    block: tuple[int, int] | None = None
+
+
+def _element_layout(use: ParamUse) -> Layout:
+    nonzero_values = use.nnz if use.nnz is not None else int(use.value.count_nonzero())
+    return Layout(True, nonzero_values, use.numel, nonzero_values * use.bits + use.numel)
+
+
+def _block_layout(use: ParamUse, block: tuple[int, int]) -> Layout:
+    values, mask_bits = block_counts(use.value, block)
+    return Layout(True, values, mask_bits, values * use.bits + mask_bits, block)
+
+
+def _structures(value: Tensor) -> tuple[tuple[int, int], ...]:
+    """Channel structures of a conv/linear weight ``[out, in, *kernel]``: whole output channels, whole input
+    channels (as (out, in) blocks)."""
+    if value.dim() not in (2, 4):  # a conv2d or linear weight; other tensors have no channel structure
+        return ()
+    o, i = value.shape[0], value.shape[1]
+    return tuple(b for b in ((1, i), (o, 1)) if b != (1, 1))
+
+
+def sparse_layout(use: ParamUse, mask: str = "always") -> Layout:
+    """The sparse layout of ``use`` under ``mask``: its declared block, else a bit per element, or under
+    ``cheapest`` the smallest of that and a bit per channel structure."""
+    if use.block is not None and use.value.dim() >= 2:
+        return _block_layout(use, use.block)
+    element = _element_layout(use)
+    if mask != "cheapest" or element.values == use.numel:
+        return element
+    return min([element, *(_block_layout(use, b) for b in _structures(use.value))], key=lambda lay: lay.bits)
+
+
+def layout(use: ParamUse, mask: str) -> Layout:
+    """How the policy stores this tensor: sparse (only then may its zeros be skipped) or dense."""
+    dense = Layout(False, use.numel, 0, use.numel * use.bits)
+    if not use.sparse or use.value is None or use.numel == 0:
+        return dense
+    sparse = sparse_layout(use, mask)
+    if mask == "always":
+        return sparse
+    if mask in ("always_if_sparse", "if_sparse"):
+        return sparse if sparse.values < use.numel else dense
+    return sparse if sparse.bits < dense.bits else dense  # cheapest
 
 
 def stored_sparse(use: ParamUse, mask: str) -> bool:
     """Whether the policy stores this tensor as nonzeros + bitmask (only then may its zeros be skipped)."""
-    if not use.sparse or use.value is None or use.numel == 0:
-        return False
-    if mask == "always":
-        return True
-    nonzero_values, _, sparse_bits = sparse_layout(use)
-    if mask in ("always_if_sparse", "if_sparse"):
-        return nonzero_values < use.numel
-    return sparse_bits < use.numel * use.bits  # cheapest
+    return layout(use, mask).sparse
 
 
 def storage_bits(use: ParamUse, mask: str) -> tuple[int, int, int]:
     """(total bits, stored values, mask bits) of one stored tensor under the policy's mask mode."""
-    if stored_sparse(use, mask):
-        nonzero_values, mask_bits, bits = sparse_layout(use)
-        return bits, nonzero_values, mask_bits
-    return use.numel * use.bits, use.numel, 0
+    lay = layout(use, mask)
+    return lay.bits, lay.values, lay.mask_bits
+
+
+def multiplied_per_row(use: ParamUse, mask: str, nnz: list[int], dense_k: int) -> list[int]:
+    """Weights multiplied per output channel, given its nonzeros ``nnz``: all ``dense_k`` when stored dense, every
+    value of its kept blocks under a block layout, its nonzeros under an element mask."""
+    lay = layout(use, mask)
+    if not lay.sparse:
+        return [dense_k] * len(nnz)  # stored dense: its zeros are stored and multiplied
+    if lay.block is not None and use.value is not None and use.value.dim() >= 2:
+        return block_rows(use.value, lay.block)[0]  # kept blocks are stored and multiplied whole
+    return nnz
 
 
 def block_rows(value: Tensor, block: tuple[int, int]) -> tuple[list[int], int]:

@@ -250,6 +250,8 @@ class Trace:
     output_uids: frozenset[int] = frozenset()  # the tensors the forward returned
     output_storages: frozenset[int] = frozenset()  # the memory they live in (in-place writes into it count)
     input_shape: tuple[int, ...] = ()
+    input_dtype: torch.dtype = torch.float32
+    input_bits: int = 32  # the width the input is charged at
 
 
 def _tensors_in(args: tuple) -> list[Tensor]:
@@ -600,13 +602,13 @@ def refuse_fx_proxies(model: nn.Module) -> None:
 def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits: int) -> Trace:
     """Run ``model(inputs)`` once under the recorder; the model must already be in eval mode."""
     refuse_fx_proxies(model)
-    trace = Trace(batch=int(inputs.shape[0]), input_shape=tuple(inputs.shape))
+    trace = Trace(batch=int(inputs.shape[0]), input_shape=tuple(inputs.shape), input_dtype=inputs.dtype)
     infos = TensorMap()
     uids = itertools.count()
     try:
         _register_model_tensors(model, infos, trace, float_bits, uids)
         uid = next(uids)
-        bits = min(input_bits, dtype_bits(inputs.dtype, 64))
+        bits = trace.input_bits = min(input_bits, dtype_bits(inputs.dtype, 64))
         infos.tag_foreign(inputs, TensorInfo(uid, bits, static=False, codes=bits < 16, signed=False, origin=uid))
         modules = ModuleStack(model)
         with torch.no_grad(), modules, _OpRecorder(modules, trace, infos, float_bits, uids):

@@ -102,3 +102,42 @@ def test_zoo_specs_still_parse_and_model_args_need_an_external_model():
     assert create_model("densenet_bc:depth=10,growth=4") is not None
     with pytest.raises(MicronetError, match="--model-arg"):
         create_model("densenet100_k12", model_args={"x": 1})
+
+
+TOKENS = """
+import torch.nn as nn
+
+class Bag(nn.Module):
+    def __init__(self, vocab, dim):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(vocab, dim), nn.Linear(dim, 4)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids).mean(1))
+
+def build(vocab=50):
+    return Bag(int(vocab), 8)
+"""
+
+
+def test_cli_scores_token_ids_through_an_embedding(tmp_path, monkeypatch):
+    (tmp_path / "tokens.py").write_text(TOKENS)
+    monkeypatch.chdir(tmp_path)
+    res = _score("--model", "tokens.py:build", "--input-shape", "16", "--input-dtype", "int64", "--json", "--strict")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["input_shape"] == [1, 16] and data["input_dtype"] == "int64" and data["input_bits"] == 32
+    # table 50 x 8 and fc 8x4 + 4; the lookup is free; mean over 16 tokens: 15 x 8 adds + 8 mults;
+    # fc: 32 mults, 7 x 4 + 4 (bias) adds
+    assert data["params"] == 50 * 8 + 8 * 4 + 4
+    assert data["by_kind"]["embedding"]["mults_raw"] == 0 and data["by_kind"]["embedding"]["adds_raw"] == 0
+    assert data["mults_raw"] == 8 + 32 and data["adds_raw"] == 15 * 8 + 32
+
+
+def test_float_token_ids_fail_with_a_hint(tmp_path, monkeypatch):
+    (tmp_path / "tokens.py").write_text(TOKENS)
+    monkeypatch.chdir(tmp_path)
+    res = _score("--model", "tokens.py:build", "--input-shape", "16")
+    assert res.exit_code == 2
+    assert res.output.startswith("error: the model's forward pass failed at input size 1x16 (float32)")
+    assert "--input-dtype int64" in res.output and len(res.output.strip().splitlines()) == 1

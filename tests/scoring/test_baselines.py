@@ -4,6 +4,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from torch.nn.utils import prune
 
 from micronet.models import create
 from micronet.scoring import score
@@ -72,3 +73,56 @@ def test_an_accidental_zero_is_stored_sparse_only_when_it_pays_under_cheapest():
     literal, cheapest = score(model, mask="always_if_sparse"), score(model)
     assert literal.params > cheapest.params  # always_if_sparse: the tensor with one zero pays a full bitmask
     assert cheapest.ops == dense.ops  # stored dense, so its zero is multiplied like any other weight
+
+
+def _conv_row(model, shape, **kw):
+    report = score(model, input_shape=shape, **kw)
+    return next(r for r in report.layers if r.kind in ("conv", "linear"))
+
+
+@pytest.mark.parametrize("bake", [False, True])
+def test_pruned_filters_are_charged_one_mask_bit_each_and_no_macs(bake):
+    # ln_structured zeroes 4 of 8 filters of a 4->8 3x3 conv (288 weights, 144 left); 6x6 input, 36 positions.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1, bias=False)
+    prune.ln_structured(conv, "weight", amount=0.5, n=2, dim=0)
+    if bake:
+        prune.remove(conv, "weight")
+    model = torch.nn.Sequential(conv).eval()
+    row = _conv_row(model, (1, 4, 6, 6))
+    # One bit per filter (8), not per weight: 144 x 32 + 8 bits (an element mask would be 144 x 32 + 288).
+    assert (row.param_bits, row.mask_bits) == (144 * 32 + 8, 8)
+    # The 4 kept filters: 36 taps x 36 positions each; 35 adds per dot product.
+    assert (row.mults_raw, row.adds_raw) == (4 * 36 * 36, 4 * 35 * 36)
+    literal = _conv_row(model, (1, 4, 6, 6), mask="always_if_sparse")  # the reference counter's element mask
+    assert (literal.param_bits, literal.mask_bits) == (144 * 32 + 288, 288)
+
+
+def test_pruned_input_channels_are_charged_one_mask_bit_each():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1, bias=False)
+    prune.ln_structured(conv, "weight", amount=0.5, n=1, dim=1)  # 2 of 4 input channels
+    row = _conv_row(torch.nn.Sequential(conv).eval(), (1, 4, 6, 6))
+    assert (row.param_bits, row.mask_bits) == (144 * 32 + 4, 4)
+    # every filter keeps 2 x 9 = 18 taps: 18 mults and 17 adds per output
+    assert (row.mults_raw, row.adds_raw) == (8 * 18 * 36, 8 * 17 * 36)
+
+
+def test_pruned_linear_rows_are_charged_one_mask_bit_each():
+    torch.manual_seed(0)
+    fc = torch.nn.Linear(6, 4, bias=False)
+    prune.ln_structured(fc, "weight", amount=0.5, n=1, dim=0)  # 2 of 4 output features
+    row = _conv_row(torch.nn.Sequential(fc).eval(), (1, 6))
+    assert (row.param_bits, row.mask_bits) == (12 * 32 + 4, 4)
+    assert (row.mults_raw, row.adds_raw) == (2 * 6, 2 * 5)
+
+
+def test_one_removed_filter_is_charged_one_mask_bit_each_filter():
+    # 1 of 8 filters removed: dense 288 x 32 bits, element mask 252 x 32 + 288, filter mask 252 x 32 + 8 (the least).
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight[3] = 0
+    row = _conv_row(torch.nn.Sequential(conv).eval(), (1, 4, 6, 6))
+    assert (row.param_bits, row.mask_bits) == (252 * 32 + 8, 8)
+    assert row.mults_raw == 7 * 36 * 36
