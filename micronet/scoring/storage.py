@@ -62,8 +62,11 @@ class Layout:
     block: tuple[int, int] | None = None
 
 
-def _element_layout(use: ParamUse) -> Layout:
-    nonzero_values = use.nnz if use.nnz is not None else int(use.value.count_nonzero())
+def _element_layout(use: ParamUse, nonzero: Tensor | None = None) -> Layout:
+    if use.nnz is not None:
+        nonzero_values = use.nnz
+    else:
+        nonzero_values = int((use.value if nonzero is None else nonzero).count_nonzero())
     return Layout(True, nonzero_values, use.numel, nonzero_values * use.bits + use.numel)
 
 
@@ -72,13 +75,17 @@ def _block_layout(use: ParamUse, block: tuple[int, int]) -> Layout:
     return Layout(True, values, mask_bits, values * use.bits + mask_bits, block)
 
 
-def _structures(value: Tensor) -> tuple[tuple[int, int], ...]:
-    """Channel structures of a conv/linear weight ``[out, in, *kernel]``: whole output channels, whole input
-    channels (as (out, in) blocks)."""
-    if value.dim() not in (2, 4):  # a conv2d or linear weight; other tensors have no channel structure
-        return ()
-    o, i = value.shape[0], value.shape[1]
-    return tuple(b for b in ((1, i), (o, 1)) if b != (1, 1))
+def _channel_layouts(use: ParamUse, nonzero: Tensor) -> list[Layout]:
+    """A mask bit per output channel (filter) and per input channel of a conv/linear weight ``[out, in, *kernel]``,
+    as (out, in) blocks (1, in) and (out, 1): a kept channel stores all its values. ``nonzero``: ``value != 0``."""
+    if nonzero.dim() not in (2, 4):  # a conv2d or linear weight; other tensors have no channel structure
+        return []
+    o, i = nonzero.shape[0], nonzero.shape[1]
+    taps = use.numel // (o * i)
+    live = nonzero.reshape(o, i, taps).any(2)  # which (out, in) kernels hold a nonzero
+    rows, cols = int(live.any(1).sum()), int(live.any(0).sum())
+    return [Layout(True, rows * i * taps, o, rows * i * taps * use.bits + o, (1, i)),
+            Layout(True, cols * o * taps, i, cols * o * taps * use.bits + i, (o, 1))]
 
 
 def sparse_layout(use: ParamUse, mask: str = "always") -> Layout:
@@ -86,10 +93,13 @@ def sparse_layout(use: ParamUse, mask: str = "always") -> Layout:
     ``cheapest`` the smallest of that and a bit per channel structure."""
     if use.block is not None and use.value.dim() >= 2:
         return _block_layout(use, use.block)
-    element = _element_layout(use)
-    if mask != "cheapest" or element.values == use.numel:
+    if mask != "cheapest":
+        return _element_layout(use)
+    nonzero = use.value.ne(0)  # one pass shared by the element and channel counts
+    element = _element_layout(use, nonzero)
+    if element.values == use.numel:
         return element
-    return min([element, *(_block_layout(use, b) for b in _structures(use.value))], key=lambda lay: lay.bits)
+    return min([element, *_channel_layouts(use, nonzero)], key=lambda lay: lay.bits)
 
 
 def layout(use: ParamUse, mask: str) -> Layout:
