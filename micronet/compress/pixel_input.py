@@ -141,6 +141,13 @@ def pixel_input_of(model: nn.Module) -> PixelInput | None:
     return None
 
 
+def missing_normalization(source: str) -> MicronetError:
+    """The one refusal of pixel input whose normalisation is unknown (``source``: what records none); it names
+    the fix."""
+    return MicronetError(f"--input pixels needs the model's normalisation, and {source} does not record it; "
+                         "pass --normalization NAME (e.g. cifar100)")
+
+
 def first_layer_bound(codes: Tensor) -> int:
     """Largest |S_c| the pixel-input first layer can reach: 255 x the largest per-(output, input) sum of |codes|."""
     per = codes.detach().abs().flatten(2).sum(2)
@@ -233,4 +240,4 @@ def _image_shape(gm: fx.GraphModule, image_size: tuple[int, int]) -> tuple[int, 
 
 
 __all__ = ["LAYOUTS", "PIXEL_BITS", "Float64Reduce", "PixelInput", "PixelInputConv", "first_layer_bound",
-           "pixel_input_form", "pixel_input_of"]
+           "missing_normalization", "pixel_input_form", "pixel_input_of"]

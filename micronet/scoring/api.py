@@ -180,6 +180,7 @@ def score(
     progress: bool = False,
     input: str = "float",
     normalization: Any = None,
+    layout: str = "nchw",
     **overrides: Any,
 ) -> ScoreReport:
     """Score ``model`` under a policy and track; ops per example (mean over ``samples`` for dynamic nets).
@@ -190,8 +191,8 @@ def score(
     policy fields (e.g. ``accumulator="adder_tree"``).
     ``progress`` shows a status bar (deploy form, one step per traced example, accounting): a large or dynamic
     model takes many seconds, and a library stays quiet unless asked.
-    ``input="pixels"`` scores the pixel-input deploy form (uint8 images, ``normalization`` folded into the first
-    layer), as ``micronet export --input pixels`` writes it.
+    ``input="pixels"`` scores the pixel-input deploy form (uint8 images in ``layout``, "nchw" or "nhwc",
+    ``normalization`` folded into the first layer), as ``micronet export --input pixels`` writes it.
     """
     pol = resolve_policy(policy, overrides)
     trk = get_track(track)
@@ -199,7 +200,7 @@ def score(
     # Every model, float or compressed, is scored as it deploys: its integer form, BN folded (a deep copy,
     # so resetting gate counters and the train-mode parameter trace leave the caller's model alone).
     bar = progress_bar(None, "scoring: deploy form", progress, unit="step")
-    target = deploy_form(model, input=input, normalization=normalization)
+    target = deploy_form(model, input=input, normalization=normalization, layout=layout)
     pixels = pixel_input_of(target)
     if pixels is not None and "input_bits" not in overrides:
         # What runs takes 8-bit pixels: the first layer multiplies 8-bit inputs (policy field, in the JSON).
