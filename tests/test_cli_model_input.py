@@ -101,3 +101,14 @@ def test_export_and_score_share_one_option_definition():
         s, e = params["score"][name], params["export"][name]
         assert (s.opts, s.help, s.default, getattr(s.type, "choices", None)) == (
             e.opts, e.help, e.default, getattr(e.type, "choices", None))
+
+
+@pytest.mark.parametrize("command", ["score", "export"])
+def test_a_gated_network_has_no_pixel_form_and_says_why(command, tmp_path):
+    torch.manual_seed(0)
+    ckpt = save(tmp_path / "skip.safetensors", compressed(models.create("pyramidskipnet:depth=20,alpha=8",
+                                                                         num_classes=10)))
+    out = ["-o", str(tmp_path / "m.onnx"), "--no-timing"] if command == "export" else []
+    _one_line_error(_run(command, str(ckpt), *out, "--input", "pixels", "--normalization", "cifar100"),
+                    "pixel input is not available for gated networks (PyramidSkipNet)", "use --input float")
+    assert not (tmp_path / "m.onnx").exists()

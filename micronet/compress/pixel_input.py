@@ -35,6 +35,7 @@ from torch import Tensor, fx, nn
 
 from micronet.compress.integer_modules import ChannelAffine, IntConv2d, IntLinear, RoundClamp
 from micronet.errors import MicronetError
+from micronet.models import is_gated
 
 EXACT_LIMIT = 2**24  # fp32 holds every integer up to 2^24
 PIXEL_MAX = 255
@@ -161,6 +162,12 @@ def pixel_input_form(deploy: nn.Module, normalization: Normalization, layout: st
         raise MicronetError(f"unknown input layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     if pixel_input_of(deploy) is not None:
         raise MicronetError("the model already takes pixel input")
+    if is_gated(deploy):
+        # The pixel form rewrites the traced graph (first conv, float64 head); a gated forward has no whole graph
+        # (each piece of its plan would need the rewrite), so say that instead of passing on fx's own error.
+        raise MicronetError(f"pixel input is not available for gated networks ({type(deploy).__name__}): their "
+                            "forward chooses per image which blocks run, so it cannot be traced and rewritten with "
+                            "an exact pixel-input first layer; use --input float")
     try:
         gm = fx.GraphModule(deploy, _Tracer().trace(deploy), type(deploy).__name__)
     except Exception as exc:  # fx raises many types; all mean "this Python code does not trace"
