@@ -103,12 +103,16 @@ def test_export_and_score_share_one_option_definition():
             e.opts, e.help, e.default, getattr(e.type, "choices", None))
 
 
-@pytest.mark.parametrize("command", ["score", "export"])
-def test_a_gated_network_has_no_pixel_form_and_says_why(command, tmp_path):
+@pytest.fixture(scope="module")
+def skipnet_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    ckpt = save(tmp_path / "skip.safetensors", compressed(models.create("pyramidskipnet:depth=20,alpha=8",
-                                                                         num_classes=10)))
+    net = compressed(models.create("pyramidskipnet:depth=20,alpha=8", num_classes=10))
+    return save(tmp_path_factory.mktemp("skip") / "skip.safetensors", net)
+
+
+@pytest.mark.parametrize("command", ["score", "export"])
+def test_a_gated_network_has_no_pixel_form_and_says_why(command, skipnet_checkpoint, tmp_path):
     out = ["-o", str(tmp_path / "m.onnx"), "--no-timing"] if command == "export" else []
-    _one_line_error(_run(command, str(ckpt), *out, "--input", "pixels", "--normalization", "cifar100"),
+    _one_line_error(_run(command, str(skipnet_checkpoint), *out, "--input", "pixels", "--normalization", "cifar100"),
                     "pixel input is not available for gated networks (PyramidSkipNet)", "use --input float")
     assert not (tmp_path / "m.onnx").exists()

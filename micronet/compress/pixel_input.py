@@ -149,6 +149,16 @@ def missing_normalization(source: str) -> MicronetError:
                          "pass --normalization NAME (e.g. cifar100)")
 
 
+def check_pixel_input(model: nn.Module) -> None:
+    """Refuse, before any costly step, a model that has no pixel-input form: a gated network."""
+    if is_gated(model):
+        # The pixel form rewrites the traced graph (first conv, float64 head); a gated forward has no whole graph
+        # (each piece of its plan would need the rewrite), so say that instead of passing on fx's own error.
+        raise MicronetError(f"pixel input is not available for gated networks ({type(model).__name__}): their "
+                            "forward chooses per image which blocks run, so it cannot be traced and rewritten with "
+                            "an exact pixel-input first layer; use --input float")
+
+
 def first_layer_bound(codes: Tensor) -> int:
     """Largest |S_c| the pixel-input first layer can reach: 255 x the largest per-(output, input) sum of |codes|."""
     per = codes.detach().abs().flatten(2).sum(2)
@@ -162,12 +172,7 @@ def pixel_input_form(deploy: nn.Module, normalization: Normalization, layout: st
         raise MicronetError(f"unknown input layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     if pixel_input_of(deploy) is not None:
         raise MicronetError("the model already takes pixel input")
-    if is_gated(deploy):
-        # The pixel form rewrites the traced graph (first conv, float64 head); a gated forward has no whole graph
-        # (each piece of its plan would need the rewrite), so say that instead of passing on fx's own error.
-        raise MicronetError(f"pixel input is not available for gated networks ({type(deploy).__name__}): their "
-                            "forward chooses per image which blocks run, so it cannot be traced and rewritten with "
-                            "an exact pixel-input first layer; use --input float")
+    check_pixel_input(deploy)
     try:
         gm = fx.GraphModule(deploy, _Tracer().trace(deploy), type(deploy).__name__)
     except Exception as exc:  # fx raises many types; all mean "this Python code does not trace"
@@ -246,5 +251,5 @@ def _image_shape(gm: fx.GraphModule, image_size: tuple[int, int]) -> tuple[int, 
     return (*image_size, channels) if spec is not None and spec.layout == "nhwc" else (channels, *image_size)
 
 
-__all__ = ["LAYOUTS", "PIXEL_BITS", "Float64Reduce", "PixelInput", "PixelInputConv", "first_layer_bound",
-           "missing_normalization", "pixel_input_form", "pixel_input_of"]
+__all__ = ["LAYOUTS", "PIXEL_BITS", "Float64Reduce", "PixelInput", "PixelInputConv", "check_pixel_input",
+           "first_layer_bound", "missing_normalization", "pixel_input_form", "pixel_input_of"]

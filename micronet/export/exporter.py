@@ -30,7 +30,7 @@ from torch import nn
 
 from micronet import io
 from micronet.compress import deploy_form
-from micronet.compress.pixel_input import LAYOUTS, missing_normalization
+from micronet.compress.pixel_input import LAYOUTS, check_pixel_input, missing_normalization
 from micronet.data import Normalization, get_normalization, load_dataset, normalization_record, test_images
 from micronet.errors import MicronetError
 from micronet.export import verify as _verify
@@ -410,6 +410,8 @@ def export_checkpoint(
     if kwargs.get("input") == "pixels" and kwargs.get("normalization") is None:
         kwargs["normalization"] = _known_normalization(checkpoint, format)
     net = io.load_model(checkpoint, format=format, model=model, allow_large=allow_large)
+    if kwargs.get("input") == "pixels":
+        check_pixel_input(net)  # before the storage figure, which scores the model (minutes for a large SkipNet)
     if storage is not None:
         kwargs["storage_bytes"] = storage(net)
     data = kwargs.get("data")

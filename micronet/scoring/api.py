@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from micronet.compress import deploy_form
-from micronet.compress.pixel_input import PIXEL_BITS, pixel_input_of
+from micronet.compress.pixel_input import PIXEL_BITS, check_pixel_input, pixel_input_of
 from micronet.compress.state import has_training_form, model_device, preserved_modes
 from micronet.errors import MicronetError
 from micronet.progress import progress_bar
@@ -199,6 +199,8 @@ def score(
     shape = input_shape_for(trk, input_size, input_shape, in_channels)
     # Every model, float or compressed, is scored as it deploys: its integer form, BN folded (a deep copy,
     # so resetting gate counters and the train-mode parameter trace leave the caller's model alone).
+    if input == "pixels":
+        check_pixel_input(model)  # a gated net has no pixel form: say so before the (long) deploy-form copy
     bar = progress_bar(None, "scoring: deploy form", progress, unit="step")
     target = deploy_form(model, input=input, normalization=normalization, layout=layout)
     pixels = pixel_input_of(target)
