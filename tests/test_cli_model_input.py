@@ -116,3 +116,15 @@ def test_a_gated_network_has_no_pixel_form_and_says_why(command, skipnet_checkpo
     _one_line_error(_run(command, str(skipnet_checkpoint), *out, "--input", "pixels", "--normalization", "cifar100"),
                     "pixel input is not available for gated networks (PyramidSkipNet)", "use --input float")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_score_pixels_reads_raw_test_images_from_data_root(checkpoints, tmp_path):
+    from tests.training.conftest import write_cifar100
+
+    _, recorded, _ = checkpoints
+    root = write_cifar100(tmp_path / "data", test_per_class=1)
+    res = _run("score", str(recorded), "--input", "pixels", "--layout", "nhwc", "--data-root", str(root),
+               "--samples", "2", "--json")
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    assert got["input_bits"] == 8 and got["samples"] == 2
