@@ -12,7 +12,9 @@ from tabulate import tabulate
 from torch import nn
 
 from micronet import __version__, io
-from micronet.data import DATASETS, dataset_stats
+from micronet.compress.integer import INPUTS
+from micronet.compress.pixel_input import LAYOUTS, missing_normalization
+from micronet.data import DATASETS, Normalization, dataset_stats, get_normalization, load_dataset
 from micronet.errors import MicronetError
 from micronet.export import export_checkpoint
 from micronet.models import describe_models, list_families
@@ -38,6 +40,40 @@ _FORMAT = click.Choice(io.FORMATS)
 _ALLOW_LARGE = click.option("--allow-large", is_flag=True,
                             help="Build models above the parameter budget (100 M parameters) named by a file or spec.")
 _DATASET = click.Choice(["auto", *DATASETS])
+
+
+def _MODEL_INPUT(command):  # noqa: N802 (a decorator, named like the other shared options)
+    """--input, --layout and --normalization: one definition for `export` and `score`, read by _model_input."""
+    options = [
+        click.option("--input", "model_input", type=click.Choice(INPUTS), default="float", show_default=True,
+                     help="float: normalised float images; pixels: uint8 images, the normalisation folded into an "
+                          "exact first layer (8-bit model input)."),
+        click.option("--layout", type=click.Choice(LAYOUTS), default="nchw", show_default=True,
+                     help="Image layout of --input pixels."),
+        click.option("--normalization", default=None,
+                     help="Normalisation preset for --input pixels (default: the one the checkpoint records)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _model_input(model_input: str, layout: str, normalization: str | None, checkpoint: str | None, fmt: str,
+                 ) -> Normalization | None:
+    """Check the --input/--layout/--normalization combination before any model is loaded; for pixel input, the
+    normalisation to fold in (the named preset, else the one ``checkpoint`` records)."""
+    if model_input != "pixels":
+        if layout != "nchw":
+            raise MicronetError(f"--layout {layout} needs --input pixels (float input is NCHW)")
+        if normalization is not None:
+            raise MicronetError("--normalization needs --input pixels (float input is already normalised)")
+        return None
+    if normalization is not None:
+        return get_normalization(normalization)
+    norm = io.recorded_normalization(checkpoint, fmt) if checkpoint is not None else None
+    if norm is None:
+        raise missing_normalization(Path(checkpoint).name if checkpoint is not None else "a zoo model (no checkpoint)")
+    return norm
 
 
 class _Group(click.Group):
@@ -114,13 +150,7 @@ def models_command(as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--force-extension", is_flag=True, help="Allow an -o name that does not end in .onnx.")
 @click.option("--no-timing", is_flag=True, help="Skip the latency table.")
-@click.option("--input", "model_input", type=click.Choice(["float", "pixels"]), default="float", show_default=True,
-              help="float: normalised float images; pixels: uint8 images, normalisation folded into an exact "
-                   "first layer.")
-@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True,
-              help="Image layout of --input pixels.")
-@click.option("--normalization", default=None,
-              help="Normalisation preset for --input pixels (default: the one the checkpoint records).")
+@_MODEL_INPUT
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--no-progress", is_flag=True, help="No status bar (it is shown only on a terminal anyway).")
 @_ALLOW_LARGE
@@ -132,11 +162,12 @@ def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool
     if Path(output).suffix.lower() != ".onnx" and not force_extension:
         raise MicronetError(f"-o {output}: export writes an ONNX model, so the name should end in .onnx "
                             "(pass --force-extension to keep this name)")
+    norm = _model_input(model_input, layout, normalization, checkpoint, fmt)
     report = export_checkpoint(checkpoint, output, format=fmt, model=arch, form=form,
                                sparse_weights=sparse_weights, verify=not no_verify, device=device,
                                samples=samples, data=data_root, force=force, timing=not no_timing,
                                storage=_storage_bytes, allow_large=allow_large, progress=_progress(no_progress),
-                               input=model_input, layout=layout, normalization=normalization)
+                               input=model_input, layout=layout, normalization=norm)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
 
 
@@ -172,10 +203,11 @@ def export_command(checkpoint: str, output: str, form: str, sparse_weights: bool
 @click.option("--force", is_flag=True, help="Overwrite existing --csv/--plot files.")
 @click.option("--all-rows", is_flag=True, help="Print every layer row (default: the first 40).")
 @click.option("--no-progress", is_flag=True, help="No status bar (it is shown only on a terminal anyway).")
+@_MODEL_INPUT
 @_ALLOW_LARGE
 def score_command(checkpoint, model_name, model_arg_items, trust_pickle, file_format, recipe, policy, sets, track,
                   input_size, input_shape, input_dtype, strict, samples, data_root, as_json, csv_path, plot_path,
-                  force, all_rows, no_progress, allow_large) -> None:
+                  force, all_rows, no_progress, model_input, layout, normalization, allow_large) -> None:
     """Score a model by the MicroNet rules: params and ops in 32-bit units, per layer."""
     overrides = parse_overrides(sets)
     model_args = io.parse_model_args(model_arg_items)
@@ -183,21 +215,35 @@ def score_command(checkpoint, model_name, model_arg_items, trust_pickle, file_fo
     if size is not None and len(size) not in (1, 2):
         raise MicronetError(f"--input-size must be H or HxW, got {input_size!r}")
     shape = (1, *_dims(input_shape, "--input-shape")) if input_shape else None
+    norm = _model_input(model_input, layout, normalization, checkpoint, file_format)
+    if norm is not None and (size is not None or shape is not None or input_dtype is not None):
+        raise MicronetError("--input pixels scores 32x32 RGB uint8 images; it cannot be combined with --input-size, "
+                            "--input-shape or --input-dtype")
     for out in (csv_path, plot_path):  # refuse a bad output path before the (long) scoring run
         if out:
             io.check_output_path(out, force)
     target, name, notes = _score_target(checkpoint, model_name, file_format, recipe, trust_pickle, model_args,
                                         allow_large)
-    data = io.checkpoint_test_images(checkpoint, data_root, samples or 16) if data_root else None
+    data = _score_images(checkpoint, data_root, samples or 16, norm is not None, layout) if data_root else None
     report = score(target, policy, track, None if size is None else (size[0], size[-1]), samples=samples, data=data,
                    input_shape=shape, input_dtype=input_dtype, strict=strict, model_name=name,
-                   progress=_progress(no_progress), **overrides)
+                   progress=_progress(no_progress), input=model_input, normalization=norm, layout=layout,
+                   **overrides)
     report.notes[:0] = notes
     if csv_path:
         report.write_csv(csv_path, force=force)
     if plot_path:
         report.plot(plot_path, force=force)
     click.echo(report.to_json() if as_json else report.table(None if all_rows else 40))
+
+
+def _score_images(checkpoint: str | None, root: str, samples: int, pixels: bool, layout: str) -> torch.Tensor:
+    """Real test images for scoring: normalised as the checkpoint expects, or raw uint8 ones in ``layout`` for a
+    pixel-input model (which normalises them itself)."""
+    if not pixels:
+        return io.checkpoint_test_images(checkpoint, root, samples)
+    images = load_dataset(root, "test").images[:samples]
+    return images.permute(0, 2, 3, 1).contiguous() if layout == "nhwc" else images
 
 
 def _dims(text: str, option: str) -> tuple[int, ...]:

@@ -35,6 +35,7 @@ from torch import Tensor, fx, nn
 
 from micronet.compress.integer_modules import ChannelAffine, IntConv2d, IntLinear, RoundClamp
 from micronet.errors import MicronetError
+from micronet.models import is_gated
 
 EXACT_LIMIT = 2**24  # fp32 holds every integer up to 2^24
 PIXEL_MAX = 255
@@ -141,6 +142,23 @@ def pixel_input_of(model: nn.Module) -> PixelInput | None:
     return None
 
 
+def missing_normalization(source: str) -> MicronetError:
+    """The one refusal of pixel input whose normalisation is unknown (``source``: what records none); it names
+    the fix."""
+    return MicronetError(f"--input pixels needs the model's normalisation, and {source} does not record it; "
+                         "pass --normalization NAME (e.g. cifar100)")
+
+
+def check_pixel_input(model: nn.Module) -> None:
+    """Refuse, before any costly step, a model that has no pixel-input form: a gated network."""
+    if is_gated(model):
+        # The pixel form rewrites the traced graph (first conv, float64 head); a gated forward has no whole graph
+        # (each piece of its plan would need the rewrite), so say that instead of passing on fx's own error.
+        raise MicronetError(f"pixel input is not available for gated networks ({type(model).__name__}): their "
+                            "forward chooses per image which blocks run, so it cannot be traced and rewritten with "
+                            "an exact pixel-input first layer; use --input float")
+
+
 def first_layer_bound(codes: Tensor) -> int:
     """Largest |S_c| the pixel-input first layer can reach: 255 x the largest per-(output, input) sum of |codes|."""
     per = codes.detach().abs().flatten(2).sum(2)
@@ -154,6 +172,7 @@ def pixel_input_form(deploy: nn.Module, normalization: Normalization, layout: st
         raise MicronetError(f"unknown input layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     if pixel_input_of(deploy) is not None:
         raise MicronetError("the model already takes pixel input")
+    check_pixel_input(deploy)
     try:
         gm = fx.GraphModule(deploy, _Tracer().trace(deploy), type(deploy).__name__)
     except Exception as exc:  # fx raises many types; all mean "this Python code does not trace"
@@ -232,5 +251,5 @@ def _image_shape(gm: fx.GraphModule, image_size: tuple[int, int]) -> tuple[int, 
     return (*image_size, channels) if spec is not None and spec.layout == "nhwc" else (channels, *image_size)
 
 
-__all__ = ["LAYOUTS", "PIXEL_BITS", "Float64Reduce", "PixelInput", "PixelInputConv", "first_layer_bound",
-           "pixel_input_form", "pixel_input_of"]
+__all__ = ["LAYOUTS", "PIXEL_BITS", "Float64Reduce", "PixelInput", "PixelInputConv", "check_pixel_input",
+           "first_layer_bound", "missing_normalization", "pixel_input_form", "pixel_input_of"]

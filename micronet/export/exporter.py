@@ -30,7 +30,7 @@ from torch import nn
 
 from micronet import io
 from micronet.compress import deploy_form
-from micronet.compress.pixel_input import LAYOUTS
+from micronet.compress.pixel_input import LAYOUTS, check_pixel_input, missing_normalization
 from micronet.data import Normalization, get_normalization, load_dataset, normalization_record, test_images
 from micronet.errors import MicronetError
 from micronet.export import verify as _verify
@@ -410,6 +410,8 @@ def export_checkpoint(
     if kwargs.get("input") == "pixels" and kwargs.get("normalization") is None:
         kwargs["normalization"] = _known_normalization(checkpoint, format)
     net = io.load_model(checkpoint, format=format, model=model, allow_large=allow_large)
+    if kwargs.get("input") == "pixels":
+        check_pixel_input(net)  # before the storage figure, which scores the model (minutes for a large SkipNet)
     if storage is not None:
         kwargs["storage_bytes"] = storage(net)
     data = kwargs.get("data")
@@ -422,14 +424,8 @@ def export_checkpoint(
 
 
 def _known_normalization(checkpoint: str | os.PathLike, format: str) -> Normalization:
-    """The normalisation a checkpoint records (micronet metadata, or the riair2019 format's legacy scaling);
-    refuses a plain state_dict or a checkpoint without a record, whose normalisation would only be a guess."""
-    fmt = io.detect_format(checkpoint) if format == "auto" else format
-    recorded = fmt == "riair2019"
-    if fmt == "micronet":
-        extra = io.read_header(checkpoint).get("extra")
-        recorded = isinstance(extra, dict) and "normalization" in extra
-    if not recorded:
-        raise MicronetError(f"--input pixels needs the model's normalisation, and {Path(checkpoint).name} does not "
-                            "record it; pass --normalization NAME (e.g. cifar100)")
-    return io.checkpoint_normalization(checkpoint, format)
+    """The normalisation a checkpoint records; refuses a plain state_dict or a checkpoint without a record."""
+    norm = io.recorded_normalization(checkpoint, format)
+    if norm is None:
+        raise missing_normalization(Path(checkpoint).name)
+    return norm

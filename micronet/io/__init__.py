@@ -21,10 +21,11 @@ from micronet.io.loading import (
     is_external_spec,
     load_model,
     parse_model_args,
+    recorded_normalization,
 )
 from micronet.io.untrusted import check_model_budget, load_json_file, load_yaml_file
 
 __all__ = ["FORMATS", "Checkpoint", "atomic_write", "build_external", "check_model_budget", "check_output_path",
            "checkpoint_normalization", "checkpoint_test_images", "create_model", "detect_format",
            "is_external_spec", "load", "load_into", "load_json_file", "load_model", "load_state_dict_file",
-           "load_yaml_file", "parse_model_args", "read_header", "read_metadata", "save"]
+           "load_yaml_file", "parse_model_args", "read_header", "read_metadata", "recorded_normalization", "save"]

@@ -240,6 +240,17 @@ def checkpoint_normalization(path: str | Path, format: str = "auto") -> Normaliz
     return get_normalization("cifar100")
 
 
+def recorded_normalization(path: str | Path, format: str = "auto") -> Normalization | None:
+    """The normalisation a checkpoint records (micronet metadata, or the riair2019 format's legacy scaling), or
+    None for a plain state_dict or a checkpoint without a record, whose normalisation would only be a guess."""
+    fmt = detect_format(path) if format == "auto" else format
+    recorded = fmt == "riair2019"
+    if fmt == "micronet":
+        extra = read_header(path).get("extra")
+        recorded = isinstance(extra, dict) and "normalization" in extra
+    return checkpoint_normalization(path, fmt) if recorded else None
+
+
 def checkpoint_test_images(path: str | Path | None, root: str | Path, samples: int, format: str = "auto",
                            dataset: str = "auto") -> Tensor:
     """The first ``samples`` test images under ``root``, normalised as the checkpoint at ``path`` expects

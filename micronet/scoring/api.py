@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from micronet.compress import deploy_form
-from micronet.compress.pixel_input import PIXEL_BITS, pixel_input_of
+from micronet.compress.pixel_input import PIXEL_BITS, check_pixel_input, pixel_input_of
 from micronet.compress.state import has_training_form, model_device, preserved_modes
 from micronet.errors import MicronetError
 from micronet.progress import progress_bar
@@ -211,6 +211,7 @@ def score(
     progress: bool = False,
     input: str = "float",
     normalization: Any = None,
+    layout: str = "nchw",
     **overrides: Any,
 ) -> ScoreReport:
     """Score ``model`` under a policy and track; ops per example (mean over ``samples`` for dynamic nets).
@@ -223,8 +224,8 @@ def score(
     policy fields (e.g. ``accumulator="adder_tree"``).
     ``progress`` shows a status bar (deploy form, one step per traced example, accounting): a large or dynamic
     model takes many seconds, and a library stays quiet unless asked.
-    ``input="pixels"`` scores the pixel-input deploy form (uint8 images, ``normalization`` folded into the first
-    layer), as ``micronet export --input pixels`` writes it.
+    ``input="pixels"`` scores the pixel-input deploy form (uint8 images in ``layout``, "nchw" or "nhwc",
+    ``normalization`` folded into the first layer), as ``micronet export --input pixels`` writes it.
     """
     pol = resolve_policy(policy, overrides)
     trk = get_track(track)
@@ -232,8 +233,10 @@ def score(
     shape = input_shape_for(trk, input_size, input_shape, in_channels)
     # Every model, float or compressed, is scored as it deploys: its integer form, BN folded (a deep copy,
     # so resetting gate counters and the train-mode parameter trace leave the caller's model alone).
+    if input == "pixels":
+        check_pixel_input(model)  # a gated net has no pixel form: say so before the (long) deploy-form copy
     bar = progress_bar(None, "scoring: deploy form", progress, unit="step")
-    target = deploy_form(model, input=input, normalization=normalization)
+    target = deploy_form(model, input=input, normalization=normalization, layout=layout)
     pixels = pixel_input_of(target)
     if pixels is not None and "input_bits" not in overrides:
         # What runs takes 8-bit pixels: the first layer multiplies 8-bit inputs (policy field, in the JSON).

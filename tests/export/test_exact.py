@@ -292,3 +292,26 @@ def test_faithful_rule_accepts_explained_tie_flips_and_rejects_the_rest():
         assert report.tie_flips == (1 if tie else 0)
         if not passed:
             assert "sample 3" in report.failures[0] and "blocks.0.quant" in report.failures[0]
+
+
+def test_a_compressed_zoo_model_gets_the_same_verdict_under_three_input_distributions(tmp_path):
+    """N(0,1) floats, uniform pixels and smooth images (normalised): a faithful default export passes under all
+    three, and the same file with one weight code changed fails under all three (128 samples each: the float64
+    reference is the slow part)."""
+    model = _zoo(TINY_ZOO[0])
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, verify=False)
+    deploy = deploy_form(model)
+    inputs = {kind: _distribution(kind, 128) for kind in ("normal", "uniform", "smooth")}
+    for kind, x in inputs.items():
+        report = verify_onnx(path, model, data=x, samples=len(x))
+        assert report.passed and report.mode == "statistical", (kind, report.format())
+        # the verdict checked independently: onnxruntime's top-1 is float64's wherever PyTorch fp32's is
+        got, fp32, fp64 = _ort(path, x), _torch(deploy, x), _float64(deploy, x)
+        pt_right = fp32.argmax(1) == fp64.argmax(1)
+        assert np.array_equal(got.argmax(1)[pt_right], fp64.argmax(1)[pt_right]), kind
+    fqn = "block2.0.conv1.conv"
+    _tamper(path, "weight", fqn)
+    for kind, x in inputs.items():
+        report = verify_onnx(path, model, data=x[:64], samples=64)
+        assert not report.passed and any(fqn in f for f in report.failures), (kind, report.failures)
