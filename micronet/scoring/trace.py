@@ -346,6 +346,13 @@ class ModuleStack:
 class _OpRecorder(TorchDispatchMode):
     """Dispatch mode that records ops and propagates TensorInfo (the tracing core)."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # By default torch wraps every dispatch mode's __torch_dispatch__ in torch._dynamo.disable, which imports
+        # torch._dynamo (and sympy, triton, torch.distributed: ~150 MB and ~1 s) on the first op and adds a
+        # wrapper call to every op. Nothing here runs under torch.compile, so there is nothing to disable.
+        return False
+
     def __init__(
         self,
         modules: ModuleStack,
