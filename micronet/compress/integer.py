@@ -1,6 +1,7 @@
 """``deploy_form``: the integer deploy form that the scorer counts and the exporter writes.
 
-Two passes over a deep copy of the model (the caller's model is never touched):
+Two passes over a copy of the model (the caller's model is never touched; the copy shares its weights'
+memory read-only, see :func:`detached_copy`):
 
 1. **Local rewrites** (module tree): a quantized conv/linear becomes
    ``ChannelAffine(1/s_a) -> RoundClamp -> IntConv2d(codes) -> ChannelAffine(s_a·s_w, bias)``;
@@ -32,6 +33,7 @@ from torch import Tensor, fx, nn
 
 from micronet.compress import state
 from micronet.compress.integer_modules import ChannelAffine, FoldedAffine, IntConv2d, IntLinear, RoundClamp
+from micronet.compress.parametrizations import WeightMask
 from micronet.compress.pixel_input import Float64Reduce, Normalization, PixelInputConv, pixel_input_form
 from micronet.errors import MicronetError
 
@@ -40,13 +42,15 @@ INPUTS = ("float", "pixels")
 
 
 def deploy_form(model: nn.Module, *, input: str = "float", normalization: Normalization | None = None,
-                layout: str = "nchw") -> nn.Module:
-    """The integer deploy form of any model, float or compressed: a converted eval-mode deep copy.
+                layout: str = "nchw", share: bool = True) -> nn.Module:
+    """The integer deploy form of any model, float or compressed: a converted eval-mode copy.
 
     This is the one training form -> deploy form conversion: the scorer counts its result and the exporter
     writes it. A model already in deploy form (integer modules, no training-form state) is copied as it is.
     ``input="pixels"`` gives the pixel-input form (uint8 images in ``layout``, ``normalization`` folded into an
     exact first layer; :mod:`micronet.compress.pixel_input`).
+    Tensors the conversion leaves as they are share the caller's memory (``share=False``: all are copied);
+    treat the result's tensors as read-only (replacing them, or ``.to()``, is fine).
     """
     if input not in INPUTS:
         raise MicronetError(f"unknown model input {input!r}; use one of {', '.join(INPUTS)}")
@@ -54,12 +58,12 @@ def deploy_form(model: nn.Module, *, input: str = "float", normalization: Normal
         if normalization is None:
             raise MicronetError("pixel input needs the model's normalisation, and it is not known; "
                                 "pass --normalization NAME (e.g. cifar100)")
-        return pixel_input_form(deploy_form(model), normalization, layout)
+        return pixel_input_form(deploy_form(model, share=share), normalization, layout)
     if _is_deploy_form(model):
-        return detached_copy(model).eval()
+        return detached_copy(model, share=share).eval()
     spec = getattr(model, "micronet_spec", None)
     try:
-        work = detached_copy(model).eval()
+        work = detached_copy(model, share=share).eval()
         with torch.no_grad():
             work = _rewrite_modules(work)
             work = _merge(work)
@@ -78,8 +82,23 @@ def _is_deploy_form(model: nn.Module) -> bool:
     return any(isinstance(m, _LEAVES) for m in model.modules()) and not state.has_training_form(model)
 
 
-def detached_copy(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also copies modules holding autograd-tracked tensors (e.g. last gate outputs)."""
+# Modules whose buffers nothing ever writes (the deploy form's own layers, pruning masks): a copy may share them.
+_READ_ONLY_BUFFERS = (IntConv2d, IntLinear, ChannelAffine, PixelInputConv, WeightMask)
+# torch.ao quantizers update their own state as they run, parameters included (a learnable fake-quantizer
+# rewrites its scale in forward): their tensors are always copied.
+_SELF_UPDATING = (torch.ao.quantization.FakeQuantizeBase, torch.ao.quantization.ObserverBase)
+
+
+def detached_copy(model: nn.Module, *, share: bool = True) -> nn.Module:
+    """A copy of ``model`` (``copy.deepcopy``, also of modules holding autograd-tracked tensors, e.g. last
+    gate outputs) whose parameters share the caller's storage.
+
+    Weights are the bulk of a model and neither the conversion nor an eval forward writes them, so the copy
+    holds new ``Parameter`` objects over the same memory (read-only by contract: the deploy form replaces
+    tensors, never writes them), as it does for the buffers of :data:`_READ_ONLY_BUFFERS`; other buffers
+    (running statistics, gate counters, quantizer flags), and everything of a torch.ao quantizer, are
+    copied. ``share=False`` copies every tensor.
+    """
     memo: dict[int, object] = {}
     for module in model.modules():
         for value in vars(module).values():
@@ -88,6 +107,15 @@ def detached_copy(model: nn.Module) -> nn.Module:
             elif isinstance(value, list | tuple) and any(isinstance(t, Tensor) and t.grad_fn is not None
                                                          for t in value):
                 memo[id(value)] = type(value)(t.detach().clone() if isinstance(t, Tensor) else t for t in value)
+        if not share or isinstance(module, _SELF_UPDATING):
+            continue
+        for p in module._parameters.values():
+            if type(p) is nn.Parameter and id(p) not in memo:  # a Parameter subclass may carry more: deep copy
+                memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+        if isinstance(module, _READ_ONLY_BUFFERS):
+            for b in module._buffers.values():
+                if b is not None and id(b) not in memo:
+                    memo[id(b)] = b.detach()
     return copy.deepcopy(model, memo)
 
 
@@ -150,7 +178,7 @@ def _plain_copy(layer: nn.Conv2d | nn.Linear, weight: Tensor, bias: Tensor | Non
                                    padding_mode=layer.padding_mode, device="meta")
     else:
         new = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
-    # Callers pass freshly computed tensors (or ones of the discarded working copy): no clone needed.
+    # Callers pass freshly computed tensors or the caller's own (a bias): the deploy form only reads them.
     new.weight = nn.Parameter(weight.detach(), requires_grad=False)
     if bias is not None:
         new.bias = nn.Parameter(bias.detach(), requires_grad=False)

@@ -308,6 +308,14 @@ class TensorMap:
         self._foreign = []
 
 
+class ProtectedWrite(Exception):  # noqa: N818 (a signal to retry, not an error: no "Error" suffix)
+    """An op of the traced forward was about to write into protected memory (see ``trace_model``).
+
+    Deliberately not a RuntimeError: it must pass through the model's forward and the scorer's
+    forward-error translation unchanged.
+    """
+
+
 class ModuleStack:
     """Which module is running: a stack of module paths kept by global forward hooks while active.
 
@@ -360,10 +368,18 @@ class _OpRecorder(TorchDispatchMode):
         infos: TensorMap,
         float_bits: int,
         uids: itertools.count,
+        protected: frozenset[int] = frozenset(),
     ) -> None:
         super().__init__()
         self.modules, self.trace, self.infos = modules, trace, infos
-        self.float_bits, self.uids = float_bits, uids
+        self.float_bits, self.uids, self.protected = float_bits, uids, protected
+
+    def _refuse_protected_write(self, func: Any, written: frozenset, args: tuple, kwargs: dict) -> None:
+        """Stop before an in-place op writes into protected memory (the caller's weights, shared by the copy)."""
+        targets = [a for i, a in enumerate(args) if i in written and isinstance(a, Tensor)]
+        targets += [v for k, v in kwargs.items() if k in written and isinstance(v, Tensor)]
+        if any(_storage_of(t) in self.protected for t in targets):
+            raise ProtectedWrite(f"{func._schema.name} in {self._module_path() or '(root)'}")
 
     def _module_path(self) -> str:
         return self.modules.current
@@ -386,6 +402,9 @@ class _OpRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        written = _written_args(func)
+        if written and self.protected:
+            self._refuse_protected_write(func, written, args, kwargs)
         out = func(*args, **kwargs)
         op = func._schema.name
         # Aten arguments nest at most one level (tensor lists): flatten by hand, pytree is too slow here.
@@ -408,7 +427,6 @@ class _OpRecorder(TorchDispatchMode):
         index = len(self.trace.records)
         record = OpRecord(index, op, self._module_path(), rec_args, rec_kwargs, in_refs, out_refs)
         record.reads = tuple(_storage_of(t) for t in in_tensors)
-        written = _written_args(func)
         if written:
             record.writes = frozenset(
                 _storage_of(a) for i, a in enumerate(args) if i in written and isinstance(a, Tensor)
@@ -604,8 +622,18 @@ def refuse_fx_proxies(model: nn.Module) -> None:
                 )
 
 
-def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits: int) -> Trace:
-    """Run ``model(inputs)`` once under the recorder; the model must already be in eval mode."""
+def storages_of(model: nn.Module) -> frozenset[int]:
+    """The memory every parameter and buffer of ``model`` lives in (what ``trace_model(protected=...)`` takes)."""
+    return frozenset(_storage_of(t) for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits: int,
+                protected: frozenset[int] = frozenset()) -> Trace:
+    """Run ``model(inputs)`` once under the recorder; the model must already be in eval mode.
+
+    An op about to write in place into ``protected`` memory (see :func:`storages_of`) raises
+    :class:`ProtectedWrite` before it runs, so that memory is never changed.
+    """
     refuse_fx_proxies(model)
     trace = Trace(batch=int(inputs.shape[0]), input_shape=tuple(inputs.shape))
     infos = TensorMap()
@@ -616,7 +644,7 @@ def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits
         bits = min(input_bits, dtype_bits(inputs.dtype, 64))
         infos.tag_foreign(inputs, TensorInfo(uid, bits, static=False, codes=bits < 16, signed=False, origin=uid))
         modules = ModuleStack(model)
-        with torch.no_grad(), modules, _OpRecorder(modules, trace, infos, float_bits, uids):
+        with torch.no_grad(), modules, _OpRecorder(modules, trace, infos, float_bits, uids, protected):
             trace.output = model(inputs)
         flat = output_tensors(trace.output)
         trace.output_uids = frozenset(info.uid for t in flat if (info := infos.get(t)) is not None)
