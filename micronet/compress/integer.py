@@ -23,6 +23,7 @@ scales.
 from __future__ import annotations
 
 import copy
+import copyreg
 import operator
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -100,6 +101,8 @@ def detached_copy(model: nn.Module, *, share: bool = True) -> nn.Module:
     copied. ``share=False`` copies every tensor.
     """
     memo: dict[int, object] = {}
+    # Buffers that share memory with another tensor must stay views of one copy: deepcopy keeps that.
+    single = Counter(_storage(t) for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values())
     for module in model.modules():
         for value in vars(module).values():
             if isinstance(value, Tensor) and value.grad_fn is not None:
@@ -107,16 +110,73 @@ def detached_copy(model: nn.Module, *, share: bool = True) -> nn.Module:
             elif isinstance(value, list | tuple) and any(isinstance(t, Tensor) and t.grad_fn is not None
                                                          for t in value):
                 memo[id(value)] = type(value)(t.detach().clone() if isinstance(t, Tensor) else t for t in value)
-        if not share or isinstance(module, _SELF_UPDATING):
-            continue
-        for p in module._parameters.values():
-            if type(p) is nn.Parameter and id(p) not in memo:  # a Parameter subclass may carry more: deep copy
-                memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
-        if isinstance(module, _READ_ONLY_BUFFERS):
-            for b in module._buffers.values():
-                if b is not None and id(b) not in memo:
-                    memo[id(b)] = b.detach()
-    return copy.deepcopy(model, memo)
+        if share and not isinstance(module, _SELF_UPDATING):
+            for p in module._parameters.values():
+                if type(p) is nn.Parameter and id(p) not in memo:  # a Parameter subclass may carry more: deep copy
+                    memo[id(p)] = shared = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+                    shared.__dict__.update(copy.deepcopy(p.__dict__, memo))  # attributes set on it, as deepcopy
+            if isinstance(module, _READ_ONLY_BUFFERS):
+                for b in module._buffers.values():
+                    if b is not None and id(b) not in memo:
+                        memo[id(b)] = b.detach()
+        for b in module._buffers.values():
+            # A plain buffer alone in its memory: clone it directly (Tensor.__deepcopy__ costs ~0.2 ms apiece).
+            if (type(b) is Tensor and not b.requires_grad and not b.__dict__ and id(b) not in memo
+                    and single[_storage(b)] == 1):
+                memo[id(b)] = b.clone()
+    return _copy_module(model, memo)
+
+
+def _storage(t: Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a storage-less tensor (sparse, functional)
+        return id(t)
+
+
+_ATOMIC = (type(None), bool, int, float, str)
+
+
+def _plain_module_class(cls: type) -> bool:
+    """Whether ``copy.deepcopy`` copies instances of ``cls`` the generic way: ``__dict__`` copied, then handed to
+    ``__setstate__`` (no custom copy or pickle hooks)."""
+    return (getattr(cls, "__deepcopy__", None) is None and cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__ and cls.__getstate__ is nn.Module.__getstate__
+            and cls not in copyreg.dispatch_table and not getattr(cls, "__slots__", ()))
+
+
+def _copy_module(module: nn.Module, memo: dict[int, object]) -> nn.Module:
+    """``copy.deepcopy(module, memo)``, done module by module as deepcopy does it for a plain module.
+
+    Same result, several times faster: deepcopy's generic path rebuilds each of a module's dozen (mostly empty)
+    hook tables through ``__reduce_ex__``; on a 1,000-module network that was most of the copy's time.
+    Modules with their own copy or pickle hooks (parametrized layers, GraphModules) go through deepcopy.
+    """
+    found = memo.get(id(module))
+    if found is not None:
+        return found
+    cls = type(module)
+    if not _plain_module_class(cls):
+        return copy.deepcopy(module, memo)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state: dict[str, object] = {}
+    for key, value in module.__dict__.items():
+        kind = type(value)
+        if kind in _ATOMIC:
+            state[key] = value
+        elif key == "_modules":
+            state[key] = kind((name, None if child is None else _copy_module(child, memo))
+                              for name, child in value.items())
+        elif key in ("_parameters", "_buffers"):
+            state[key] = kind((name, None if t is None else memo[id(t)] if id(t) in memo else copy.deepcopy(t, memo))
+                              for name, t in value.items())
+        elif kind in (dict, OrderedDict, set) and not value:
+            state[key] = kind()
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__setstate__(state)
+    return new
 
 
 # ----------------------------------------------------------------------------------------------- pass 1
