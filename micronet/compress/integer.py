@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import copyreg
 import operator
+import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 
@@ -409,6 +410,27 @@ def _scaled_layer(layer: nn.Module, affine: ChannelAffine) -> nn.Module:
     return new
 
 
+def _rescale_(layer: nn.Module, affine: ChannelAffine) -> None:
+    """``_scaled_layer`` done in place on a layer whose tensors nobody else holds."""
+    s = affine.scale.to(layer.weight.dtype)
+    out = layer.weight.shape[0]
+    s_full = s.expand(out) if s.numel() == 1 else s
+    bias_folded = getattr(layer, "bias_folded", False) or (
+        layer.bias is None and affine.bias is not None and bool(affine.origin)
+    )
+    layer.weight.mul_(s_full.reshape((-1,) + (1,) * (layer.weight.dim() - 1)))
+    if layer.bias is not None:
+        layer.bias.mul_(s_full)
+    if affine.bias is not None:
+        b = affine.bias.to(layer.weight.dtype).expand(out)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(b.clone(), requires_grad=False)
+        else:
+            layer.bias.add_(b)
+    layer.folded = getattr(layer, "folded", ()) + affine.origin
+    layer.bias_folded = bias_folded
+
+
 def _unused_nodes(graph: fx.Graph) -> set[fx.Node]:
     """Nodes whose results never reach the graph's output (and have no side effect)."""
     needed: set[fx.Node] = set()
@@ -425,6 +447,7 @@ class _Peephole:
         self.gm = gm
         self.calls: Counter[str] = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
         self.changed: set[str] = set()
+        self.folds: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layers this merge folded (owns their weights)
         self.modules: dict[str, nn.Module] = dict(gm.named_modules())
         # Module path -> number of ops traced through it (a module whose forward is one op can be replaced).
         self.ops_in: Counter[str] = Counter(
@@ -477,6 +500,17 @@ class _Peephole:
         self.calls[target] -= 1
         self.calls[name] += 1
         node.target = name
+
+    def fold(self, node: fx.Node, layer: nn.Module, affine: ChannelAffine) -> None:
+        """Make ``node`` call ``layer`` with ``affine`` (applied after it) folded in. A layer this merge already
+        folded, called only here, is rescaled in place: a conv absorbing a BN and then a scale would otherwise
+        hold its weights twice (same arithmetic, same values)."""
+        if layer in self.folds and self.calls[str(node.target)] == 1:
+            _rescale_(layer, affine)
+            return
+        new = _scaled_layer(layer, affine)
+        self.folds.add(new)
+        self.install(node, new)
 
     def bypass(self, node: fx.Node, replacement: fx.Node) -> None:
         """Route ``node``'s users to ``replacement`` and erase it."""
@@ -586,7 +620,7 @@ def fold_affine_into_layer(pp: _Peephole, node: fx.Node) -> bool:
     layer = _called(pp, src, (nn.Conv2d, nn.Linear))
     if affine is None or layer is None or len(src.users) != 1:
         return False
-    pp.install(src, _scaled_layer(layer, affine))
+    pp.fold(src, layer, affine)
     pp.bypass(node, src)
     return True
 
@@ -606,7 +640,7 @@ def move_scale_before_relu(pp: _Peephole, node: fx.Node) -> bool:
     if first is not None and len(producer.users) == 1:
         pp.install(producer, _combine(first, affine))
     elif layer is not None and len(producer.users) == 1:
-        pp.install(producer, _scaled_layer(layer, affine))
+        pp.fold(producer, layer, affine)
     else:
         return False
     pp.bypass(node, src)
