@@ -178,6 +178,18 @@ class _Scored:
     dynamic: DynamicCompute | None
 
 
+def _release_tensors(model: nn.Module) -> None:
+    """Drop a scored deploy form's references to its tensors (the copy's own, or the caller's it shares).
+
+    A deploy form is an fx GraphModule, whose graph refers back to it: a reference cycle that only the cyclic
+    garbage collector frees, possibly long after ``score()`` returned, so back-to-back scores would hold two
+    sets of folded weights. Nothing reads the copy after scoring.
+    """
+    for module in model.modules():
+        module._parameters.clear()
+        module._buffers.clear()
+
+
 def _remember(examples: Iterator[Tensor], seen: list[Tensor]) -> Iterator[Tensor]:
     """``examples``, each also appended (as a copy, not a view of its whole batch) to ``seen``."""
     for x in examples:
@@ -300,8 +312,11 @@ def score(
             examples = itertools.chain(list(seen), _remember(rest, seen) if share else rest)
         elif data is not None:
             examples = _split_examples(data, 1 << 62)
-        return _trace_and_account(target, pol, trk, overrides, shape, shown_size, samples, examples, bar,
-                                  storages_of(model) if share else frozenset())
+        try:
+            return _trace_and_account(target, pol, trk, overrides, shape, shown_size, samples, examples, bar,
+                                      storages_of(model) if share else frozenset())
+        finally:
+            _release_tensors(target)
 
     try:
         try:
