@@ -624,7 +624,8 @@ def refuse_fx_proxies(model: nn.Module) -> None:
 
 def storages_of(model: nn.Module) -> frozenset[int]:
     """The memory every parameter and buffer of ``model`` lives in (what ``trace_model(protected=...)`` takes)."""
-    return frozenset(_storage_of(t) for t in itertools.chain(model.parameters(), model.buffers()))
+    # Address 0 is no memory (empty and meta tensors): protecting it would stop harmless writes to empty tensors.
+    return frozenset(p for t in itertools.chain(model.parameters(), model.buffers()) if (p := _storage_of(t)))
 
 
 def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits: int,
