@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import gc
+import itertools
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any
 
@@ -19,7 +21,7 @@ from micronet.progress import progress_bar
 from micronet.scoring.accounting import Accounts, account
 from micronet.scoring.policy import Policy, Track, get_track, resolve_policy
 from micronet.scoring.report import DynamicCompute, ScoreReport
-from micronet.scoring.trace import Trace, trace_model
+from micronet.scoring.trace import ProtectedWrite, Trace, storages_of, trace_model
 
 
 @contextlib.contextmanager
@@ -195,6 +197,120 @@ def _forward_errors(input_size: object, dtype: torch.dtype = torch.float32) -> I
                             f"{first}{hint}") from None
 
 
+@dataclass
+class _Scored:
+    """What tracing and accounting one deploy form yields."""
+
+    policy: Policy
+    accounts: Accounts
+    shape: tuple[int, ...]
+    pixels: Any
+    rates: dict[str, float]
+    dynamic: DynamicCompute | None
+    input_dtype: torch.dtype
+    input_bits: int
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused inside the block (and resumed after, if it was running).
+
+    Scoring allocates some 10^5 small containers (fx nodes, op records); every time they cross the collector's
+    thresholds it re-scans the objects of the whole process: about a quarter of pyramidnet272's score() time.
+    What scoring leaves for the collector (the deploy form's graph) holds no tensors by then (_release_tensors).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _release_tensors(model: nn.Module) -> None:
+    """Drop a scored deploy form's references to its tensors (the copy's own, or the caller's it shares).
+
+    A deploy form is an fx GraphModule, whose graph refers back to it: a reference cycle that only the cyclic
+    garbage collector frees, possibly long after ``score()`` returned, so back-to-back scores would hold two
+    sets of folded weights. Nothing reads the copy after scoring.
+    """
+    for module in model.modules():
+        module._parameters.clear()
+        module._buffers.clear()
+
+
+def _remember(examples: Iterator[Tensor], seen: list[Tensor]) -> Iterator[Tensor]:
+    """``examples``, each also appended (as a copy, not a view of its whole batch) to ``seen``."""
+    for x in examples:
+        seen.append(x.clone())
+        yield x
+
+
+def _trace_and_account(target: nn.Module, pol: Policy, trk: Track, overrides: dict[str, Any],
+                       shape: tuple[int, ...], shown_size: str, samples: int | None,
+                       examples: Iterator[Tensor] | None, bar: Any, protected: frozenset[int],
+                       in_dtype: torch.dtype | None) -> _Scored:
+    """Trace the deploy form ``target`` on its examples (synthetic when ``examples`` is None) and account."""
+    pixels = pixel_input_of(target)
+    if pixels is not None and "input_bits" not in overrides:
+        # What runs takes 8-bit pixels: the first layer multiplies 8-bit inputs (policy field, in the JSON).
+        pol = replace(pol, input_bits=PIXEL_BITS)
+    # torch.ao fake-quantizers keep observing while they run: freeze their ranges on this copy, so scoring
+    # prices the quantization the model has instead of re-calibrating it on the synthetic input.
+    target.apply(torch.ao.quantization.disable_observer)
+    dynamic = is_dynamic(target)
+    n = samples if samples is not None else (16 if dynamic else 1)
+    if n < 1:
+        raise MicronetError("--samples must be at least 1")
+    bar.total = 1 + n + (1 if dynamic else 0) + 1  # deploy form, the examples, the all-blocks trace, accounting
+    bar.update()
+    bar.set_description(f"scoring: tracing {n} example{'s' if n > 1 else ''}")
+    device = model_device(target)
+    dtype = in_dtype or _model_dtype(target)
+    high = 2 if dtype.is_floating_point else _integer_high(target, dtype)
+    nhwc = pixels is not None and pixels.layout == "nhwc"
+    real_data = examples is not None
+    if examples is None:
+        examples = _synthetic_inputs(n, shape, device, dtype, nhwc, high)
+    else:
+        examples = itertools.islice(examples, n)
+
+    def trace(x: Tensor) -> Trace:
+        return trace_model(target, x, input_bits=pol.model_input_bits, float_bits=pol.float_bits,
+                           protected=protected)
+
+    traces: list[Trace] = []
+    with _eval_mode(target), _forward_errors(shown_size, dtype), torch.random.fork_rng(devices=[]):
+        _reset_gate_stats(target)
+        for x in examples:
+            traces.append(trace(x.to(device)))
+            bar.update()
+        rates = _gate_rates(target) if dynamic else {}
+        param_traces = []
+        if dynamic and traces:
+            # Training mode runs every gated block (blended), so every stored weight is seen once.
+            target.train()
+            param_traces.append(trace(next(_synthetic_inputs(1, shape, device, dtype, nhwc, high))))
+        if not traces:
+            raise MicronetError("no input examples to score (empty data)")
+        if real_data:
+            shape = tuple(traces[0].input_shape)
+        bar.set_description("scoring: accounting")
+        acc = account(traces, pol, param_traces)
+        bar.update()
+        dynamic_compute = None
+        if dynamic:
+            target.eval()
+
+            def trace_one() -> Trace:
+                return trace(next(iter(_synthetic_inputs(1, shape, device, dtype, high=high))))
+
+            dynamic_compute = _dynamic_compute(target, traces, param_traces, pol, trk, acc,
+                                               real_data, trace_one)
+    return _Scored(pol, acc, shape, pixels, rates, dynamic_compute, traces[0].input_dtype, traces[0].input_bits)
+
+
 def score(
     model: nn.Module,
     policy: str | Policy = "official",
@@ -231,80 +347,47 @@ def score(
     trk = get_track(track)
     in_dtype = resolve_input_dtype(input_dtype)
     shape = input_shape_for(trk, input_size, input_shape, in_channels)
-    # Every model, float or compressed, is scored as it deploys: its integer form, BN folded (a deep copy,
-    # so resetting gate counters and the train-mode parameter trace leave the caller's model alone).
-    if input == "pixels":
-        check_pixel_input(model)  # a gated net has no pixel form: say so before the (long) deploy-form copy
-    bar = progress_bar(None, "scoring: deploy form", progress, unit="step")
-    target = deploy_form(model, input=input, normalization=normalization, layout=layout)
-    pixels = pixel_input_of(target)
-    if pixels is not None and "input_bits" not in overrides:
-        # What runs takes 8-bit pixels: the first layer multiplies 8-bit inputs (policy field, in the JSON).
-        pol = replace(pol, input_bits=PIXEL_BITS)
-    # torch.ao fake-quantizers keep observing while they run: freeze their ranges on this copy, so scoring
-    # prices the quantization the model has instead of re-calibrating it on the synthetic input.
-    target.apply(torch.ao.quantization.disable_observer)
-    dynamic = is_dynamic(target)
-    n = samples if samples is not None else (16 if dynamic else 1)
-    if n < 1:
-        bar.close()
-        raise MicronetError("--samples must be at least 1")
-    bar.total = 1 + n + (1 if dynamic else 0) + 1  # deploy form, the examples, the all-blocks trace, accounting
-    bar.update()
-    bar.set_description(f"scoring: tracing {n} example{'s' if n > 1 else ''}")
-    device = model_device(target)
-    dtype = in_dtype or _model_dtype(target)
-    high = 2 if dtype.is_floating_point else _integer_high(target, dtype)
-    examples = (
-        _split_examples(data, n)
-        if data is not None
-        else _synthetic_inputs(n, shape, device, dtype, pixels is not None and pixels.layout == "nhwc", high)
-    )
     if input_shape is None:
         shown_size = str(shape[2]) if shape[2] == shape[3] else f"{shape[2]}x{shape[3]}"
     else:
         shown_size = "x".join(map(str, shape))
-    traces: list[Trace] = []
-    with _eval_mode(target), _forward_errors(shown_size, dtype), torch.random.fork_rng(devices=[]):
-        _reset_gate_stats(target)
-        for x in examples:
-            traces.append(
-                trace_model(target, x.to(device), input_bits=pol.model_input_bits, float_bits=pol.float_bits)
-            )
-            bar.update()
-        rates = _gate_rates(target) if dynamic else {}
-        param_traces = []
-        if dynamic and traces:
-            # Training mode runs every gated block (blended), so every stored weight is seen once.
-            target.train()
-            param_traces.append(
-                trace_model(
-                    target,
-                    next(_synthetic_inputs(1, shape, device, dtype, pixels is not None and pixels.layout == "nhwc",
-                                           high)),
-                    input_bits=pol.model_input_bits,
-                    float_bits=pol.float_bits,
-                )
-            )
-        if not traces:
-            bar.close()
-            raise MicronetError("no input examples to score (empty data)")
-        if data is not None:
-            shape = tuple(traces[0].input_shape)
-        bar.set_description("scoring: accounting")
-        acc = account(traces, pol, param_traces)
-        bar.update()
-        dynamic_compute = None
-        if dynamic:
-            target.eval()
+    if input == "pixels":
+        check_pixel_input(model)  # a gated net has no pixel form: say so before the (long) deploy-form copy
+    bar = progress_bar(None, "scoring: deploy form", progress, unit="step")
+    # Should a first attempt stop (see below), the second reads ``data`` again: a tensor or a re-iterable
+    # (a DataLoader) from the start; a one-shot iterator cannot be, so its examples are kept (small copies).
+    seen: list[Tensor] = []
+    one_shot = data is not None and not isinstance(data, Tensor) and iter(data) is data
+    rest = _split_examples(data, 1 << 62) if one_shot else None
 
-            def trace_one() -> Trace:
-                x = next(iter(_synthetic_inputs(1, shape, device, dtype, high=high)))
-                return trace_model(target, x, input_bits=pol.model_input_bits, float_bits=pol.float_bits)
+    def attempt(share: bool) -> _Scored:
+        # Every model, float or compressed, is scored as it deploys: its integer form, BN folded (a copy, so
+        # resetting gate counters and the train-mode parameter trace leave the caller's model alone). The copy
+        # shares the caller's weights read-only (they are often larger than every activation together);
+        # the trace stops any op before it writes into them (ProtectedWrite).
+        target = deploy_form(model, input=input, normalization=normalization, layout=layout, share=share)
+        examples = None
+        if rest is not None:
+            examples = itertools.chain(list(seen), _remember(rest, seen) if share else rest)
+        elif data is not None:
+            examples = _split_examples(data, 1 << 62)
+        try:
+            return _trace_and_account(target, pol, trk, overrides, shape, shown_size, samples, examples, bar,
+                                      storages_of(model) if share else frozenset(), in_dtype)
+        finally:
+            _release_tensors(target)
 
-            dynamic_compute = _dynamic_compute(target, traces, param_traces, pol, trk, acc,
-                                               data is not None, trace_one)
-    bar.close()
+    try:
+        with _cyclic_gc_paused():
+            try:
+                scored = attempt(share=True)
+            except ProtectedWrite:
+                # The model's forward updates its own weights as it runs: score a copy that owns every tensor.
+                scored = attempt(share=False)
+    finally:
+        bar.close()
+    seen.clear()
+    pol, acc, shape, pixels = scored.policy, scored.accounts, scored.shape, scored.pixels
     if pol.freebie and acc.quantized:
         raise MicronetError(
             f"policy {pol.name!r} uses the 16-bit freebie, which the rules forbid for a quantized model; "
@@ -323,15 +406,15 @@ def score(
         acc.unknown_ops,
         acc.free_ops,
         samples=acc.examples,
-        gate_rates=rates,
-        dynamic=dynamic_compute,
+        gate_rates=scored.rates,
+        dynamic=scored.dynamic,
         notes=notes,
         model=model_name or type(model).__name__,
         quantized=acc.quantized,
         input_shape=tuple(shape),
-        input_dtype=str(traces[0].input_dtype).removeprefix("torch."),
-        input_bits=traces[0].input_bits,
         dead=acc.dead,
+        input_dtype=str(scored.input_dtype).removeprefix("torch."),
+        input_bits=scored.input_bits,
     )
     if strict and not report.complete:
         names = ", ".join(f"{u['op']} in {u['module'] or '(root)'}" for u in report.unknown_ops[:5])

@@ -310,6 +310,14 @@ class TensorMap:
         self._foreign = []
 
 
+class ProtectedWrite(Exception):  # noqa: N818 (a signal to retry, not an error: no "Error" suffix)
+    """An op of the traced forward was about to write into protected memory (see ``trace_model``).
+
+    Deliberately not a RuntimeError: it must pass through the model's forward and the scorer's
+    forward-error translation unchanged.
+    """
+
+
 class ModuleStack:
     """Which module is running: a stack of module paths kept by global forward hooks while active.
 
@@ -348,6 +356,13 @@ class ModuleStack:
 class _OpRecorder(TorchDispatchMode):
     """Dispatch mode that records ops and propagates TensorInfo (the tracing core)."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # By default torch wraps every dispatch mode's __torch_dispatch__ in torch._dynamo.disable, which imports
+        # torch._dynamo (and sympy, triton, torch.distributed: ~150 MB and ~1 s) on the first op and adds a
+        # wrapper call to every op. Nothing here runs under torch.compile, so there is nothing to disable.
+        return False
+
     def __init__(
         self,
         modules: ModuleStack,
@@ -355,10 +370,18 @@ class _OpRecorder(TorchDispatchMode):
         infos: TensorMap,
         float_bits: int,
         uids: itertools.count,
+        protected: frozenset[int] = frozenset(),
     ) -> None:
         super().__init__()
         self.modules, self.trace, self.infos = modules, trace, infos
-        self.float_bits, self.uids = float_bits, uids
+        self.float_bits, self.uids, self.protected = float_bits, uids, protected
+
+    def _refuse_protected_write(self, func: Any, written: frozenset, args: tuple, kwargs: dict) -> None:
+        """Stop before an in-place op writes into protected memory (the caller's weights, shared by the copy)."""
+        targets = [a for i, a in enumerate(args) if i in written and isinstance(a, Tensor)]
+        targets += [v for k, v in kwargs.items() if k in written and isinstance(v, Tensor)]
+        if any(_storage_of(t) in self.protected for t in targets):
+            raise ProtectedWrite(f"{func._schema.name} in {self._module_path() or '(root)'}")
 
     def _module_path(self) -> str:
         return self.modules.current
@@ -381,6 +404,9 @@ class _OpRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        written = _written_args(func)
+        if written and self.protected:
+            self._refuse_protected_write(func, written, args, kwargs)
         out = func(*args, **kwargs)
         op = func._schema.name
         # Aten arguments nest at most one level (tensor lists): flatten by hand, pytree is too slow here.
@@ -403,7 +429,6 @@ class _OpRecorder(TorchDispatchMode):
         index = len(self.trace.records)
         record = OpRecord(index, op, self._module_path(), rec_args, rec_kwargs, in_refs, out_refs)
         record.reads = tuple(_storage_of(t) for t in in_tensors)
-        written = _written_args(func)
         if written:
             record.writes = frozenset(
                 _storage_of(a) for i, a in enumerate(args) if i in written and isinstance(a, Tensor)
@@ -599,8 +624,19 @@ def refuse_fx_proxies(model: nn.Module) -> None:
                 )
 
 
-def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits: int) -> Trace:
-    """Run ``model(inputs)`` once under the recorder; the model must already be in eval mode."""
+def storages_of(model: nn.Module) -> frozenset[int]:
+    """The memory every parameter and buffer of ``model`` lives in (what ``trace_model(protected=...)`` takes)."""
+    # Address 0 is no memory (empty and meta tensors): protecting it would stop harmless writes to empty tensors.
+    return frozenset(p for t in itertools.chain(model.parameters(), model.buffers()) if (p := _storage_of(t)))
+
+
+def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits: int,
+                protected: frozenset[int] = frozenset()) -> Trace:
+    """Run ``model(inputs)`` once under the recorder; the model must already be in eval mode.
+
+    An op about to write in place into ``protected`` memory (see :func:`storages_of`) raises
+    :class:`ProtectedWrite` before it runs, so that memory is never changed.
+    """
     refuse_fx_proxies(model)
     trace = Trace(batch=int(inputs.shape[0]), input_shape=tuple(inputs.shape), input_dtype=inputs.dtype)
     infos = TensorMap()
@@ -611,7 +647,7 @@ def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits
         bits = trace.input_bits = min(input_bits, dtype_bits(inputs.dtype, 64))
         infos.tag_foreign(inputs, TensorInfo(uid, bits, static=False, codes=bits < 16, signed=False, origin=uid))
         modules = ModuleStack(model)
-        with torch.no_grad(), modules, _OpRecorder(modules, trace, infos, float_bits, uids):
+        with torch.no_grad(), modules, _OpRecorder(modules, trace, infos, float_bits, uids, protected):
             trace.output = model(inputs)
         flat = output_tensors(trace.output)
         trace.output_uids = frozenset(info.uid for t in flat if (info := infos.get(t)) is not None)

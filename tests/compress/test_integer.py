@@ -96,3 +96,40 @@ def test_bn_recalibration_changes_bn_stats_and_nothing_else(tiny_densenet):
     assert torch.allclose(stem_bn.running_mean.double(), means.mean(0), rtol=1e-5, atol=1e-6)
     assert torch.allclose(stem_bn.running_var.double(), variances.mean(0), rtol=1e-5, atol=1e-6)
     assert int(stem_bn.num_batches_tracked) == 2
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["float", "compressed"])
+def test_deploy_form_leaves_every_parameter_and_buffer_of_the_caller_bit_for_bit(compressed):
+    torch.manual_seed(0)
+    model = _compressed(TINY["pyramidnet"]) if compressed else randomize_bn_(models.create(TINY["pyramidnet"]).eval())
+    before = {k: v.detach().clone() for k, v in _tensors(model).items()}
+    deployed = deploy_form(model)
+    with torch.no_grad():
+        deployed(torch.randn(2, 3, 32, 32))
+        deploy_form(deployed)(torch.randn(2, 3, 32, 32))
+    after = _tensors(model)
+    assert before.keys() == after.keys()
+    assert all(before[k].dtype == v.dtype and torch.equal(before[k], v) for k, v in after.items())
+
+
+def test_deploy_form_shares_the_tensors_it_does_not_convert_instead_of_copying_them():
+    # Memory: weights are the bulk of a model; a tensor the conversion only reads stays where it is.
+    torch.manual_seed(0)
+    model = randomize_bn_(models.create(TINY["pyramidnet"]).eval())
+    deployed = deploy_form(model)
+    # the classifier reads a BN's output, so nothing folds into it: it runs on the caller's own weight
+    assert deployed.fc.weight.data_ptr() == model.fc.weight.data_ptr()
+    assert deployed.fc.weight is not model.fc.weight  # a new Parameter object: rebinding it leaves the caller's
+    # an integer deploy form converts nothing: its copy holds every weight code where the original holds it
+    integer = deploy_form(_compressed(TINY["densenet"]))
+    again = deploy_form(integer)
+    codes = {m.weight.data_ptr() for m in integer.modules() if isinstance(m, IntConv2d | IntLinear)}
+    assert codes and codes == {m.weight.data_ptr() for m in again.modules() if isinstance(m, IntConv2d | IntLinear)}
+    # share=False owns every tensor
+    owned = deploy_form(model, share=False)
+    caller = {t.untyped_storage().data_ptr() for t in _tensors(model).values()}
+    assert not any(t.untyped_storage().data_ptr() in caller for t in _tensors(owned).values())

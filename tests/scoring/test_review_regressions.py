@@ -1,5 +1,8 @@
 """Regressions for review findings: block-mask op counts, caller's model untouched, one-line errors."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -35,6 +38,51 @@ def test_scoring_a_float_dynamic_model_leaves_it_untouched():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["float", "compressed"])
+def test_scoring_leaves_every_parameter_and_buffer_bit_for_bit(compressed):
+    # The deploy form shares the caller's weights (memory); nothing the scorer runs may write them.
+    torch.manual_seed(0)
+    model = create("pyramidnet:depth=11,alpha=8").eval()
+    if compressed:
+        prune_(model, SparsityConfig(0.5))
+        quantize_(model, QuantConfig(weight_bits=4, act_bits=4), calibration_data=torch.randn(4, 3, 32, 32))
+    before = {k: v.detach().clone() for k, v in _tensors(model).items()}
+    score(model)
+    after = _tensors(model)
+    assert before.keys() == after.keys()
+    assert all(before[k].dtype == v.dtype and torch.equal(before[k], v) for k, v in after.items())
+
+
+class _ClampsItsWeights(nn.Module):
+    """A forward that rewrites its own parameter in place (as some weight-clipping layers do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 5)
+
+    def forward(self, x):
+        self.conv.weight.data.clamp_(-0.05, 0.05)
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_a_model_that_writes_its_own_weights_is_scored_and_left_bit_for_bit():
+    torch.manual_seed(0)
+    model = _ClampsItsWeights().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert float(model.conv.weight.detach().abs().max()) > 0.05  # the clamp would change it
+    report = score(model, input_size=8)
+    assert report.params == 4 * 27 + 4 + 4 * 5 + 5  # hand count: conv 3->4 3x3 with bias, fc 4->5 with bias
+    assert report.ops > 0 and report.complete
+    # a one-shot iterator of examples is read again when scoring starts over on a copy of its own
+    from_data = score(model, input_size=8, data=iter([torch.randn(1, 3, 8, 8) for _ in range(2)]), samples=2)
+    assert from_data.samples == 2 and from_data.ops == report.ops
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_integer_form_keeps_float64_and_ignores_size_arithmetic():
     class Net(nn.Module):
         def __init__(self):
@@ -54,3 +102,12 @@ def test_integer_form_keeps_float64_and_ignores_size_arithmetic():
 def test_bad_input_size_is_a_one_line_error():
     with pytest.raises(MicronetError, match="forward pass failed at input size 2"):
         score(create("densenet_bc:depth=10,growth=4"), input_size=2)
+
+
+def test_scoring_never_imports_torch_dynamo():
+    # torch wraps a dispatch mode's handler in torch._dynamo.disable unless told not to; that import drags in
+    # sympy, triton and torch.distributed: ~150 MB of resident memory and ~1 s on a process's first score.
+    code = ("import sys; from micronet.models import create; from micronet.scoring import score; "
+            "score(create('densenet_bc:depth=10,growth=4')); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
