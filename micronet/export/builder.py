@@ -81,13 +81,17 @@ class GraphBuilder:
 
     def __init__(self, *, form: str, sparse_weights: bool | Sequence[str]) -> None:
         self.form, self.encodings = form, weight_encodings(sparse_weights)
+        # True: the smallest file, decoder functions counted; named encodings: each tensor's own smallest
+        self._count_functions = sparse_weights is True
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.weights: list[WeightRecord] = []
         self.inexact: list[str] = []
         # (module path, ONNX name of its input, of its output) of every converted module, in execution order
         self.module_values: list[tuple[str, str, str]] = []
-        self.functions: set[str] = set()  # the decoder functions (encoding.FUNCTIONS) the weights call
+        # code weights: the candidate encodings of each (by value name); one is chosen for all at once by
+        # finish_weights, because a shared decoder function pays only if its users together save its own bytes
+        self._candidates: dict[str, list[encoding.Encoded]] = {}
         self._names: set[str] = {INPUT_NAME, OUTPUT_NAME}
         self._counter = 0
         self._scalars: dict[tuple, str] = {}
@@ -153,7 +157,7 @@ class GraphBuilder:
 
     # ---- weights -------------------------------------------------------------------------------
     def code_weight(self, fqn: str, weight: torch.Tensor) -> str:
-        """Float weight value decoded in-graph from integer codes, in the smallest allowed encoding."""
+        """Float weight value decoded in-graph from integer codes (its encoding is settled by finish_weights)."""
         prefix = f"{fqn}.weight"
         if prefix in self._weight_values:
             return self._weight_values[prefix]
@@ -162,18 +166,56 @@ class GraphBuilder:
             encoding.code_type(codes)
         except ValueError as exc:
             raise UnsupportedModelError(f"module '{fqn}': {exc}") from None
-        enc = encoding.smallest(prefix, codes, self.scalar(1.0), self.encodings)
-        for t in enc.initializers:
-            self._names.add(t.name)
-        self.initializers.extend(enc.initializers)
-        for node in enc.nodes:
-            self._names.update(node.output)
-        self.nodes.extend(enc.nodes)
-        self.functions |= enc.functions
-        self.weights.append(WeightRecord(fqn, "codes", enc.encoding, enc.storage, tuple(codes.shape),
-                                         int(np.count_nonzero(codes)), enc.payload_bytes, enc.file_bytes, enc.detail))
+        self._candidates[prefix] = encoding.candidates(prefix, codes, self.scalar(1.0), self.encodings)
+        self._names.add(prefix)
+        for e in self._candidates[prefix]:
+            self._names.update(t.name for t in e.initializers)
+            self._names.update(o for node in e.nodes for o in node.output)
+        self.weights.append(self._record(fqn, self._candidates[prefix][0], codes))
         self._weight_values[prefix] = prefix
         return prefix
+
+    @staticmethod
+    def _record(fqn: str, e: encoding.Encoded, codes: np.ndarray) -> WeightRecord:
+        return WeightRecord(fqn, "codes", e.encoding, e.storage, tuple(codes.shape), int(np.count_nonzero(codes)),
+                            e.payload_bytes, e.file_bytes, e.detail)
+
+    def finish_weights(self) -> list[onnx.NodeProto]:
+        """Choose every code weight's encoding, add its initializers and return its decoding nodes (which depend
+        on initializers alone, so they go first in the graph).
+
+        Each tensor takes its smallest candidate; then (with every encoding allowed) a decoder function whose users
+        together save fewer bytes than the function itself costs is dropped and its users choose again, until none
+        is. With named encodings each tensor keeps its own smallest.
+        """
+        cost = {name: make().ByteSize() for name, make in encoding.FUNCTIONS.items()}
+        banned: set[str] = set()
+
+        def best(cands: list[encoding.Encoded], without: set[str]) -> encoding.Encoded:
+            return min((e for e in cands if not e.functions & without), key=lambda e: e.file_bytes)  # dense: none
+
+        while True:
+            chosen = {p: best(c, banned) for p, c in self._candidates.items()}
+            for name in encoding.FUNCTIONS:
+                users = [p for p, e in chosen.items() if name in e.functions]
+                saved = sum(best(self._candidates[p], banned | {name}).file_bytes - chosen[p].file_bytes
+                            for p in users)
+                if users and saved < cost[name] and self._count_functions:
+                    banned.add(name)
+                    break
+            else:
+                break
+        nodes: list[onnx.NodeProto] = []
+        for i, rec in enumerate(self.weights):
+            e = chosen.get(f"{rec.module}.weight") if rec.kind == "codes" else None
+            if e is None:
+                continue
+            self.initializers.extend(e.initializers)
+            nodes.extend(e.nodes)
+            self.weights[i] = WeightRecord(rec.module, "codes", e.encoding, e.storage, rec.shape, rec.nnz,
+                                           e.payload_bytes, e.file_bytes, e.detail)
+        self._candidates.clear()
+        return nodes
 
     def float_weight(self, fqn: str, weight: torch.Tensor) -> str:
         """Float weight stored as a float32 initializer."""

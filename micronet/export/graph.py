@@ -175,7 +175,9 @@ def assemble(b: GraphBuilder, output: Value, *, form: str, opset: int, input_sha
              input_dtype: torch.dtype = torch.float32) -> BuiltGraph:
     """The ModelProto around ``b``'s nodes: ``output`` becomes the logits (plus ``extra_outputs``)."""
     b.add("Identity", [output.name], out=OUTPUT_NAME)
-    nodes, initializers = _live(b.nodes, b.initializers, [OUTPUT_NAME, *(o.name for o in extra_outputs)])
+    weight_nodes = b.finish_weights()
+    nodes, initializers = _live(weight_nodes + b.nodes, b.initializers,
+                                [OUTPUT_NAME, *(o.name for o in extra_outputs)])
 
     graph = oh.make_graph(
         nodes,
@@ -185,7 +187,7 @@ def assemble(b: GraphBuilder, output: Value, *, form: str, opset: int, input_sha
         initializers,
     )
     opsets = [oh.make_opsetid("", opset)]
-    functions = encoding.functions(b.functions)
+    functions = encoding.functions({n.op_type for n in nodes if n.domain == encoding.DECODER_DOMAIN})
     if functions:
         opsets.append(oh.make_opsetid(encoding.DECODER_DOMAIN, 1))
     onnx_model = oh.make_model(
