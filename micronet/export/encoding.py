@@ -326,6 +326,7 @@ class _Fn:
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self._n = 0
+        self._consts: dict[tuple, str] = {}
 
     def op(self, op: str, inputs: list[str], **attrs) -> str:
         self._n += 1
@@ -334,7 +335,12 @@ class _Fn:
         return out
 
     def const(self, value: np.ndarray) -> str:
-        return self.op("Constant", [], value=onh.from_array(np.asarray(value)))
+        """A constant, written once per function (every node costs session-creation time once inlined)."""
+        value = np.asarray(value)
+        key = (value.dtype.str, value.shape, value.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.op("Constant", [], value=onh.from_array(value))
+        return self._consts[key]
 
     def attr(self, name: str, kind: str) -> str:
         """A constant holding the calling node's attribute ``name`` (``kind``: "ints" -> 1-D int64, "int" -> scalar)."""
@@ -354,16 +360,19 @@ class _Fn:
         flat = self.op("Reshape", [flags, self.const(np.array([-1], np.int64))])
         return self.op("Cast", [flat], to=TensorProto.INT64)
 
-    def fields(self, bits: str, start: str, count: str, width: str) -> str:
-        """``count`` unsigned ``width``-bit fields at bit ``start`` (all [1] int64) -> int64 [count]."""
-        take = self.op("Slice", [bits, start, self.op("Add", [start, self.op("Mul", [count, width])])])
+    def fields(self, bits: str, count: str, width: str) -> tuple[str, str]:
+        """``count`` unsigned ``width``-bit fields at the start of ``bits`` (``count``, ``width``: [1] int64) ->
+        (int64 [count], [1] int64 bit offset where they end)."""
+        end = self.op("Mul", [count, width])
+        take = self.op("Slice", [bits, self.const(np.array([0], np.int64)), end])
         # allowzero: a zero width (k = 0, or one code value) is a real zero, not "copy this dimension"
         table = self.op("Reshape", [take, self.op("Concat", [count, width], axis=0)], allowzero=1)
         powers = self.op("Slice", [self.const(np.int64(1) << np.arange(MAX_RICE_K + 1, dtype=np.int64)),
                                    self.const(np.array([0], np.int64)), width])
         # ReduceSum over a zero-width axis (k = 0) is 0, the right remainder
-        return self.op("ReduceSum", [self.op("Mul", [table, powers]), self.const(np.array([1], np.int64))],
-                       keepdims=0)
+        values = self.op("ReduceSum", [self.op("Mul", [table, powers]), self.const(np.array([1], np.int64))],
+                         keepdims=0)
+        return values, end
 
     def dequantize(self, codes: str, out: str) -> None:
         """int8 ``codes`` -> float ``out`` by ``DequantizeLinear(codes, 1.0)``."""
@@ -380,7 +389,7 @@ def _unpack_bits_function() -> onnx.FunctionProto:
     shape = f.attr("shape", "ints")
     numel = f.op("ReduceProd", [shape], keepdims=1)
     width = f.op("Reshape", [f.attr("bits", "int"), f.const(np.array([1], np.int64))])
-    u = f.fields(f.bits("stream"), f.const(np.array([0], np.int64)), numel, width)
+    u, _ = f.fields(f.bits("stream"), numel, width)
     v = f.op("Add", [u, f.attr("lo", "int")])
     # codes >= 0 move up by one when zero is not in the alphabet
     step = f.op("Mul", [f.op("Cast", [f.op("GreaterOrEqual", [v, f.const(np.int64(0))])], to=TensorProto.INT64),
@@ -409,10 +418,11 @@ def _rice_function() -> onnx.FunctionProto:
     f = _Fn()
     shape = f.attr("shape", "ints")
     k = f.op("Reshape", [f.attr("k", "int"), f.const(np.array([1], np.int64))])
-    n = f.op("Shape", ["nz"])
+    values = f.op("Cast", ["nz"], to=TensorProto.INT8)
+    n = f.op("Shape", [values])  # of the int8 copy: onnxruntime has no Shape kernel for INT4 (when not folding)
     bits = f.bits("gaps")
-    remainders = f.fields(bits, f.const(np.array([0], np.int64)), n, k)
-    unary = f.op("Slice", [bits, f.op("Mul", [n, k]), f.const(np.array([np.iinfo(np.int64).max], np.int64))])
+    remainders, end = f.fields(bits, n, k)
+    unary = f.op("Slice", [bits, end, f.const(np.array([np.iinfo(np.int64).max], np.int64))])
     # Quotient i counts the zeros after the i-th one of the unary part: a histogram of (ones before each zero).
     # Slot n collects the byte padding after the last one. (NonZero would find the ones more directly, but
     # onnxruntime does not constant-fold it, while it folds ScatterElements.)
@@ -427,7 +437,7 @@ def _rice_function() -> onnx.FunctionProto:
     positions = f.op("Sub", [f.op("CumSum", [steps, f.const(np.int64(0))]), f.const(np.int64(1))])
     numel = f.op("ReduceProd", [shape], keepdims=1)
     zeros = f.op("ConstantOfShape", [numel], value=onh.from_array(np.array([0], np.int8)))
-    flat = f.op("ScatterElements", [zeros, positions, f.op("Cast", ["nz"], to=TensorProto.INT8)], axis=0)
+    flat = f.op("ScatterElements", [zeros, positions, values], axis=0)
     f.dequantize(f.op("Reshape", [flat, shape]), "weight")
     return f.function("RiceDecode", ["gaps", "nz"], ["weight"], ["shape", "k"])
 

@@ -38,6 +38,11 @@ def _ort_decode(e: enc.Encoded, shape: tuple[int, ...], tmp_path) -> tuple[np.nd
     opts.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     (got,) = sess.run(["w"], {})
+    unfolded = ort.SessionOptions()  # the decoder must also run as a graph, when nothing folds it
+    unfolded.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    (plain,) = ort.InferenceSession(model.SerializeToString(), unfolded, providers=["CPUExecutionProvider"]).run(
+        ["w"], {})
+    np.testing.assert_array_equal(plain, got)
     return got, [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
 
 
