@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 
 from micronet import models
@@ -66,6 +69,26 @@ def mask_figures(path: Path) -> dict:
             "entropy_coding_would_save_bytes": stored - entropy}
 
 
+def load_and_run_ms(path: Path, repeats: int = 7) -> dict:
+    """onnxruntime (CPU, one thread) session creation, where the weight decoders are folded, and run time at batch 1
+    and 64: medians over ``repeats``, in ms. The sparse encodings should cost only at creation."""
+    x = {b: np.random.default_rng(0).standard_normal((b, 3, 32, 32)).astype(np.float32) for b in (1, 64)}
+    create, run = [], {1: [], 64: []}
+    for _ in range(repeats):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+        t0 = time.perf_counter()
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        create.append(time.perf_counter() - t0)
+        for b, xb in x.items():
+            sess.run(["logits"], {"input": xb})  # warm-up
+            t0 = time.perf_counter()
+            sess.run(["logits"], {"input": xb})
+            run[b].append(time.perf_counter() - t0)
+    return {"session_creation": round(1000 * statistics.median(create), 1),
+            **{f"batch_{b}": round(1000 * statistics.median(t), 1) for b, t in run.items()}}
+
+
 def winner_figures(out: Path, samples: int, show: bool) -> dict:
     """Default, --sparse-weights and --input pixels exports of the synthetic winner-format checkpoint."""
     ckpt = out / "densenet-100.pth.tar"
@@ -87,6 +110,8 @@ def winner_figures(out: Path, samples: int, show: bool) -> dict:
             print(f"== winner {name} ==")
             print(rep.format())
             print()
+    for name in ("default", "sparse_weights"):  # float input: what changes between them is the weights' encoding
+        rows[name]["onnxruntime_ms"] = load_and_run_ms(out / f"winner_{name}.onnx")
     return {"published_fp32_checkpoint_bytes": PUBLISHED_WINNER_FP32_BYTES,
             "synthetic_checkpoint_bytes": ckpt.stat().st_size, "storage_bytes": storage, "exports": rows,
             "sparse_le_1.15x_storage": rows["sparse_weights"]["file_bytes"] <= ISSUE11_SPARSE_RATIO * storage,

@@ -490,8 +490,10 @@ def read_codes(model: onnx.ModelProto, prefix: str) -> np.ndarray | None:
         else:
             return None
         flat = np.zeros(numel, dtype=np.int64)
-        m = min(positions.size, nz.size)  # unequal only in a damaged file, which then reads back wrong
-        flat[positions[:m]] = nz[:m]
+        # a damaged file may code fewer, more or out-of-range positions: it then reads back wrong, without a crash
+        m = min(positions.size, nz.size)
+        inside = (positions[:m] >= 0) & (positions[:m] < numel)
+        flat[positions[:m][inside]] = nz[:m][inside]
         return flat.reshape(shape)
 
     return codes_of(prefix) if prefix in producers or f"{prefix}.codes" in inits else None

@@ -115,14 +115,19 @@ class ExportReport:
         coded = sum(row["tensors"] for name, row in ws["encodings"].items() if name != "dense")
         density = "" if ws["nonzero_fraction"] is None else f" ({ws['nonzero_fraction']:.0%} of codes non-zero)"
         return (f"--sparse-weights made the file larger ({self.file_bytes:,} B vs {self.dense_file_bytes:,} B "
-                f"without it): the weights are too dense{density} or too small for a sparse or packed encoding to "
-                f"pay. Each tensor gets the encoding that is smallest for it, but the shared decoder functions "
-                f"cost about 1-2 KB each; here {coded} tensor(s) were not dense. Export without --sparse-weights.")
+                f"without it): the weights are too dense{density} for a mask to pay, or the tensors too small for a "
+                f"shared decoder function (1-2 KB each) to pay; here {coded} tensor(s) were not dense. Export "
+                f"without --sparse-weights.")
 
     def format(self) -> str:
         """Human-readable report."""
         ws = self.weight_summary()
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(ws["tensors"].items()))
+        cost = ""
+        if self.sparse_weights:  # what each encoding costs in the file (bytes per tensor in the JSON)
+            cost = "; bits in the file per weight value: " + ", ".join(
+                f"{name} {8 * row['file_bytes'] / row['values']:.2f}" for name, row in ws["encodings"].items()
+                if row["values"])
         density = "" if ws["nonzero_fraction"] is None else f", {ws['nonzero_fraction']:.1%} of codes non-zero"
         shape = ",".join(map(str, self.input.get("shape", INPUT_SHAPE)))
         what = f"{self.input['dtype']} {self.input['layout'].upper()}"
@@ -131,14 +136,8 @@ class ExportReport:
         lines = [
             f"wrote {self.path} ({self.form} form, opset {self.opset}, IR {self.ir_version}, "
             f"input {what} [batch,{shape}] -> logits [batch,{self.num_classes}])",
-            f"  weights: {kinds}{density}",
+            f"  weights: {kinds}{density}{cost}",
         ]
-        if self.sparse_weights:  # which encoding the tensors got and what each costs in the file
-            parts = [f"{row['tensors']} {name} {row['file_bytes']:,} B ({8 * row['file_bytes'] / row['values']:.2f} "
-                     f"bit/value)" for name, row in ws["encodings"].items() if row["values"]]
-            weights_bytes = sum(row["file_bytes"] for row in ws["encodings"].values())
-            lines.append(f"  weight bytes: {', '.join(parts)}; the rest of the file (graph, per-channel scales, "
-                         f"decoders) {self.file_bytes - weights_bytes:,} B")
         lines.append(f"  size: ONNX file {self.file_bytes:,} B")
         # Every other size is stated next to the ONNX file's, as "the ONNX file is N x that", so no ratio is left
         # without the thing it compares with.
