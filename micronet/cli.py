@@ -137,7 +137,9 @@ def models_command(as_json: bool) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx file.")
 @click.option("--form", type=click.Choice(["integer", "qdq"]), default="integer", show_default=True,
               help="integer: convs on integer codes, Round/Clip activations; qdq: activations as Q/DQ pairs.")
-@click.option("--sparse-weights", is_flag=True, help="Store sparse weights as bitmask + packed non-zeros.")
+@click.option("--sparse-weights", is_flag=True,
+              help="Store each weight tensor in its smallest encoding (bitmask or Rice-coded gaps + non-zeros, "
+              "bit-packed codes), decoded in the graph.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime checks (weights, logits, batch).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where onnxruntime and PyTorch run for verification and timing.")

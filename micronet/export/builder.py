@@ -8,13 +8,13 @@ every reason the graph cannot be bit-exact is appended to ``GraphBuilder.inexact
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto
 from onnx import helper as oh
 from onnx import numpy_helper as onh
 
@@ -50,29 +50,48 @@ class WeightRecord:
 
     module: str
     kind: str  # "codes" (integer codes behind DequantizeLinear) or "float"
-    encoding: str  # "dense" or "bitmask" for codes, "float32" for float weights
-    storage: str  # ONNX element type name of the stored values
+    encoding: str  # one of encoding.ENCODINGS for codes, "float32" for float weights
+    storage: str  # how the stored values are typed: an ONNX element type name, or "6-bit" for packed fields
     shape: tuple[int, ...]
     nnz: int
-    payload_bytes: int
+    payload_bytes: int  # bytes of the initializers' data
+    file_bytes: int = 0  # what the weight adds to the file: initializers and decoding nodes, serialised
+    detail: str = ""  # encoding parameters, e.g. the Rice parameter "k=1"
 
     @property
     def numel(self) -> int:
         return int(np.prod(self.shape))
 
 
+def weight_encodings(sparse_weights: bool | Sequence[str]) -> tuple[str, ...]:
+    """The encodings a tensor may get: dense only (False), every encoding (True), or dense and those named."""
+    if sparse_weights is True:
+        return encoding.ENCODINGS
+    if sparse_weights is False:
+        return ("dense",)
+    unknown = [e for e in sparse_weights if e not in encoding.ENCODINGS]
+    if unknown:
+        raise MicronetError(f"unknown weight encoding(s) {', '.join(map(str, unknown))}; "
+                            f"use any of {', '.join(encoding.ENCODINGS)}")
+    return ("dense", *(e for e in encoding.ENCODINGS if e in sparse_weights and e != "dense"))
+
+
 class GraphBuilder:
     """Accumulates ONNX nodes and initializers; owns naming, constants and weight encoding."""
 
-    def __init__(self, *, form: str, sparse_weights: bool) -> None:
-        self.form, self.sparse_weights = form, sparse_weights
+    def __init__(self, *, form: str, sparse_weights: bool | Sequence[str]) -> None:
+        self.form, self.encodings = form, weight_encodings(sparse_weights)
+        # True: the smallest file, decoder functions counted; named encodings: each tensor's own smallest
+        self._count_functions = sparse_weights is True
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.weights: list[WeightRecord] = []
         self.inexact: list[str] = []
         # (module path, ONNX name of its input, of its output) of every converted module, in execution order
         self.module_values: list[tuple[str, str, str]] = []
-        self.uses_decoder = False
+        # code weights: the candidate encodings of each (by value name); one is chosen for all at once by
+        # finish_weights, because a shared decoder function pays only if its users together save its own bytes
+        self._candidates: dict[str, list[encoding.Encoded]] = {}
         self._names: set[str] = {INPUT_NAME, OUTPUT_NAME}
         self._counter = 0
         self._scalars: dict[tuple, str] = {}
@@ -138,45 +157,65 @@ class GraphBuilder:
 
     # ---- weights -------------------------------------------------------------------------------
     def code_weight(self, fqn: str, weight: torch.Tensor) -> str:
-        """Float weight value decoded in-graph from integer codes (dense or bitmask encoding)."""
+        """Float weight value decoded in-graph from integer codes (its encoding is settled by finish_weights)."""
         prefix = f"{fqn}.weight"
         if prefix in self._weight_values:
             return self._weight_values[prefix]
         try:
             codes = encoding.as_codes(weight.detach().cpu().numpy())
-            dense_type = encoding.code_type(codes)
+            encoding.code_type(codes)
         except ValueError as exc:
             raise UnsupportedModelError(f"module '{fqn}': {exc}") from None
-        nnz = int(np.count_nonzero(codes))
-        dense_size = encoding.dense_bytes(codes.size, dense_type.bits)
-        use_bitmask = False
-        if self.sparse_weights:
-            tensors, sparse_size = encoding.bitmask_initializers(prefix, codes)
-            use_bitmask = sparse_size < dense_size
-        if use_bitmask:
-            for t in tensors:
-                self._names.add(t.name)
-            self.initializers.extend(tensors)
-            self.uses_decoder = True
-            codes_name = self.add(
-                encoding.DECODER_NAME,
-                [t.name for t in tensors],
-                domain=encoding.DECODER_DOMAIN,
-                out=f"{prefix}.int8",
-            )
-            record = WeightRecord(
-                fqn, "codes", "bitmask", TensorProto.DataType.Name(tensors[1].data_type),
-                tuple(codes.shape), nnz, sparse_size,
-            )
-        else:
-            self._names.add(f"{prefix}.codes")
-            self.initializers.append(encoding.dense_initializer(f"{prefix}.codes", codes, dense_type))
-            codes_name = f"{prefix}.codes"
-            record = WeightRecord(fqn, "codes", "dense", dense_type.name, tuple(codes.shape), nnz, dense_size)
-        value = self.add("DequantizeLinear", [codes_name, self.scalar(1.0)], out=prefix)
-        self.weights.append(record)
-        self._weight_values[prefix] = value
-        return value
+        self._candidates[prefix] = encoding.candidates(prefix, codes, self.scalar(1.0), self.encodings)
+        self._names.add(prefix)
+        for e in self._candidates[prefix]:
+            self._names.update(t.name for t in e.initializers)
+            self._names.update(o for node in e.nodes for o in node.output)
+        self.weights.append(self._record(fqn, self._candidates[prefix][0], codes))
+        self._weight_values[prefix] = prefix
+        return prefix
+
+    @staticmethod
+    def _record(fqn: str, e: encoding.Encoded, codes: np.ndarray) -> WeightRecord:
+        return WeightRecord(fqn, "codes", e.encoding, e.storage, tuple(codes.shape), int(np.count_nonzero(codes)),
+                            e.payload_bytes, e.file_bytes, e.detail)
+
+    def finish_weights(self) -> list[onnx.NodeProto]:
+        """Choose every code weight's encoding, add its initializers and return its decoding nodes (which depend
+        on initializers alone, so they go first in the graph).
+
+        Each tensor takes its smallest candidate; then (with every encoding allowed) a decoder function whose users
+        together save fewer bytes than the function itself costs is dropped and its users choose again, until none
+        is. With named encodings each tensor keeps its own smallest.
+        """
+        cost = {name: make().ByteSize() for name, make in encoding.FUNCTIONS.items()}
+        banned: set[str] = set()
+
+        def best(cands: list[encoding.Encoded], without: set[str]) -> encoding.Encoded:
+            return min((e for e in cands if not e.functions & without), key=lambda e: e.file_bytes)  # dense: none
+
+        while True:
+            chosen = {p: best(c, banned) for p, c in self._candidates.items()}
+            for name in encoding.FUNCTIONS:
+                users = [p for p, e in chosen.items() if name in e.functions]
+                saved = sum(best(self._candidates[p], banned | {name}).file_bytes - chosen[p].file_bytes
+                            for p in users)
+                if users and saved < cost[name] and self._count_functions:
+                    banned.add(name)
+                    break
+            else:
+                break
+        nodes: list[onnx.NodeProto] = []
+        for i, rec in enumerate(self.weights):
+            e = chosen.get(f"{rec.module}.weight") if rec.kind == "codes" else None
+            if e is None:
+                continue
+            self.initializers.extend(e.initializers)
+            nodes.extend(e.nodes)
+            self.weights[i] = WeightRecord(rec.module, "codes", e.encoding, e.storage, rec.shape, rec.nnz,
+                                           e.payload_bytes, e.file_bytes, e.detail)
+        self._candidates.clear()
+        return nodes
 
     def float_weight(self, fqn: str, weight: torch.Tensor) -> str:
         """Float weight stored as a float32 initializer."""
@@ -186,7 +225,8 @@ class GraphBuilder:
         arr = weight.detach().cpu().float().numpy()
         value = self.initializer(arr, name)
         self.weights.append(
-            WeightRecord(fqn, "float", "float32", "FLOAT", tuple(arr.shape), int(np.count_nonzero(arr)), arr.nbytes)
+            WeightRecord(fqn, "float", "float32", "FLOAT", tuple(arr.shape), int(np.count_nonzero(arr)), arr.nbytes,
+                         arr.nbytes)
         )
         self._weight_values[name] = value
         return value
@@ -203,4 +243,4 @@ class GraphBuilder:
 
 
 __all__ = ["EXACT_LIMIT", "INPUT_NAME", "OUTPUT_NAME", "GraphBuilder", "UnsupportedModelError", "Value",
-           "WeightRecord"]
+           "WeightRecord", "weight_encodings"]

@@ -1,38 +1,57 @@
 """How integer weight codes are stored in an ONNX file, and how to read them back.
 
-Two encodings, chosen per tensor:
+Four encodings; with ``sparse_weights`` the builder writes each tensor in whichever is smallest in the file
+(initializers and nodes counted as serialised), otherwise every tensor is dense:
 
-* **dense**: the codes as one initializer of the narrowest integer type that holds them (INT4, UINT4,
-  INT8, UINT8, INT16, UINT16; INT4/UINT4 are packed two per byte), dequantized in the graph by
-  ``DequantizeLinear(codes, 1.0)``.
-* **bitmask** (``sparse_weights=True``, used only where it is smaller): a ``UINT8`` initializer with
-  the non-zero mask packed eight positions per byte (little bit order), the non-zero codes in
-  order as a packed vector, and the tensor shape. One model-local ONNX function
-  (``micronet.BitmaskDecode``) shared by every sparse tensor turns the three into INT8 codes, which
-  then go through the same ``DequantizeLinear``. The decoder depends only on initializers, so
-  onnxruntime constant-folds it when the session is created; because it outputs INT8 codes rather
-  than floats, the weights stay behind ``DequantizeLinear`` after folding, which keeps onnxruntime
-  from fusing the per-channel rescale into the convolution (such fusions break bit-exactness; spec
-  onnx-export.md §3, §5).
+* **dense**: the codes as one initializer of the narrowest integer type that holds them (INT4, UINT4, INT8,
+  UINT8, INT16, UINT16; INT4/UINT4 are packed two per byte), dequantized by ``DequantizeLinear(codes, 1.0)``.
+* **packed**: the codes as fixed-width unsigned fields of their real bit width (``code - lo`` in ``bits``
+  bits, e.g. 6 for a 6-bit classifier that INT8 would store in 8), decoded by ``micronet.UnpackBits``.
+* **bitmask**: the non-zero mask packed eight positions per byte, plus the non-zero codes in order.
+* **rice**: the non-zero positions as Golomb-Rice-coded gaps (the zero run before each non-zero) plus the
+  non-zero codes in order. A gap ``g`` is ``q = g >> k`` in unary (``q`` zeros then a one) and
+  ``r = g mod 2^k`` in ``k`` bits; one stream holds all ``n * k`` remainder bits first, then the unary
+  quotients, so the decoder finds every quotient at once: the ones of the unary part are the terminators,
+  ``NonZero`` gives their indices and neighbouring differences give the quotients. Positions are the
+  running sum of ``g + 1``, and ``ScatterElements`` puts the codes there. At 25% density with random
+  positions this takes about 0.81 bit per weight against the bitmask's 1 (the entropy is 0.79).
 
-Initializer names follow one convention, so a verifier can find a module's weight from its name
-alone: ``{module}.weight.codes`` (dense), ``{module}.weight.mask`` / ``.nz`` / ``.shape`` (bitmask);
-the dequantized float weight is the value ``{module}.weight``.
+The non-zero codes of the two sparse encodings are either typed (narrowest ONNX type, as dense) or packed
+(an ``UnpackBits`` node, which may also drop the zero code from the alphabet: a non-zero code never is
+zero, so ``[-4, 4]`` fits 3 bits). Bit streams are little bit order (``np.packbits(bitorder="little")``).
+
+Each encoding other than dense is decoded by ONE model-local ONNX function shared by every tensor that
+uses it (:data:`FUNCTIONS`); what differs per tensor (shape, ``k``, field width) is a node attribute that
+the function reads by reference, so the file holds no per-tensor shape initializers. The functions use
+only standard ops, depend on initializers alone, and onnxruntime constant-folds them when the session is
+created (no per-inference cost). ``BitmaskDecode`` and ``RiceDecode`` end in ``DequantizeLinear(int8
+codes, 1.0)`` like the dense form: onnxruntime does not fold ``DequantizeLinear``, so the weights stay
+behind it after folding, which keeps onnxruntime from fusing the per-channel rescale into the convolution
+(such fusions break bit-exactness; spec onnx-export.md §3, §5). Sparse and packed forms therefore hold
+codes in [-128, 127]; wider codes stay dense.
+
+Names follow one convention, so a verifier can find a module's weight from its name alone: the float
+weight is the value ``{module}.weight``; its initializers are ``{module}.weight.codes`` (dense, packed),
+``.mask`` (bitmask), ``.gaps`` (rice) and ``.nz`` (the non-zero codes of either sparse encoding).
+:func:`read_codes` decodes all of them in numpy, independently of the ONNX functions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import AttributeProto, TensorProto
 from onnx import helper as oh
 from onnx import numpy_helper as onh
 
 DECODER_DOMAIN = "micronet"
-DECODER_NAME = "BitmaskDecode"
+ENCODINGS = ("dense", "packed", "bitmask", "rice")
+SPARSE_ENCODINGS = ("bitmask", "rice")
+MAX_RICE_K = 30  # gaps are below numel; the decoders' power-of-two table goes this far
 
 # (ONNX type, numpy dtype, min, max, bits per element), narrowest first.
 _CODE_TYPES: tuple[tuple[int, type, int, int, int], ...] = (
@@ -43,6 +62,7 @@ _CODE_TYPES: tuple[tuple[int, type, int, int, int], ...] = (
     (TensorProto.INT16, np.int16, -(2**15), 2**15 - 1, 16),
     (TensorProto.UINT16, np.uint16, 0, 2**16 - 1, 16),
 )
+_INT8 = (-128, 127)  # what the decoders output (the codes behind DequantizeLinear)
 
 
 @dataclass(frozen=True)
@@ -81,103 +101,399 @@ def dense_initializer(name: str, codes: np.ndarray, ctype: CodeType) -> TensorPr
     return onh.from_array(codes.astype(ctype.np_dtype), name)
 
 
-def bitmask_initializers(prefix: str, codes: np.ndarray) -> tuple[list[TensorProto], int]:
-    """Mask, non-zero-code and shape initializers for ``codes``, and their payload size in bytes."""
-    flat = codes.reshape(-1)
-    mask = flat != 0
-    nz = flat[mask]
-    if nz.size == 0:
-        # Gather needs a non-empty table even when no position selects it.
-        nz = np.zeros(1, dtype=np.int64)
-    ctype = code_type(nz)
-    tensors = [
-        onh.from_array(np.packbits(mask, bitorder="little"), f"{prefix}.mask"),
-        onh.from_array(nz.astype(ctype.np_dtype), f"{prefix}.nz"),
-        onh.from_array(np.asarray(codes.shape, dtype=np.int64), f"{prefix}.shape"),
-    ]
-    return tensors, bitmask_bytes(codes.size, int(nz.size), ctype.bits, codes.ndim)
+# ---- bit-level helpers (numpy side) ------------------------------------------------------------------------
 
 
-def dense_bytes(numel: int, bits: int) -> int:
-    """Payload bytes of a dense code tensor."""
-    return (numel * bits + 7) // 8
+@dataclass(frozen=True)
+class Fields:
+    """How packed codes map to unsigned fields: ``code = lo + u``, then ``+1`` for codes >= 0 if ``skip_zero``."""
+
+    bits: int
+    lo: int
+    skip_zero: bool
+
+    @property
+    def storage(self) -> str:
+        return f"{self.bits}-bit" + (" (no zero)" if self.skip_zero else "")
 
 
-def bitmask_bytes(numel: int, nnz: int, bits: int, ndim: int) -> int:
-    """Payload bytes of a bitmask-encoded tensor (mask + packed non-zeros + int64 shape)."""
-    return (numel + 7) // 8 + (max(nnz, 1) * bits + 7) // 8 + 8 * ndim
+def field_layout(codes: np.ndarray, nonzero: bool) -> Fields:
+    """Narrowest fields for ``codes``; ``nonzero``: the codes are all non-zero, so zero may leave the alphabet."""
+    lo, hi = (int(codes.min()), int(codes.max())) if codes.size else (0, 0)
+    skip_zero = nonzero and lo < 0 < hi  # zero lies inside the range but never occurs
+    count = hi - lo + 1 - skip_zero
+    return Fields(int(count - 1).bit_length(), lo, skip_zero)
 
 
-def decoder_function() -> onnx.FunctionProto:
-    """The shared ``micronet.BitmaskDecode(mask, nz, shape) -> int8 codes`` function."""
-
-    def const(name: str, value: np.ndarray) -> onnx.NodeProto:
-        return oh.make_node("Constant", [], [name], value=onh.from_array(value, name))
-
-    nodes = [
-        const("bit_values", np.array([1, 2, 4, 8, 16, 32, 64, 128], dtype=np.uint8)),
-        const("axis1", np.array([1], dtype=np.int64)),
-        const("zero_u8", np.array(0, dtype=np.uint8)),
-        const("minus1", np.array([-1], dtype=np.int64)),
-        const("zero_1d", np.array([0], dtype=np.int64)),
-        const("zero_i64", np.array(0, dtype=np.int64)),
-        const("one_i64", np.array(1, dtype=np.int64)),
-        const("zero_i8", np.array(0, dtype=np.int8)),
-        # mask bytes [B] -> bits [B, 8] (little order) -> flat bool [8B] -> first numel positions
-        oh.make_node("Unsqueeze", ["mask", "axis1"], ["mask_col"]),
-        oh.make_node("BitwiseAnd", ["mask_col", "bit_values"], ["bit_hits"]),
-        oh.make_node("Greater", ["bit_hits", "zero_u8"], ["bits_2d"]),
-        oh.make_node("Reshape", ["bits_2d", "minus1"], ["bits_flat"]),
-        oh.make_node("ReduceProd", ["shape"], ["numel"], keepdims=1),
-        oh.make_node("Slice", ["bits_flat", "zero_1d", "numel"], ["keep"]),
-        # position of each kept weight in the non-zero list: running count of kept positions - 1
-        oh.make_node("Cast", ["keep"], ["keep_i64"], to=TensorProto.INT64),
-        oh.make_node("CumSum", ["keep_i64", "zero_i64"], ["running"]),
-        oh.make_node("Sub", ["running", "one_i64"], ["index_raw"]),
-        oh.make_node("Max", ["index_raw", "zero_i64"], ["index"]),
-        oh.make_node("Cast", ["nz"], ["nz_i8"], to=TensorProto.INT8),
-        oh.make_node("Gather", ["nz_i8", "index"], ["gathered"], axis=0),
-        oh.make_node("Where", ["keep", "gathered", "zero_i8"], ["flat_codes"]),
-        oh.make_node("Reshape", ["flat_codes", "shape"], ["codes"]),
-    ]
-    return oh.make_function(
-        DECODER_DOMAIN,
-        DECODER_NAME,
-        ["mask", "nz", "shape"],
-        ["codes"],
-        nodes,
-        [oh.make_opsetid("", 21)],
-        doc_string="",
-    )
+def to_fields(codes: np.ndarray, f: Fields) -> np.ndarray:
+    """Unsigned field values of ``codes`` under ``f``."""
+    u = codes.astype(np.int64) - f.lo
+    return u - (codes > 0) if f.skip_zero else u
 
 
-def read_codes(model: onnx.ModelProto, prefix: str) -> np.ndarray | None:
-    """Decode the codes stored under ``prefix`` (``{module}.weight``) straight from the initializers."""
-    inits = {t.name: t for t in model.graph.initializer}
-    if f"{prefix}.codes" in inits:
-        return onh.to_array(inits[f"{prefix}.codes"]).astype(np.int64)
-    if f"{prefix}.mask" in inits:
-        mask_bytes = onh.to_array(inits[f"{prefix}.mask"])
-        nz = onh.to_array(inits[f"{prefix}.nz"]).astype(np.int64)
-        shape = tuple(int(d) for d in onh.to_array(inits[f"{prefix}.shape"]))
-        numel = int(np.prod(shape))
-        mask = np.unpackbits(mask_bytes, bitorder="little")[:numel].astype(bool)
-        flat = np.zeros(numel, dtype=np.int64)
-        flat[mask] = nz[: int(mask.sum())]
-        return flat.reshape(shape)
-    return None
+def from_fields(u: np.ndarray, f: Fields) -> np.ndarray:
+    """Inverse of :func:`to_fields`."""
+    v = u.astype(np.int64) + f.lo
+    return v + (v >= 0) if f.skip_zero else v
+
+
+def pack_fields(values: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned ``values`` as ``bits``-wide little-endian fields, concatenated, as a flat bit array (0/1 uint8)."""
+    values = np.asarray(values, dtype=np.int64).reshape(-1, 1)
+    return ((values >> np.arange(bits, dtype=np.int64)) & 1).astype(np.uint8).reshape(-1)
+
+
+def unpack_fields(bits: np.ndarray, count: int, width: int) -> np.ndarray:
+    """``count`` unsigned ``width``-bit fields from the start of a flat bit array."""
+    if width == 0:
+        return np.zeros(count, dtype=np.int64)
+    fields = bits[: count * width].astype(np.int64).reshape(count, width)
+    return fields @ (np.int64(1) << np.arange(width, dtype=np.int64))
+
+
+def rice_bits(gaps: np.ndarray, k: int) -> int:
+    """Bits of the Rice code of ``gaps`` with parameter ``k`` (unary quotient with terminator + k bits)."""
+    return int(np.sum(gaps >> k)) + gaps.size * (k + 1)
+
+
+def best_rice_k(gaps: np.ndarray) -> int:
+    """The Rice parameter that codes ``gaps`` in the fewest bits."""
+    top = min(MAX_RICE_K, int(gaps.max()).bit_length()) if gaps.size else 0
+    return min(range(top + 1), key=lambda k: (rice_bits(gaps, k), k))
+
+
+def gaps_of(mask: np.ndarray) -> np.ndarray:
+    """Zero run before each set position of a flat boolean mask."""
+    return np.diff(np.concatenate([[-1], np.flatnonzero(mask)])) - 1
+
+
+def rice_stream(gaps: np.ndarray, k: int) -> np.ndarray:
+    """The Rice stream as a flat bit array: all remainders (k bits each) first, then the unary quotients."""
+    q = gaps >> k
+    unary = np.zeros(int(q.sum()) + gaps.size, dtype=np.uint8)
+    unary[np.cumsum(q + 1) - 1] = 1  # q zeros, then the terminating one
+    return np.concatenate([pack_fields(gaps & ((1 << k) - 1), k), unary])
+
+
+def rice_decode(stream_bits: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Positions of the ``n`` non-zeros coded by :func:`rice_stream`."""
+    r = unpack_fields(stream_bits, n, k)
+    terminators = np.flatnonzero(stream_bits[n * k:])[:n]
+    q = np.diff(np.concatenate([[-1], terminators])) - 1
+    return np.cumsum((q << k) + r + 1) - 1
 
 
 def rice_mask_bits(mask: np.ndarray) -> tuple[int, int]:
-    """(bits, k) of the best Golomb-Rice code of a mask's zero runs, k in 0..8: a size *measurement* to compare
-    with the bitmask's one bit per position (no ONNX decoder for it exists yet)."""
-    flat = np.asarray(mask, dtype=bool).reshape(-1)
-    ones = np.flatnonzero(flat)
-    # zero-run before each set position, plus the trailing run (coded once more at the end)
-    runs = np.diff(np.concatenate([[-1], ones, [flat.size]])) - 1
-    best = None
-    for k in range(9):
-        bits = int(np.sum((runs >> k) + 1 + k))
-        if best is None or bits < best[0]:
-            best = (bits, k)
-    return best
+    """(bits, k) of the best Golomb-Rice code of a mask's zero runs before each set position, as written by the
+    ``rice`` encoding (the trailing run is implied by the shape)."""
+    gaps = gaps_of(np.asarray(mask, dtype=bool).reshape(-1))
+    k = best_rice_k(gaps)
+    return rice_bits(gaps, k), k
+
+
+def code_entropy_bits(codes: np.ndarray) -> float:
+    """Order-0 entropy of ``codes`` in bits (all of them): the floor for any per-symbol code of these values."""
+    _, counts = np.unique(np.asarray(codes).reshape(-1), return_counts=True)
+    p = counts / counts.sum() if counts.size else counts
+    return float(-(counts * np.log2(p)).sum()) if counts.size else 0.0
+
+
+def _bytes(bits: np.ndarray) -> np.ndarray:
+    return np.packbits(bits, bitorder="little")
+
+
+# ---- encoders ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tensor's codes in one encoding: the initializers and nodes that rebuild the float weight."""
+
+    encoding: str  # one of ENCODINGS
+    storage: str  # how the codes themselves are stored ("INT4", "6-bit", ...)
+    initializers: tuple[TensorProto, ...]
+    nodes: tuple[onnx.NodeProto, ...]  # the last one outputs the float weight
+    detail: str = ""  # e.g. "k=2"
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of the initializers' data."""
+        return sum(len(t.raw_data) or onh.to_array(t).nbytes for t in self.initializers)
+
+    @property
+    def file_bytes(self) -> int:
+        """What this tensor adds to the file: its serialised initializers and nodes (field tags included)."""
+        return sum(t.ByteSize() + 2 for t in self.initializers) + sum(n.ByteSize() + 2 for n in self.nodes)
+
+    @property
+    def functions(self) -> set[str]:
+        return {n.op_type for n in self.nodes if n.domain == DECODER_DOMAIN}
+
+
+def _call(op: str, inputs: list[str], output: str, **attrs) -> onnx.NodeProto:
+    return oh.make_node(op, inputs, [output], domain=DECODER_DOMAIN, **attrs)
+
+
+def _dequantize(codes: str, output: str, one: str) -> onnx.NodeProto:
+    return oh.make_node("DequantizeLinear", [codes, one], [output])
+
+
+def _fits_int8(codes: np.ndarray) -> bool:
+    return codes.size == 0 or (_INT8[0] <= int(codes.min()) and int(codes.max()) <= _INT8[1])
+
+
+def encode_dense(prefix: str, codes: np.ndarray, one: str) -> Encoded:
+    """Narrowest-type initializer behind ``DequantizeLinear``; ``one`` names a float 1.0 scalar in the graph."""
+    ctype = code_type(codes)
+    init = dense_initializer(f"{prefix}.codes", codes, ctype)
+    return Encoded("dense", ctype.name, (init,), (_dequantize(init.name, prefix, one),))
+
+
+def encode_packed(prefix: str, codes: np.ndarray, one: str) -> Encoded | None:
+    """Fixed-width fields of the codes' real bit width (None if the codes do not fit int8)."""
+    if not _fits_int8(codes):
+        return None
+    f = field_layout(codes, nonzero=False)
+    init = onh.from_array(_bytes(pack_fields(to_fields(codes.reshape(-1), f), f.bits)), f"{prefix}.codes")
+    unpack = _unpack_call(init.name, f"{prefix}.int8", codes.shape, f)
+    return Encoded("packed", f.storage, (init,), (unpack, _dequantize(unpack.output[0], prefix, one)))
+
+
+def _unpack_call(stream: str, output: str, shape: Sequence[int], f: Fields) -> onnx.NodeProto:
+    return _call("UnpackBits", [stream], output, shape=list(shape), bits=f.bits, lo=f.lo, skip_zero=int(f.skip_zero))
+
+
+def _nonzero_values(prefix: str, nz: np.ndarray, packed: bool) -> tuple[list[TensorProto], list[onnx.NodeProto],
+                                                                          str, str]:
+    """The non-zero codes as a typed initializer or as packed fields: (initializers, nodes, value name, storage)."""
+    if not packed:
+        ctype = code_type(nz)
+        return [onh.from_array(nz.astype(ctype.np_dtype), f"{prefix}.nz")], [], f"{prefix}.nz", ctype.name
+    f = field_layout(nz, nonzero=True)
+    init = onh.from_array(_bytes(pack_fields(to_fields(nz, f), f.bits)), f"{prefix}.nz")
+    unpack = _unpack_call(init.name, f"{prefix}.nzv", [nz.size], f)
+    return [init], [unpack], unpack.output[0], f.storage
+
+
+def encode_bitmask(prefix: str, codes: np.ndarray, packed_values: bool = False) -> Encoded | None:
+    """Mask bits + non-zero codes, decoded by ``BitmaskDecode`` (None if the codes do not fit int8)."""
+    if not _fits_int8(codes):
+        return None
+    flat = codes.reshape(-1)
+    mask = flat != 0
+    inits, nodes, values, storage = _nonzero_values(prefix, flat[mask], packed_values)
+    inits.insert(0, onh.from_array(_bytes(mask), f"{prefix}.mask"))
+    nodes.append(_call("BitmaskDecode", [inits[0].name, values], prefix, shape=list(codes.shape)))
+    return Encoded("bitmask", storage, tuple(inits), tuple(nodes))
+
+
+def encode_rice(prefix: str, codes: np.ndarray, packed_values: bool = False, k: int | None = None) -> Encoded | None:
+    """Rice-coded gaps + non-zero codes, decoded by ``RiceDecode`` (best ``k`` unless given; None if the codes
+    do not fit int8)."""
+    if not _fits_int8(codes):
+        return None
+    flat = codes.reshape(-1)
+    gaps = gaps_of(flat != 0)
+    k = best_rice_k(gaps) if k is None else k
+    inits, nodes, values, storage = _nonzero_values(prefix, flat[flat != 0], packed_values)
+    inits.insert(0, onh.from_array(_bytes(rice_stream(gaps, k)), f"{prefix}.gaps"))
+    nodes.append(_call("RiceDecode", [inits[0].name, values], prefix, shape=list(codes.shape), k=k))
+    return Encoded("rice", storage, tuple(inits), tuple(nodes), detail=f"k={k}")
+
+
+def candidates(prefix: str, codes: np.ndarray, one: str, allowed: Sequence[str]) -> list[Encoded]:
+    """Every encoding of ``codes`` among ``allowed`` (dense always), each sparse one with typed and packed values."""
+    found = [encode_dense(prefix, codes, one)]
+    if "packed" in allowed:
+        found.append(encode_packed(prefix, codes, one))
+    for name, encode in (("bitmask", encode_bitmask), ("rice", encode_rice)):
+        if name in allowed:
+            found += [encode(prefix, codes, False), encode(prefix, codes, True)]
+    return [e for e in found if e is not None]
+
+
+def smallest(prefix: str, codes: np.ndarray, one: str, allowed: Sequence[str]) -> Encoded:
+    """The encoding among ``allowed`` that adds the fewest bytes to the file (ties: the earlier, simpler one)."""
+    return min(candidates(prefix, codes, one, allowed), key=lambda e: e.file_bytes)
+
+
+# ---- the shared ONNX decoder functions ------------------------------------------------------------------------
+
+
+class _Fn:
+    """Small helper to write a FunctionProto body: named constants, nodes, attribute-backed constants."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self._n = 0
+        self._consts: dict[tuple, str] = {}
+
+    def op(self, op: str, inputs: list[str], **attrs) -> str:
+        self._n += 1
+        out = f"t{self._n}"
+        self.nodes.append(oh.make_node(op, inputs, [out], **attrs))
+        return out
+
+    def const(self, value: np.ndarray) -> str:
+        """A constant, written once per function (every node costs session-creation time once inlined)."""
+        value = np.asarray(value)
+        key = (value.dtype.str, value.shape, value.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.op("Constant", [], value=onh.from_array(value))
+        return self._consts[key]
+
+    def attr(self, name: str, kind: str) -> str:
+        """A constant holding the calling node's attribute ``name`` (``kind``: "ints" -> 1-D int64, "int" -> scalar)."""
+        self._n += 1
+        out = f"t{self._n}"
+        node = oh.make_node("Constant", [], [out])
+        attr_type = AttributeProto.INTS if kind == "ints" else AttributeProto.INT
+        node.attribute.append(oh.make_attribute_ref(f"value_{kind}", attr_type, ref_attr_name=name))
+        self.nodes.append(node)
+        return out
+
+    def bits(self, stream: str) -> str:
+        """uint8 bytes [B] -> int64 bits [8B], little bit order."""
+        col = self.op("Unsqueeze", [stream, self.const(np.array([1], np.int64))])
+        hits = self.op("BitwiseAnd", [col, self.const(np.array([1 << i for i in range(8)], np.uint8))])
+        flags = self.op("Greater", [hits, self.const(np.array(0, np.uint8))])
+        flat = self.op("Reshape", [flags, self.const(np.array([-1], np.int64))])
+        return self.op("Cast", [flat], to=TensorProto.INT64)
+
+    def fields(self, bits: str, count: str, width: str) -> tuple[str, str]:
+        """``count`` unsigned ``width``-bit fields at the start of ``bits`` (``count``, ``width``: [1] int64) ->
+        (int64 [count], [1] int64 bit offset where they end)."""
+        end = self.op("Mul", [count, width])
+        take = self.op("Slice", [bits, self.const(np.array([0], np.int64)), end])
+        # allowzero: a zero width (k = 0, or one code value) is a real zero, not "copy this dimension"
+        table = self.op("Reshape", [take, self.op("Concat", [count, width], axis=0)], allowzero=1)
+        powers = self.op("Slice", [self.const(np.int64(1) << np.arange(MAX_RICE_K + 1, dtype=np.int64)),
+                                   self.const(np.array([0], np.int64)), width])
+        # ReduceSum over a zero-width axis (k = 0) is 0, the right remainder
+        values = self.op("ReduceSum", [self.op("Mul", [table, powers]), self.const(np.array([1], np.int64))],
+                         keepdims=0)
+        return values, end
+
+    def dequantize(self, codes: str, out: str) -> None:
+        """int8 ``codes`` -> float ``out`` by ``DequantizeLinear(codes, 1.0)``."""
+        self.nodes.append(oh.make_node("DequantizeLinear", [codes, self.const(np.array(1.0, np.float32))], [out]))
+
+    def function(self, name: str, inputs: list[str], outputs: list[str], attributes: list[str]) -> onnx.FunctionProto:
+        return oh.make_function(DECODER_DOMAIN, name, inputs, outputs, self.nodes, [oh.make_opsetid("", 21)],
+                                attributes=attributes)
+
+
+def _unpack_bits_function() -> onnx.FunctionProto:
+    """``UnpackBits(stream){shape, bits, lo, skip_zero} -> int8 codes``."""
+    f = _Fn()
+    shape = f.attr("shape", "ints")
+    numel = f.op("ReduceProd", [shape], keepdims=1)
+    width = f.op("Reshape", [f.attr("bits", "int"), f.const(np.array([1], np.int64))])
+    u, _ = f.fields(f.bits("stream"), numel, width)
+    v = f.op("Add", [u, f.attr("lo", "int")])
+    # codes >= 0 move up by one when zero is not in the alphabet
+    step = f.op("Mul", [f.op("Cast", [f.op("GreaterOrEqual", [v, f.const(np.int64(0))])], to=TensorProto.INT64),
+                        f.attr("skip_zero", "int")])
+    codes = f.op("Cast", [f.op("Add", [v, step])], to=TensorProto.INT8)
+    f.nodes.append(oh.make_node("Reshape", [codes, shape], ["codes"]))
+    return f.function("UnpackBits", ["stream"], ["codes"], ["shape", "bits", "lo", "skip_zero"])
+
+
+def _bitmask_function() -> onnx.FunctionProto:
+    """``BitmaskDecode(mask, nz){shape} -> float weight``."""
+    f = _Fn()
+    shape = f.attr("shape", "ints")
+    numel = f.op("ReduceProd", [shape], keepdims=1)
+    keep = f.op("Slice", [f.bits("mask"), f.const(np.array([0], np.int64)), numel])
+    # a kept position's code is entry (running count of kept positions) of [0, nz...]; the others read entry 0
+    index = f.op("Mul", [f.op("CumSum", [keep, f.const(np.int64(0))]), keep])
+    table = f.op("Concat", [f.const(np.array([0], np.int8)), f.op("Cast", ["nz"], to=TensorProto.INT8)], axis=0)
+    codes = f.op("Reshape", [f.op("Gather", [table, index], axis=0), shape])
+    f.dequantize(codes, "weight")
+    return f.function("BitmaskDecode", ["mask", "nz"], ["weight"], ["shape"])
+
+
+def _rice_function() -> onnx.FunctionProto:
+    """``RiceDecode(gaps, nz){shape, k} -> float weight``."""
+    f = _Fn()
+    shape = f.attr("shape", "ints")
+    k = f.op("Reshape", [f.attr("k", "int"), f.const(np.array([1], np.int64))])
+    values = f.op("Cast", ["nz"], to=TensorProto.INT8)
+    n = f.op("Shape", [values])  # of the int8 copy: onnxruntime has no Shape kernel for INT4 (when not folding)
+    bits = f.bits("gaps")
+    remainders, end = f.fields(bits, n, k)
+    unary = f.op("Slice", [bits, end, f.const(np.array([np.iinfo(np.int64).max], np.int64))])
+    # Quotient i counts the zeros after the i-th one of the unary part: a histogram of (ones before each zero).
+    # Slot n collects the byte padding after the last one. (NonZero would find the ones more directly, but
+    # onnxruntime does not constant-fold it, while it folds ScatterElements.)
+    ones_before = f.op("CumSum", [unary, f.const(np.int64(0))], exclusive=1)
+    is_zero = f.op("Sub", [f.const(np.int64(1)), unary])
+    slots = f.op("ConstantOfShape", [f.op("Add", [n, f.const(np.array([1], np.int64))])],
+                 value=onh.from_array(np.array([0], np.int64)))
+    counts = f.op("ScatterElements", [slots, ones_before, is_zero], axis=0, reduction="add")
+    quotients = f.op("Slice", [counts, f.const(np.array([0], np.int64)), n])
+    scale = f.op("Gather", [f.const(np.int64(1) << np.arange(MAX_RICE_K + 1, dtype=np.int64)), k])
+    steps = f.op("Add", [f.op("Add", [f.op("Mul", [quotients, scale]), remainders]), f.const(np.int64(1))])
+    positions = f.op("Sub", [f.op("CumSum", [steps, f.const(np.int64(0))]), f.const(np.int64(1))])
+    numel = f.op("ReduceProd", [shape], keepdims=1)
+    zeros = f.op("ConstantOfShape", [numel], value=onh.from_array(np.array([0], np.int8)))
+    flat = f.op("ScatterElements", [zeros, positions, values], axis=0)
+    f.dequantize(f.op("Reshape", [flat, shape]), "weight")
+    return f.function("RiceDecode", ["gaps", "nz"], ["weight"], ["shape", "k"])
+
+
+FUNCTIONS: dict[str, Callable[[], onnx.FunctionProto]] = {
+    "UnpackBits": _unpack_bits_function,
+    "BitmaskDecode": _bitmask_function,
+    "RiceDecode": _rice_function,
+}
+
+
+def functions(names: set[str]) -> list[onnx.FunctionProto]:
+    """The decoder functions called ``names``, in a fixed order."""
+    return [make() for name, make in FUNCTIONS.items() if name in names]
+
+
+# ---- reading back (numpy, independent of the ONNX functions) ------------------------------------------------------
+
+
+def read_codes(model: onnx.ModelProto, prefix: str) -> np.ndarray | None:
+    """Decode the codes of the float weight ``prefix`` (``{module}.weight``) from the file's initializers and the
+    attributes of the nodes that decode them; None if the file holds no such weight."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: node for node in model.graph.node for o in node.output}
+
+    def codes_of(name: str) -> np.ndarray | None:
+        if name in inits:
+            return onh.to_array(inits[name]).astype(np.int64)
+        node = producers.get(name)
+        if node is None:
+            return None
+        attrs = {a.name: oh.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "DequantizeLinear":
+            return codes_of(node.input[0])
+        if node.domain != DECODER_DOMAIN:
+            return None
+        shape = tuple(int(d) for d in attrs["shape"])
+        numel = int(np.prod(shape))
+        bits = np.unpackbits(onh.to_array(inits[node.input[0]]), bitorder="little")
+        if node.op_type == "UnpackBits":
+            f = Fields(int(attrs["bits"]), int(attrs["lo"]), bool(attrs["skip_zero"]))
+            return from_fields(unpack_fields(bits, numel, f.bits), f).reshape(shape)
+        nz = codes_of(node.input[1])
+        if nz is None:
+            return None
+        if node.op_type == "BitmaskDecode":
+            positions = np.flatnonzero(bits[:numel])
+        elif node.op_type == "RiceDecode":
+            positions = rice_decode(bits, nz.size, int(attrs["k"]))
+        else:
+            return None
+        flat = np.zeros(numel, dtype=np.int64)
+        # a damaged file may code fewer, more or out-of-range positions: it then reads back wrong, without a crash
+        m = min(positions.size, nz.size)
+        inside = (positions[:m] >= 0) & (positions[:m] < numel)
+        flat[positions[:m][inside]] = nz[:m][inside]
+        return flat.reshape(shape)
+
+    return codes_of(prefix) if prefix in producers or f"{prefix}.codes" in inits else None

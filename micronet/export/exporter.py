@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ class ExportReport:
 
     path: str
     form: str
-    sparse_weights: bool
+    sparse_weights: bool | tuple[str, ...]  # True: every encoding; a tuple: dense and the encodings named
     opset: int
     ir_version: int
     num_classes: int
@@ -57,7 +57,7 @@ class ExportReport:
     fp32_bytes: int  # the same tensors stored as float32 (the fp32 checkpoint's payload)
     storage_bytes: int | None  # scorer's parameter storage: params (32-bit units) x 4 bytes
     checkpoint_bytes: int | None = None  # size of the checkpoint file exported from, if any
-    dense_file_bytes: int | None = None  # with sparse_weights: the file's size without bitmasks, for comparison
+    dense_file_bytes: int | None = None  # with sparse_weights: the file's size with every weight dense, to compare
     exact: bool = False
     input: dict[str, Any] = field(default_factory=lambda: {"kind": "float", "dtype": "float32", "layout": "nchw"})
     weights: list[WeightRecord] = field(default_factory=list)
@@ -66,18 +66,29 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
 
     def weight_summary(self) -> dict[str, Any]:
-        """Counts of stored weight tensors by encoding/type, and the overall density of the codes."""
+        """Counts of stored weight tensors by encoding/type, bytes per encoding, and the density of the codes."""
         kinds: dict[str, int] = {}
+        by_encoding: dict[str, dict[str, int]] = {}
         for w in self.weights:
             key = f"{w.encoding} {w.storage}"
             kinds[key] = kinds.get(key, 0) + 1
+            row = by_encoding.setdefault(w.encoding, {"tensors": 0, "values": 0, "file_bytes": 0})
+            row["tensors"] += 1
+            row["values"] += w.numel
+            row["file_bytes"] += w.file_bytes
         codes = [w for w in self.weights if w.kind == "codes"]
         numel = sum(w.numel for w in codes)
         return {
             "tensors": kinds,
+            "encodings": by_encoding,
             "code_values": numel,
             "nonzero_fraction": (sum(w.nnz for w in codes) / numel) if numel else None,
         }
+
+    def weight_table(self) -> list[dict[str, Any]]:
+        """One row per stored weight: module, encoding, storage, parameters, shape, non-zeros and bytes in the file."""
+        return [{"module": w.module, "encoding": w.encoding, "storage": w.storage, "detail": w.detail,
+                 "shape": list(w.shape), "nnz": w.nnz, "file_bytes": w.file_bytes} for w in self.weights]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -86,7 +97,7 @@ class ExportReport:
             "ir_version": self.ir_version, "num_classes": self.num_classes, "exact": self.exact, "input": self.input,
             "file_bytes": self.file_bytes, "fp32_bytes": self.fp32_bytes, "storage_bytes": self.storage_bytes,
             "checkpoint_bytes": self.checkpoint_bytes, "dense_file_bytes": self.dense_file_bytes,
-            "weights": self.weight_summary(),
+            "weights": self.weight_summary(), "weight_encodings": self.weight_table(),
             "parity": self.parity.to_dict() if self.parity else None,
             "latency_ms": None if self.latency is None else {
                 "device": self.latency.device,
@@ -101,17 +112,22 @@ class ExportReport:
         if self.dense_file_bytes is None or self.file_bytes <= self.dense_file_bytes:
             return None
         ws = self.weight_summary()
-        masked = sum(n for k, n in ws["tensors"].items() if k.startswith("bitmask"))
+        coded = sum(row["tensors"] for name, row in ws["encodings"].items() if name != "dense")
         density = "" if ws["nonzero_fraction"] is None else f" ({ws['nonzero_fraction']:.0%} of codes non-zero)"
         return (f"--sparse-weights made the file larger ({self.file_bytes:,} B vs {self.dense_file_bytes:,} B "
-                f"without it): the weights are too dense{density} for a mask to pay. A bitmask costs 1 bit per "
-                f"weight plus a decoder call and three initializers per tensor, so it saves bytes only on large, "
-                f"mostly-zero tensors; here {masked} tensor(s) were masked. Export without --sparse-weights.")
+                f"without it): the weights are too dense{density} for a mask to pay, or the tensors too small for a "
+                f"shared decoder function (1-2 KB each) to pay; here {coded} tensor(s) were not dense. Export "
+                f"without --sparse-weights.")
 
     def format(self) -> str:
         """Human-readable report."""
         ws = self.weight_summary()
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(ws["tensors"].items()))
+        cost = ""
+        if self.sparse_weights:  # what each encoding costs in the file (bytes per tensor in the JSON)
+            cost = "; bits in the file per weight value: " + ", ".join(
+                f"{name} {8 * row['file_bytes'] / row['values']:.2f}" for name, row in ws["encodings"].items()
+                if row["values"])
         density = "" if ws["nonzero_fraction"] is None else f", {ws['nonzero_fraction']:.1%} of codes non-zero"
         shape = ",".join(map(str, self.input.get("shape", INPUT_SHAPE)))
         what = f"{self.input['dtype']} {self.input['layout'].upper()}"
@@ -120,9 +136,9 @@ class ExportReport:
         lines = [
             f"wrote {self.path} ({self.form} form, opset {self.opset}, IR {self.ir_version}, "
             f"input {what} [batch,{shape}] -> logits [batch,{self.num_classes}])",
-            f"  weights: {kinds}{density}",
-            f"  size: ONNX file {self.file_bytes:,} B",
+            f"  weights: {kinds}{density}{cost}",
         ]
+        lines.append(f"  size: ONNX file {self.file_bytes:,} B")
         # Every other size is stated next to the ONNX file's, as "the ONNX file is N x that", so no ratio is left
         # without the thing it compares with.
         compared = [("the same tensors as fp32", self.fp32_bytes), ("checkpoint file", self.checkpoint_bytes),
@@ -210,7 +226,7 @@ def export_onnx(
     path: str | os.PathLike,
     *,
     form: str = "integer",
-    sparse_weights: bool = False,
+    sparse_weights: bool | Sequence[str] = False,
     opset: int = 21,
     verify: bool = True,
     device: str = "cpu",
@@ -227,7 +243,9 @@ def export_onnx(
     """Export ``model`` (training, integer or float form) to a verified single-file ONNX model at ``path``.
 
     ``form``: "integer" (integer-domain graph, the default) or "qdq" (activation quantizers as
-    QuantizeLinear/DequantizeLinear pairs). ``sparse_weights``: bitmask-encode sparse weight tensors.
+    QuantizeLinear/DequantizeLinear pairs). ``sparse_weights``: write each weight tensor in the smallest of the
+    encodings of :mod:`micronet.export.encoding` (dense, packed bit fields, bitmask, Rice-coded gaps), each decoded
+    by a shared ONNX function that onnxruntime folds at load; a sequence of names allows only those (and dense).
     ``verify``: check weights, logits on ``samples`` inputs (``data``: images tensor, iterable of
     batches, or a CIFAR-100 directory; else synthetic) and dynamic batch in onnxruntime on ``device``;
     raises MicronetError and writes nothing if any check fails. ``timing``: add the latency table.
@@ -259,7 +277,8 @@ def export_onnx(
         bar.close()
 
 
-def _export(model: nn.Module, path: Path, bar: Any, *, form: str, sparse_weights: bool, opset: int, verify: bool,
+def _export(model: nn.Module, path: Path, bar: Any, *, form: str, sparse_weights: bool | Sequence[str], opset: int,
+            verify: bool,
             device: str, samples: int, data: Any, force: bool, timing: bool, storage_bytes: int | None,
             progress: bool, pixels: bool, layout: str, norm: Normalization | None) -> ExportReport:
     inputs, source = _inputs(samples, data, pixels, layout) if verify else (None, "")
@@ -312,8 +331,8 @@ def _export(model: nn.Module, path: Path, bar: Any, *, form: str, sparse_weights
     report = reports[0]
     if sparse_weights:
         bar.set_description("export: dense build for the size comparison")
-        # A mask pays per tensor (chosen by payload size), but the decoder function and the extra initializers
-        # cost bytes too, so only the dense build's size can tell whether the flag helped.
+        # Each tensor's encoding is chosen by its own bytes, but the shared decoder functions cost bytes too, so
+        # only the dense build's size can tell whether the flag helped.
         report.dense_file_bytes = len(_build(deploy, form=form, opset=opset, pixels=pixels,
                                              layout=layout).model.SerializeToString())
         bar.update()
@@ -325,8 +344,8 @@ def _export(model: nn.Module, path: Path, bar: Any, *, form: str, sparse_weights
     return report
 
 
-def _build(deploy: nn.Module, *, form: str, sparse_weights: bool = False, opset: int = 21, pixels: bool = False,
-           layout: str = "nchw") -> BuiltGraph:
+def _build(deploy: nn.Module, *, form: str, sparse_weights: bool | Sequence[str] = False, opset: int = 21,
+           pixels: bool = False, layout: str = "nchw") -> BuiltGraph:
     """The graph of a deploy-form model: gated networks get one ``If`` per gate (export/gated.py); a pixel-input
     form takes uint8 images in ``layout``."""
     if is_gated(deploy):
@@ -336,12 +355,12 @@ def _build(deploy: nn.Module, *, form: str, sparse_weights: bool = False, opset:
                        input_dtype=torch.uint8 if pixels else torch.float32)
 
 
-def _report(path: Path, built: BuiltGraph, deploy: nn.Module, opset: int, sparse: bool, size: int,
+def _report(path: Path, built: BuiltGraph, deploy: nn.Module, opset: int, sparse: bool | Sequence[str], size: int,
             storage_bytes: int | None) -> ExportReport:
     return ExportReport(
         path=str(path),
         form=built.form,
-        sparse_weights=sparse,
+        sparse_weights=sparse if isinstance(sparse, bool) else tuple(sparse),
         opset=opset,
         ir_version=built.model.ir_version,
         num_classes=built.num_classes,

@@ -21,7 +21,7 @@ compares with PyTorch's decisions.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -59,7 +59,7 @@ class _Piece(nn.Module):
 def _branch(b: GraphBuilder) -> Iterator[list[onnx.NodeProto]]:
     """Nodes added inside the block go to a separate list (an ``If`` branch); initializers stay global.
 
-    Nodes computed from initializers alone (weight decoding: DequantizeLinear, the bitmask decoder) are
+    Nodes computed from initializers alone (weight decoding: DequantizeLinear, the sparse-weight decoders) are
     hoisted to the main graph: onnxruntime folds them once at load, and the weights stay visible to
     verification, which reads them as graph outputs.
     """
@@ -129,8 +129,8 @@ def _named(nodes: list[onnx.NodeProto], prefix: str) -> list[onnx.NodeProto]:
     return nodes
 
 
-def build_gated_graph(model: nn.Module, *, form: str = "integer", sparse_weights: bool = False, opset: int = 21,
-                      input_shape: tuple[int, ...] = (3, 32, 32)) -> BuiltGraph:
+def build_gated_graph(model: nn.Module, *, form: str = "integer", sparse_weights: bool | Sequence[str] = False,
+                      opset: int = 21, input_shape: tuple[int, ...] = (3, 32, 32)) -> BuiltGraph:
     """Convert an eval-mode gated network (``GatedNetwork.gated_plan``) into an ONNX graph with ``If`` gates."""
     if not isinstance(model, GatedNetwork):
         raise UnsupportedModelError(f"{type(model).__name__} has no gates")

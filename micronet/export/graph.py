@@ -4,7 +4,7 @@ Why not ``torch.onnx.export(dynamo=True)``: it works on these nets (spec onnx-ex
 the integer deploy form every piece of it had to be undone or redone afterwards: debug metadata,
 value_info and doc strings stripped; weight codes re-encoded as packed INT4 behind
 ``DequantizeLinear`` by a post-pass (initializer names and the optimizer's folding of small tensors
-decide which casts survive); the bitmask decoder spliced in. It also takes seconds even for tiny nets
+decide which casts survive); the sparse-weight decoders spliced in. It also takes seconds even for tiny nets
 (tens of seconds for DenseNet-BC-100). Here the integer-form modules are converted directly, so the
 graph contains exactly the ops that the PyTorch model runs, in the same order (the condition for
 bit-exact parity), every weight is written once in its final encoding under a name derived from its
@@ -32,6 +32,7 @@ verifier then demands exact equality (``BuiltGraph.exact``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,7 +90,7 @@ def build_graph(
     model: nn.Module,
     *,
     form: str = "integer",
-    sparse_weights: bool = False,
+    sparse_weights: bool | Sequence[str] = False,
     opset: int = 21,
     input_shape: tuple[int, ...] = (3, 32, 32),
     input_dtype: torch.dtype = torch.float32,
@@ -174,7 +175,9 @@ def assemble(b: GraphBuilder, output: Value, *, form: str, opset: int, input_sha
              input_dtype: torch.dtype = torch.float32) -> BuiltGraph:
     """The ModelProto around ``b``'s nodes: ``output`` becomes the logits (plus ``extra_outputs``)."""
     b.add("Identity", [output.name], out=OUTPUT_NAME)
-    nodes, initializers = _live(b.nodes, b.initializers, [OUTPUT_NAME, *(o.name for o in extra_outputs)])
+    weight_nodes = b.finish_weights()
+    nodes, initializers = _live(weight_nodes + b.nodes, b.initializers,
+                                [OUTPUT_NAME, *(o.name for o in extra_outputs)])
 
     graph = oh.make_graph(
         nodes,
@@ -184,10 +187,9 @@ def assemble(b: GraphBuilder, output: Value, *, form: str, opset: int, input_sha
         initializers,
     )
     opsets = [oh.make_opsetid("", opset)]
-    functions = []
-    if b.uses_decoder:
+    functions = encoding.functions({n.op_type for n in nodes if n.domain == encoding.DECODER_DOMAIN})
+    if functions:
         opsets.append(oh.make_opsetid(encoding.DECODER_DOMAIN, 1))
-        functions.append(encoding.decoder_function())
     onnx_model = oh.make_model(
         graph,
         opset_imports=opsets,

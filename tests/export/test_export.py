@@ -99,7 +99,8 @@ def test_packed_int4_initializers_decode_to_the_model_codes(int_densenet, tmp_pa
 
 def test_bitmask_encoding_decodes_exactly_with_one_shared_function(int_densenet, tmp_path):
     path = tmp_path / "m.onnx"
-    rep = export_onnx(int_densenet, path, sparse_weights=True, samples=32, **FAST)
+    # dense or bitmask only (with every encoding allowed, Rice-coded gaps win here: tests/export/test_encoding.py)
+    rep = export_onnx(int_densenet, path, sparse_weights=("bitmask",), samples=32, **FAST)
     assert rep.parity.passed
     model = onnx.load(str(path))
     assert [f.name for f in model.functions] == ["BitmaskDecode"]
@@ -132,7 +133,8 @@ def test_sparse_4bit_file_is_several_times_smaller_than_fp32_export(tmp_path):
     assert fp32.file_bytes / bitmask.file_bytes > 5.5
 
 
-@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "bitmask"])
+# with every encoding allowed this tiny net stays dense (a decoder function costs more than it saves)
+@pytest.mark.parametrize("sparse", [False, ("bitmask",)], ids=["dense", "bitmask"])
 def test_tampering_with_one_weight_fails_verification(int_densenet, tmp_path, sparse):
     path = tmp_path / "m.onnx"
     export_onnx(int_densenet, path, sparse_weights=sparse, samples=32, **FAST)
