@@ -1,10 +1,4 @@
-"""Suite-wide settings for `make test` (pytest-xdist, one worker per core, ``--dist loadgroup``).
-
-Every test is put in the xdist group of its file, as ``--dist loadfile`` would (files share module- and
-session-scoped fixtures), except the few long tests named in ``_OWN_GROUP`` that share no costly fixture with
-the rest of their file. Under xdist the longest units are queued first, so the run does not end waiting on
-one long file that started last.
-"""
+"""Suite-wide settings for `make test` (pytest-xdist, one worker per core, ``--dist loadfile``)."""
 
 from __future__ import annotations
 
@@ -13,22 +7,16 @@ import os
 import pytest
 import torch
 
-#: Long tests that use no module- or session-scoped fixture of their file worth sharing (seconds on the 2-core CI
-#: machine): each is a work unit of its own.
-_OWN_GROUP = frozenset({
-    "tests/training/test_pipeline.py::test_two_process_gloo_ddp_keeps_replicas_identical",  # ~15 s, subprocesses
-    "tests/training/test_pipeline.py::test_eval_cli_reads_riair2019_files_with_the_legacy_scaling",  # ~6 s
-    "tests/training/test_pipeline.py::test_select_best_keeps_the_best_epoch_on_the_held_out_split",  # ~3 s
-})
-
-#: The longest work units, longest first (measured with ``--durations=0``); the rest follow in collection order.
+#: The longest test files (measured with ``--durations=0`` on the 2-core CI machine), longest first. Under xdist they
+#: are queued first (with ``--no-loadscope-reorder``), so the run does not end waiting on one long file that
+#: started last; the rest follow in collection order. (xdist's own reordering sorts files by test count.)
 _LONGEST_FIRST = (
-    "tests/training/test_pipeline.py",  # the session-scoped eight-stage run (~30 s) and the resume test
+    "tests/training/test_pipeline.py",  # the session-scoped eight-stage run, DDP and resume tests
     "tests/export/test_export.py",
     "tests/scoring/test_policies_cli.py",
     "tests/export/test_cli.py",
+    "tests/scoring/test_ecosystem_rules.py",
     "tests/models/test_zoo_registry.py",
-    *sorted(_OWN_GROUP),
     "tests/compress/test_integer.py",
     "tests/scoring/test_riair2019.py",
     "tests/scoring/test_baselines.py",
@@ -44,16 +32,8 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
-def _unit(item: pytest.Item) -> str:
-    test = item.nodeid.split("[")[0]
-    return test if test in _OWN_GROUP else item.nodeid.split("::")[0]
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Group tests by file (or alone, see ``_OWN_GROUP``); under xdist, queue the longest units first."""
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_unit(item)))
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # a serial run keeps the plain collection order
-        rank = {unit: index for index, unit in enumerate(_LONGEST_FIRST)}
-        items.sort(key=lambda item: rank.get(_unit(item), len(rank)))
+    """Under xdist, the longest files first (a serial run keeps the plain collection order)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {path: index for index, path in enumerate(_LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
