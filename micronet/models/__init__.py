@@ -9,7 +9,10 @@ holds every resolved family option.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
+from collections.abc import Iterator
 from typing import Any
 
 import torch.nn as nn
@@ -121,17 +124,32 @@ def describe_models(names: list[str] | None = None, input_size: tuple[int, int, 
 
 @functools.lru_cache(maxsize=16)
 def _describe(names: tuple[str, ...], input_size: tuple[int, int, int], num_classes: int) -> tuple[dict, ...]:
-    # Cached: the figures depend only on the architecture, and sizing the big models takes seconds.
-    rows = []
-    for name in names:
-        # A throwaway meta-device model: no memory, no arithmetic (forward_macs stubs convs and linears).
-        model = build_for_sizing(functools.partial(create, name, num_classes=num_classes))
-        entry = zoo().get(model.micronet_spec["name"])
-        rows.append({
-            "name": model.micronet_spec["name"],
-            "family": model.micronet_spec["family"],
-            "params": count_params(model),
-            "macs": forward_macs(model, input_size),
-            "summary": entry.summary if entry else "",
-        })
-    return tuple(rows)
+    # Cached: the figures depend only on the architecture. The collector is paused while the networks are built:
+    # each creates thousands of modules, which would set off full collections of everything torch has loaded
+    # (about a third of the time). The throwaway models are collected at the next collection after this.
+    with _collector_paused():
+        return tuple(_describe_one(name, input_size, num_classes) for name in names)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _describe_one(name: str, input_size: tuple[int, int, int], num_classes: int) -> dict[str, Any]:
+    # A throwaway meta-device model: no memory, no arithmetic (forward_macs stubs convs and linears).
+    model = build_for_sizing(functools.partial(create, name, num_classes=num_classes))
+    entry = zoo().get(model.micronet_spec["name"])
+    return {
+        "name": model.micronet_spec["name"],
+        "family": model.micronet_spec["family"],
+        "params": count_params(model),
+        "macs": forward_macs(model, input_size),
+        "summary": entry.summary if entry else "",
+    }

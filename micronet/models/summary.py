@@ -12,6 +12,8 @@ import torch.nn as nn
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from micronet.models.shakedrop import ShakeDrop
+
 
 def count_params(model: nn.Module) -> int:
     """Number of parameters, every tensor counted (BN affine and biases included)."""
@@ -54,8 +56,10 @@ class _SkipFill(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         filler = name in _FILLERS or (getattr(func, "__module__", "") == "torch.nn.init" and name.endswith("_"))
-        if filler and args and isinstance(args[0], torch.Tensor):
-            return args[0]
+        # torch.nn.init passes its tensor by keyword (``normal_(tensor=...)``), Tensor methods positionally.
+        target = args[0] if args else (kwargs or {}).get("tensor")
+        if filler and isinstance(target, torch.Tensor):
+            return target
         return func(*args, **(kwargs or {}))
 
 
@@ -64,6 +68,10 @@ def build_for_sizing(factory: Callable[[], nn.Module]) -> nn.Module:
     (filling ~100M weights with random numbers was most of the cost of building the big models)."""
     with torch.device("meta"), _SkipFill():
         return factory()
+
+
+# Modules whose output has their input's shape and which do no MACs: skipped in the sizing forward.
+_SHAPE_PRESERVING = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.Dropout, ShakeDrop)
 
 
 def _conv_output_shape(conv: nn.Conv2d, x: Tensor) -> tuple[int, ...]:
@@ -78,8 +86,9 @@ def _conv_output_shape(conv: nn.Conv2d, x: Tensor) -> tuple[int, ...]:
 def forward_macs(shadow: nn.Module, input_size: tuple[int, int, int]) -> int:
     """`dense_macs` on a throwaway model (modified in place, so its values need not even be filled).
 
-    Convolutions and linear layers are replaced by their output shapes (zeros) and BatchNorm by identity:
-    the MACs depend on shapes only, and the arithmetic of a full-size batch-1 forward would dominate.
+    Convolutions, linear layers and LSTMs are replaced by their output shapes (zeros), BatchNorm, ReLU and
+    ShakeDrop by identity: the MACs depend on shapes only, and the arithmetic of a full-size batch-1 forward
+    (or, on the meta device, the Python shape functions of every elementwise op) would dominate.
     """
     return sum(_forward_macs_by_module(shadow, input_size).values())
 
@@ -107,13 +116,23 @@ def _forward_macs_by_module(shadow: nn.Module, input_size: tuple[int, int, int])
     def lstm_hook(name: str, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         totals[name] = totals.get(name, 0) + _layer_macs(module, inputs, output)
 
+    def lstm_shape(name: str, module: nn.LSTM, x: Tensor, state: Any = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        # Unidirectional, no projection (checked below): output [..., hidden], h and c [layers, (N,) hidden].
+        out = x.new_zeros((*x.shape[:-1], module.hidden_size))
+        batch = () if x.dim() == 2 else (x.shape[0 if module.batch_first else 1],)
+        hidden = x.new_zeros((module.num_layers, *batch, module.hidden_size))
+        totals[name] = totals.get(name, 0) + _layer_macs(module, (x,), out)
+        return out, (hidden, hidden.clone())
+
     for name, module in list(shadow.named_modules()):
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, _SHAPE_PRESERVING) and name:
             shadow.set_submodule(name, nn.Identity())
         elif isinstance(module, nn.Conv2d):
             module.forward = functools.partial(conv_shape, name, module)
         elif isinstance(module, nn.Linear):
             module.forward = functools.partial(linear_shape, name, module)
+        elif isinstance(module, nn.LSTM) and not module.bidirectional and module.proj_size == 0:
+            module.forward = functools.partial(lstm_shape, name, module)
         elif isinstance(module, nn.LSTM):
             module.register_forward_hook(functools.partial(lstm_hook, name))
     with torch.no_grad():
