@@ -11,6 +11,7 @@ import torch
 #: are queued first (with ``--no-loadscope-reorder``), so the run does not end waiting on one long file that
 #: started last; the rest follow in collection order. (xdist's own reordering sorts files by test count.)
 _LONGEST_FIRST = (
+    "tests/export/test_exact.py",  # full-size winner-format exports checked against float64
     "tests/training/test_pipeline.py",  # the session-scoped eight-stage run, DDP and resume tests
     "tests/export/test_export.py",
     "tests/scoring/test_policies_cli.py",

@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.nn.utils import parametrize
 
 from micronet.compress import state
 from micronet.compress.integer_modules import ChannelAffine, FoldedAffine, IntConv2d, IntLinear, RoundClamp
@@ -44,15 +45,17 @@ INPUTS = ("float", "pixels")
 
 
 def deploy_form(model: nn.Module, *, input: str = "float", normalization: Normalization | None = None,
-                layout: str = "nchw", share: bool = True) -> nn.Module:
+                layout: str = "nchw", share: bool = False) -> nn.Module:
     """The integer deploy form of any model, float or compressed: a converted eval-mode copy.
 
     This is the one training form -> deploy form conversion: the scorer counts its result and the exporter
     writes it. A model already in deploy form (integer modules, no training-form state) is copied as it is.
     ``input="pixels"`` gives the pixel-input form (uint8 images in ``layout``, ``normalization`` folded into an
     exact first layer; :mod:`micronet.compress.pixel_input`).
-    Tensors the conversion leaves as they are share the caller's memory (``share=False``: all are copied);
-    treat the result's tensors as read-only (replacing them, or ``.to()``, is fine).
+    The result owns every tensor. ``share=True`` (the scorer's choice: weights are often larger than every
+    activation together) lets tensors the conversion leaves as they are share the caller's memory: the result's
+    tensors are then read-only (replacing them, or ``.to()``, is fine), and a forward that writes its own weights
+    would write the caller's. Pixel input always copies: building it runs a forward.
     """
     if input not in INPUTS:
         raise MicronetError(f"unknown model input {input!r}; use one of {', '.join(INPUTS)}")
@@ -60,7 +63,7 @@ def deploy_form(model: nn.Module, *, input: str = "float", normalization: Normal
         if normalization is None:
             raise MicronetError("pixel input needs the model's normalisation, and it is not known; "
                                 "pass --normalization NAME (e.g. cifar100)")
-        return pixel_input_form(deploy_form(model, share=share), normalization, layout)
+        return pixel_input_form(deploy_form(model), normalization, layout)  # its shape probe runs a forward
     if _is_deploy_form(model):
         return detached_copy(model, share=share).eval()
     spec = getattr(model, "micronet_spec", None)
@@ -387,6 +390,17 @@ def _called(pp: _Peephole, node, kind) -> nn.Module | None:
     return None
 
 
+def _foldable_layer(pp: _Peephole, node) -> nn.Module | None:
+    """The plain float ``nn.Conv2d``/``nn.Linear`` that ``node`` calls, if any. Subclasses run forwards of their
+    own (a torch.ao QAT conv fake-quantizes its weight, timm's Conv2dSame pads first) that a folded plain copy
+    would drop; a parametrized plain layer (``torch.nn.utils.parametrize``) computes its weight and folds."""
+    m = _called(pp, node, (nn.Conv2d, nn.Linear))
+    if m is None:
+        return None
+    cls = type(m).__bases__[0] if parametrize.is_parametrized(m) else type(m)
+    return m if cls in (nn.Conv2d, nn.Linear) else None
+
+
 def _same_axis(first: ChannelAffine, second: ChannelAffine) -> bool:
     """Whether two affines scale the same channels (a scalar one fits any axis), so they can be combined."""
     return not (first.per_channel and second.per_channel) or first.axis == second.axis
@@ -632,7 +646,7 @@ def fold_affine_into_layer(pp: _Peephole, node: fx.Node) -> bool:
     feeds nothing else."""
     affine = _called(pp, node, ChannelAffine)
     src = node.args[0] if node.args else None
-    layer = _called(pp, src, (nn.Conv2d, nn.Linear))
+    layer = _foldable_layer(pp, src)
     if affine is None or layer is None or len(src.users) != 1 or not _fits_layer(affine, layer):
         return False
     pp.fold(src, layer, affine)
@@ -651,7 +665,7 @@ def move_scale_before_relu(pp: _Peephole, node: fx.Node) -> bool:
         return False
     producer = src.args[0]
     first = _called(pp, producer, ChannelAffine)
-    layer = _called(pp, producer, (nn.Conv2d, nn.Linear))
+    layer = _foldable_layer(pp, producer)
     if first is not None and len(producer.users) == 1 and _same_axis(first, affine):
         pp.install(producer, _combine(first, affine))
     elif layer is not None and len(producer.users) == 1 and _fits_layer(affine, layer):

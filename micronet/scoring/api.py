@@ -357,7 +357,7 @@ def score(
     # Should a first attempt stop (see below), the second reads ``data`` again: a tensor or a re-iterable
     # (a DataLoader) from the start; a one-shot iterator cannot be, so its examples are kept (small copies).
     seen: list[Tensor] = []
-    one_shot = data is not None and not isinstance(data, Tensor) and iter(data) is data
+    one_shot = isinstance(data, Iterator)  # (iter() on a DataLoader would start its workers)
     rest = _split_examples(data, 1 << 62) if one_shot else None
 
     def attempt(share: bool) -> _Scored:
@@ -382,7 +382,10 @@ def score(
             try:
                 scored = attempt(share=True)
             except ProtectedWrite:
+                scored = None  # retried outside the handler, which would keep the first attempt's frames alive
+            if scored is None:
                 # The model's forward updates its own weights as it runs: score a copy that owns every tensor.
+                bar.n = 0
                 scored = attempt(share=False)
     finally:
         bar.close()

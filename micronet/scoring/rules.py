@@ -791,13 +791,20 @@ def transposed_conv_cost(rec: OpRecord, ctx: CostContext, x: TensorRef, w: Tenso
     policy's accumulator is not applied, as the scatter has no per-output dot product), + 1 add per bias."""
     out = rec.outputs[0]
     positions = x.numel // x.shape[1]
-    mults = int(w.value.count_nonzero()) * positions
+    # Weight [in, out/groups, *kernel]: an input element of channel c meets row c's taps. A weight stored dense
+    # has its zeros stored and multiplied; only a sparse layout skips them (as for every conv).
+    rows = [int(n) for n in w.value.reshape(w.shape[0], -1).count_nonzero(1)]
+    params = [ctx.param(r, sparse=r is w, module=rec.module)
+              for r in (w, bias) if isinstance(r, TensorRef) and r.static and r.info.stored]
+    if w.static and w.info.stored and params[0].numel == w.numel:  # the weight is the whole stored tensor
+        params[0].nnz = sum(rows)
+        rows = multiplied_per_row(params[0], ctx.policy.mask, rows, w.numel // w.shape[0])
+    mults = sum(rows) * positions
     bits = max(ctx.gemm_bits(x), ctx.gemm_bits(w))
     cost = Cost("conv", shape=w.shape, input_bits=ctx.gemm_bits(x), weight_bits=ctx.gemm_bits(w))
     cost.mul(mults, bits)
     cost.add(max(mults - out.numel, 0) + (out.numel if isinstance(bias, TensorRef) else 0), 32)
-    cost.params = [ctx.param(r, sparse=r is w, module=rec.module)
-                   for r in (w, bias) if isinstance(r, TensorRef) and r.static and r.info.stored]
+    cost.params = params
     cost.weight_numel, cost.weight_nnz = w.numel, int(w.value.count_nonzero())
     return cost
 

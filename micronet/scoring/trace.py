@@ -378,8 +378,9 @@ class _OpRecorder(TorchDispatchMode):
 
     def _refuse_protected_write(self, func: Any, written: frozenset, args: tuple, kwargs: dict) -> None:
         """Stop before an in-place op writes into protected memory (the caller's weights, shared by the copy)."""
-        targets = [a for i, a in enumerate(args) if i in written and isinstance(a, Tensor)]
-        targets += [v for k, v in kwargs.items() if k in written and isinstance(v, Tensor)]
+        # A written argument is a tensor or a tensor list (the ``_foreach_*_`` ops).
+        targets = _tensors_in(tuple(a for i, a in enumerate(args) if i in written))
+        targets += _tensors_in(tuple(v for k, v in kwargs.items() if k in written))
         if any(_storage_of(t) in self.protected for t in targets):
             raise ProtectedWrite(f"{func._schema.name} in {self._module_path() or '(root)'}")
 

@@ -124,8 +124,10 @@ def test_winner_format_pixel_export_is_bit_identical_with_legacy_scale(tmp_path)
     pixel_deploy = deploy_form(winner, input="pixels", normalization=get_normalization("riair2019"))
     got = _ort(out, x)
     np.testing.assert_array_equal(got, _torch(pixel_deploy, x))
-    ref64 = _float64(pixel_deploy, x)
-    assert np.array_equal(got.argmax(1), ref64.argmax(1))
+    # the float64 reference is the slow part (~60 s for 512 images of this full-size net on one core): the
+    # predictions are checked on the first 128, the bit-identity above on all 512
+    ref64 = _float64(pixel_deploy, x[:128])
+    assert np.array_equal(got[:128].argmax(1), ref64.argmax(1))
 
 
 def test_pixel_input_needs_a_known_normalisation(tmp_path):

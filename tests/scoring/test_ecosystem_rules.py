@@ -94,6 +94,18 @@ def test_conv_transpose_hand_count():
     assert _kind(r, "conv")[:2] == (mults, mults - out + out)
 
 
+def test_conv_transpose_multiplies_the_zeros_of_a_weight_stored_dense():
+    torch.manual_seed(0)
+    conv = no_exact_zeros_(nn.ConvTranspose2d(4, 8, 3, bias=False))
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 0] = 0  # one stray zero: cheaper stored dense, so it is stored and multiplied
+    model = Wrap(lambda x, c: c(x), conv).eval()
+    assert _kind(score(model, input_shape=(1, 4, 5, 5)), "conv")[0] == 25 * 4 * 8 * 9
+    with torch.no_grad():
+        conv.weight[1] = 0  # input channel 1 removed: a bit per input channel, kept rows stored whole
+    assert _kind(score(model, input_shape=(1, 4, 5, 5)), "conv")[0] == 25 * 3 * 8 * 9
+
+
 def test_prelu_upsample_adaptive_max_embedding_pow_and_mish():
     prelu = Wrap(lambda x, p: p(x), nn.PReLU(4)).eval()
     r = score(prelu, input_shape=(1, 4, 3, 3))

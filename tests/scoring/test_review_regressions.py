@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from micronet.compress import QuantConfig, SparsityConfig, deploy_form, prune_, quantize_
+from micronet.data import get_normalization
 from micronet.errors import MicronetError
 from micronet.models import create
 from micronet.scoring import score
@@ -81,6 +82,66 @@ def test_a_model_that_writes_its_own_weights_is_scored_and_left_bit_for_bit():
     from_data = score(model, input_size=8, data=iter([torch.randn(1, 3, 8, 8) for _ in range(2)]), samples=2)
     assert from_data.samples == 2 and from_data.ops == report.ops
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _ForeachDecay(nn.Module):
+    """A forward that scales its weights in place through a tensor-list op (``_foreach_mul_``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 5)
+
+    def forward(self, x):
+        torch._foreach_mul_([self.conv.weight.data, self.fc.weight.data], 0.5)
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+class _ClipsItsGain(nn.Module):
+    """A quantized model whose forward clips a root parameter in place; scored from pixels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 5)
+        self.gain = nn.Parameter(torch.full((4,), 2.0))
+
+    def forward(self, x):
+        self.gain.data.clamp_(max=1.0)
+        return self.fc(self.conv(x).mean((2, 3)) * self.gain)
+
+
+def test_tensor_list_writes_and_pixel_scoring_leave_the_caller_bit_for_bit():
+    torch.manual_seed(0)
+    model = _ForeachDecay().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert score(model, input_size=8).params == 4 * 27 + 4 + 4 * 5 + 5
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    clips = _ClipsItsGain().eval()
+    quantize_(clips, QuantConfig(weight_bits=4, act_bits=None))
+    score(clips, input="pixels", normalization=get_normalization("cifar100"))
+    assert clips.gain.tolist() == [2.0] * 4
+    # the public deploy form owns its tensors: running it leaves the caller alone
+    plain = _ClampsItsWeights().eval()
+    weight = plain.conv.weight.detach().clone()
+    deploy_form(plain)(torch.randn(1, 3, 8, 8))
+    assert torch.equal(plain.conv.weight, weight)
+
+
+def test_a_batchnorm_after_a_torch_ao_qat_conv_keeps_its_fake_quantized_weight():
+    tq = torch.ao.quantization
+    qconfig = tq.QConfig(
+        activation=tq.FakeQuantize.with_args(observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=15),
+        weight=tq.FakeQuantize.with_args(observer=tq.MovingAveragePerChannelMinMaxObserver, quant_min=-8,
+                                         quant_max=7, dtype=torch.qint8, qscheme=torch.per_channel_symmetric))
+    rows = []
+    for bn in (False, True):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16) if bn else nn.Identity(), nn.ReLU())
+        net.qconfig = qconfig
+        tq.prepare_qat(net.train(), inplace=True)
+        net(torch.randn(4, 3, 8, 8))
+        rows.append([r for r in score(net.eval(), input_size=8).layers if r.kind == "conv"][0])
+    # a subclass (QAT conv) is never folded into a plain float copy: its weight stays 4-bit with or without a BN
+    assert rows[0].weight_bits == rows[1].weight_bits == 4
 
 
 def test_integer_form_keeps_float64_and_ignores_size_arithmetic():
