@@ -389,15 +389,18 @@ def verify_onnx(
     path = Path(path)
     if not path.is_file():
         raise MicronetError(f"file not found: {path}")
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = _verify.load_onnx(path, load_external_data=False)
     props = {p.key: p.value for p in proto.metadata_props}
     form = form or props.get("micronet.form", "integer")
     pixels = props.get("micronet.input") == "pixels"
     layout = props.get("micronet.layout", "nchw")
     norm = None
     if pixels:
-        rec = json.loads(props["micronet.normalization"])
-        norm = Normalization(rec["name"], tuple(rec["mean"]), tuple(rec["std"]), rec["extra_divisor"])
+        try:
+            rec = json.loads(props["micronet.normalization"])
+            norm = Normalization(rec["name"], tuple(rec["mean"]), tuple(rec["std"]), rec["extra_divisor"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MicronetError(f"{path.name}: its micronet.normalization record is unreadable ({exc!r})") from None
     deploy = deploy_form(model, input="pixels" if pixels else "float", normalization=norm, layout=layout)
     # Rebuilding (in memory) gives the weight list and whether the graph must be bit-exact.
     built = _build(deploy, form=form, pixels=pixels, layout=layout)
