@@ -247,7 +247,9 @@ def _dequantize(codes: str, output: str, one: str) -> onnx.NodeProto:
 
 
 def _fits_int8(codes: np.ndarray) -> bool:
-    return codes.size == 0 or (_INT8[0] <= int(codes.min()) and int(codes.max()) <= _INT8[1])
+    """Codes a decoder can rebuild: int8 values, and a shape with at least one dimension and one element (the
+    decoders reshape to the ``shape`` attribute, and a 0-d or empty weight gains nothing from them)."""
+    return codes.ndim > 0 and codes.size > 0 and _INT8[0] <= int(codes.min()) and int(codes.max()) <= _INT8[1]
 
 
 def encode_dense(prefix: str, codes: np.ndarray, one: str) -> Encoded:
@@ -258,7 +260,7 @@ def encode_dense(prefix: str, codes: np.ndarray, one: str) -> Encoded:
 
 
 def encode_packed(prefix: str, codes: np.ndarray, one: str) -> Encoded | None:
-    """Fixed-width fields of the codes' real bit width (None if the codes do not fit int8)."""
+    """Fixed-width fields of the codes' real bit width (None if the codes do not fit int8, or are 0-d or empty)."""
     if not _fits_int8(codes):
         return None
     f = field_layout(codes, nonzero=False)
@@ -284,7 +286,8 @@ def _nonzero_values(prefix: str, nz: np.ndarray, packed: bool) -> tuple[list[Ten
 
 
 def encode_bitmask(prefix: str, codes: np.ndarray, packed_values: bool = False) -> Encoded | None:
-    """Mask bits + non-zero codes, decoded by ``BitmaskDecode`` (None if the codes do not fit int8)."""
+    """Mask bits + non-zero codes, decoded by ``BitmaskDecode`` (None if the codes do not fit int8, or are 0-d or
+    empty)."""
     if not _fits_int8(codes):
         return None
     flat = codes.reshape(-1)

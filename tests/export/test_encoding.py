@@ -341,6 +341,7 @@ def test_damaged_files_fuzzed_fail_verification_or_raise_one_line(rice_file, tmp
 def test_scalar_and_empty_weights_stay_dense(codes, tmp_path):
     (e,) = enc.candidates("w", codes, "one", enc.ENCODINGS)
     assert e.encoding == "dense"
+    assert enc.encode_packed("w", codes, "one") is None and enc.encode_rice("w", codes, True) is None
     got, _ = _ort_decode(e, codes.shape, tmp_path)
     assert got.shape == codes.shape and np.array_equal(got, codes)
 
