@@ -491,10 +491,10 @@ def read_codes(model: onnx.ModelProto, prefix: str, shape: Sequence[int] | None 
     ``shape``, or :data:`MAX_READ_NUMEL`)."""
     try:
         return _read_codes(model, prefix, None if shape is None else tuple(int(d) for d in shape))
-    except _Damaged as exc:
-        raise MicronetError(f"{prefix}: cannot decode the stored codes: {exc}") from None
+    except _Damaged as exc:  # one line even when a damaged name or op type holds a newline
+        raise MicronetError(f"{prefix}: cannot decode the stored codes: {' '.join(str(exc).split())[:300]}") from None
     except (ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError) as exc:  # odd protobuf content
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = " ".join(str(exc).split())[:200]
         raise MicronetError(f"{prefix}: cannot decode the stored codes ({type(exc).__name__}: {first})") from None
 
 
