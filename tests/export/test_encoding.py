@@ -219,8 +219,14 @@ def _truncate(model: onnx.ModelProto) -> None:
     t.CopyFrom(onh.from_array(a[: len(a) // 3], t.name))
 
 
+def _extra_terminator(model: onnx.ModelProto) -> None:
+    t = model.graph.initializer[0]
+    t.CopyFrom(onh.from_array(np.append(onh.to_array(t), np.uint8(1)), t.name))  # onnxruntime's decoder fails on it
+
+
 DAMAGE = {
     "lost_terminator": ("rice", _drop_last_one),
+    "extra_terminator": ("rice", _extra_terminator),
     "truncated_rice": ("rice", _truncate),
     "truncated_packed": ("packed", _truncate),
     "truncated_mask": ("bitmask", _truncate),
