@@ -218,9 +218,10 @@ def score_command(checkpoint, model_name, model_arg_items, trust_pickle, file_fo
         raise MicronetError(f"--input-size must be H or HxW, got {input_size!r}")
     shape = (1, *_dims(input_shape, "--input-shape")) if input_shape else None
     norm = _model_input(model_input, layout, normalization, checkpoint, file_format)
-    if norm is not None and (size is not None or shape is not None or input_dtype is not None):
-        raise MicronetError("--input pixels scores 32x32 RGB uint8 images; it cannot be combined with --input-size, "
-                            "--input-shape or --input-dtype")
+    if norm is not None and (size is not None or shape is not None or input_dtype is not None or track != "cifar100"):
+        # the pixel form folds a CIFAR normalisation preset into its first layer and takes 32x32 images
+        raise MicronetError("--input pixels scores 32x32 RGB uint8 images (the cifar100 track); it cannot be combined "
+                            "with --track imagenet, --input-size, --input-shape or --input-dtype")
     for out in (csv_path, plot_path):  # refuse a bad output path before the (long) scoring run
         if out:
             io.check_output_path(out, force)

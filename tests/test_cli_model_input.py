@@ -130,3 +130,20 @@ def test_score_pixels_reads_raw_test_images_from_data_root(checkpoints, tmp_path
     assert res.exit_code == 0, res.output
     got = json.loads(res.output)
     assert got["input_bits"] == 8 and got["samples"] == 2
+
+
+def test_score_pixels_refuses_the_imagenet_track():
+    """The pixel form folds a CIFAR preset into a 32x32 first layer: scoring it at 224x224 would not be that form."""
+    _one_line_error(_run("score", "--model", SPEC, "--input", "pixels", "--normalization", "cifar100",
+                         "--track", "imagenet"), "--track imagenet", "32x32")
+
+
+@pytest.mark.parametrize("command", ["score", "export"])
+def test_a_trusted_pickled_module_without_normalization_is_asked_for_one(command, tmp_path):
+    whole = tmp_path / "whole.pt"
+    torch.save(models.create(SPEC, num_classes=10).eval(), whole)  # the refusal comes before the model loads
+    # export takes no pickled modules at all; either way the missing normalisation is what is asked for first
+    out = ["-o", str(tmp_path / "m.onnx"), "--no-timing"] if command == "export" else ["--trust-pickle"]
+    _one_line_error(_run(command, str(whole), *out, "--input", "pixels"),
+                    "whole.pt does not record it", "pass --normalization NAME")
+    assert not (tmp_path / "m.onnx").exists()

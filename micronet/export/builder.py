@@ -8,6 +8,7 @@ every reason the graph cannot be bit-exact is appended to ``GraphBuilder.inexact
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -164,9 +165,9 @@ class GraphBuilder:
         try:
             codes = encoding.as_codes(weight.detach().cpu().numpy())
             encoding.code_type(codes)
+            self._candidates[prefix] = encoding.candidates(prefix, codes, self.scalar(1.0), self.encodings)
         except ValueError as exc:
             raise UnsupportedModelError(f"module '{fqn}': {exc}") from None
-        self._candidates[prefix] = encoding.candidates(prefix, codes, self.scalar(1.0), self.encodings)
         self._names.add(prefix)
         for e in self._candidates[prefix]:
             self._names.update(t.name for t in e.initializers)
@@ -184,27 +185,29 @@ class GraphBuilder:
         """Choose every code weight's encoding, add its initializers and return its decoding nodes (which depend
         on initializers alone, so they go first in the graph).
 
-        Each tensor takes its smallest candidate; then (with every encoding allowed) a decoder function whose users
-        together save fewer bytes than the function itself costs is dropped and its users choose again, until none
-        is. With named encodings each tensor keeps its own smallest.
+        With every encoding allowed, the file's size counts the decoder functions too: each subset of the (three)
+        functions is tried, every tensor taking its smallest candidate that calls only functions in the subset, and
+        the smallest total (tensors plus the functions they use) wins; the empty subset, all dense, bounds it. A
+        greedy drop of one function at a time misses a tensor that uses two (packed values inside RiceDecode).
+        With named encodings each tensor keeps its own smallest.
         """
-        cost = {name: make().ByteSize() for name, make in encoding.FUNCTIONS.items()}
-        banned: set[str] = set()
+        # the functions' size as written (the opset only changes a number in each)
+        cost = {name: make(encoding.DEFAULT_OPSET).ByteSize() + 2 for name, make in encoding.FUNCTIONS.items()}
+        names = list(encoding.FUNCTIONS)
 
-        def best(cands: list[encoding.Encoded], without: set[str]) -> encoding.Encoded:
-            return min((e for e in cands if not e.functions & without), key=lambda e: e.file_bytes)  # dense: none
+        def best(cands: list[encoding.Encoded], allowed: set[str]) -> encoding.Encoded:
+            return min((e for e in cands if e.functions <= allowed), key=lambda e: e.file_bytes)  # dense: none
 
-        while True:
-            chosen = {p: best(c, banned) for p, c in self._candidates.items()}
-            for name in encoding.FUNCTIONS:
-                users = [p for p, e in chosen.items() if name in e.functions]
-                saved = sum(best(self._candidates[p], banned | {name}).file_bytes - chosen[p].file_bytes
-                            for p in users)
-                if users and saved < cost[name] and self._count_functions:
-                    banned.add(name)
-                    break
-            else:
-                break
+        subsets = ([set(c) for r in range(len(names) + 1) for c in itertools.combinations(names, r)]
+                   if self._count_functions else [set(names)])
+        chosen: dict[str, encoding.Encoded] = {}
+        smallest = None
+        for allowed in subsets:
+            pick = {p: best(c, allowed) for p, c in self._candidates.items()}
+            used = set().union(*(e.functions for e in pick.values()))
+            total = sum(e.file_bytes for e in pick.values()) + sum(cost[n] for n in used)
+            if smallest is None or total < smallest:  # ties: the earlier, smaller subset
+                smallest, chosen = total, pick
         nodes: list[onnx.NodeProto] = []
         for i, rec in enumerate(self.weights):
             e = chosen.get(f"{rec.module}.weight") if rec.kind == "codes" else None

@@ -48,10 +48,13 @@ from onnx import AttributeProto, TensorProto
 from onnx import helper as oh
 from onnx import numpy_helper as onh
 
+from micronet.errors import MicronetError
+
 DECODER_DOMAIN = "micronet"
 ENCODINGS = ("dense", "packed", "bitmask", "rice")
 SPARSE_ENCODINGS = ("bitmask", "rice")
-MAX_RICE_K = 30  # gaps are below numel; the decoders' power-of-two table goes this far
+MAX_RICE_K = 30  # gaps are below numel; the decoders' power-of-two table goes this far (and fits int32)
+DEFAULT_OPSET = 21
 
 # (ONNX type, numpy dtype, min, max, bits per element), narrowest first.
 _CODE_TYPES: tuple[tuple[int, type, int, int, int], ...] = (
@@ -144,7 +147,9 @@ def pack_fields(values: np.ndarray, bits: int) -> np.ndarray:
 
 
 def unpack_fields(bits: np.ndarray, count: int, width: int) -> np.ndarray:
-    """``count`` unsigned ``width``-bit fields from the start of a flat bit array."""
+    """``count`` unsigned ``width``-bit fields from the start of a flat bit array (which must hold them)."""
+    if count * width > bits.size:
+        raise ValueError(f"{count} fields of {width} bits need {count * width} bits, the array has {bits.size}")
     if width == 0:
         return np.zeros(count, dtype=np.int64)
     fields = bits[: count * width].astype(np.int64).reshape(count, width)
@@ -176,11 +181,14 @@ def rice_stream(gaps: np.ndarray, k: int) -> np.ndarray:
 
 
 def rice_decode(stream_bits: np.ndarray, n: int, k: int) -> np.ndarray:
-    """Positions of the ``n`` non-zeros coded by :func:`rice_stream`."""
+    """Positions of the ``n`` non-zeros coded by :func:`rice_stream`; fewer if the stream holds fewer than ``n``
+    codes (a damaged stream: the caller compares the count)."""
+    if n * k > stream_bits.size:  # not even the remainders fit
+        return np.zeros(0, dtype=np.int64)
     r = unpack_fields(stream_bits, n, k)
     terminators = np.flatnonzero(stream_bits[n * k:])[:n]
     q = np.diff(np.concatenate([[-1], terminators])) - 1
-    return np.cumsum((q << k) + r + 1) - 1
+    return np.cumsum((q << k) + r[: q.size] + 1) - 1
 
 
 def rice_mask_bits(mask: np.ndarray) -> tuple[int, int]:
@@ -239,7 +247,9 @@ def _dequantize(codes: str, output: str, one: str) -> onnx.NodeProto:
 
 
 def _fits_int8(codes: np.ndarray) -> bool:
-    return codes.size == 0 or (_INT8[0] <= int(codes.min()) and int(codes.max()) <= _INT8[1])
+    """Codes a decoder can rebuild: int8 values, and a shape with at least one dimension and one element (the
+    decoders reshape to the ``shape`` attribute, and a 0-d or empty weight gains nothing from them)."""
+    return codes.ndim > 0 and codes.size > 0 and _INT8[0] <= int(codes.min()) and int(codes.max()) <= _INT8[1]
 
 
 def encode_dense(prefix: str, codes: np.ndarray, one: str) -> Encoded:
@@ -250,7 +260,7 @@ def encode_dense(prefix: str, codes: np.ndarray, one: str) -> Encoded:
 
 
 def encode_packed(prefix: str, codes: np.ndarray, one: str) -> Encoded | None:
-    """Fixed-width fields of the codes' real bit width (None if the codes do not fit int8)."""
+    """Fixed-width fields of the codes' real bit width (None if the codes do not fit int8, or are 0-d or empty)."""
     if not _fits_int8(codes):
         return None
     f = field_layout(codes, nonzero=False)
@@ -276,7 +286,8 @@ def _nonzero_values(prefix: str, nz: np.ndarray, packed: bool) -> tuple[list[Ten
 
 
 def encode_bitmask(prefix: str, codes: np.ndarray, packed_values: bool = False) -> Encoded | None:
-    """Mask bits + non-zero codes, decoded by ``BitmaskDecode`` (None if the codes do not fit int8)."""
+    """Mask bits + non-zero codes, decoded by ``BitmaskDecode`` (None if the codes do not fit int8, or are 0-d or
+    empty)."""
     if not _fits_int8(codes):
         return None
     flat = codes.reshape(-1)
@@ -302,8 +313,11 @@ def encode_rice(prefix: str, codes: np.ndarray, packed_values: bool = False, k: 
 
 
 def candidates(prefix: str, codes: np.ndarray, one: str, allowed: Sequence[str]) -> list[Encoded]:
-    """Every encoding of ``codes`` among ``allowed`` (dense always), each sparse one with typed and packed values."""
+    """Every encoding of ``codes`` among ``allowed`` (dense always), each sparse one with typed and packed values.
+    A 0-d or empty tensor is dense only: the decoders reshape to a non-empty shape attribute."""
     found = [encode_dense(prefix, codes, one)]
+    if codes.ndim == 0 or codes.size == 0:
+        return found
     if "packed" in allowed:
         found.append(encode_packed(prefix, codes, one))
     for name, encode in (("bitmask", encode_bitmask), ("rice", encode_rice)):
@@ -353,21 +367,22 @@ class _Fn:
         return out
 
     def bits(self, stream: str) -> str:
-        """uint8 bytes [B] -> int64 bits [8B], little bit order."""
+        """uint8 bytes [B] -> bool bits [8B], little bit order (bool, not int64: 1 byte per bit, not 8, while
+        onnxruntime folds a large tensor at session creation)."""
         col = self.op("Unsqueeze", [stream, self.const(np.array([1], np.int64))])
         hits = self.op("BitwiseAnd", [col, self.const(np.array([1 << i for i in range(8)], np.uint8))])
         flags = self.op("Greater", [hits, self.const(np.array(0, np.uint8))])
-        flat = self.op("Reshape", [flags, self.const(np.array([-1], np.int64))])
-        return self.op("Cast", [flat], to=TensorProto.INT64)
+        return self.op("Reshape", [flags, self.const(np.array([-1], np.int64))])
 
     def fields(self, bits: str, count: str, width: str) -> tuple[str, str]:
-        """``count`` unsigned ``width``-bit fields at the start of ``bits`` (``count``, ``width``: [1] int64) ->
-        (int64 [count], [1] int64 bit offset where they end)."""
+        """``count`` unsigned ``width``-bit fields at the start of bool ``bits`` (``count``, ``width``: [1] int64)
+        -> (int32 [count], [1] int64 bit offset where they end). int32 is exact: width <= MAX_RICE_K = 30."""
         end = self.op("Mul", [count, width])
-        take = self.op("Slice", [bits, self.const(np.array([0], np.int64)), end])
+        take = self.op("Cast", [self.op("Slice", [bits, self.const(np.array([0], np.int64)), end])],
+                       to=TensorProto.INT32)
         # allowzero: a zero width (k = 0, or one code value) is a real zero, not "copy this dimension"
         table = self.op("Reshape", [take, self.op("Concat", [count, width], axis=0)], allowzero=1)
-        powers = self.op("Slice", [self.const(np.int64(1) << np.arange(MAX_RICE_K + 1, dtype=np.int64)),
+        powers = self.op("Slice", [self.const(np.int32(1) << np.arange(MAX_RICE_K + 1, dtype=np.int32)),
                                    self.const(np.array([0], np.int64)), width])
         # ReduceSum over a zero-width axis (k = 0) is 0, the right remainder
         values = self.op("ReduceSum", [self.op("Mul", [table, powers]), self.const(np.array([1], np.int64))],
@@ -378,42 +393,45 @@ class _Fn:
         """int8 ``codes`` -> float ``out`` by ``DequantizeLinear(codes, 1.0)``."""
         self.nodes.append(oh.make_node("DequantizeLinear", [codes, self.const(np.array(1.0, np.float32))], [out]))
 
-    def function(self, name: str, inputs: list[str], outputs: list[str], attributes: list[str]) -> onnx.FunctionProto:
-        return oh.make_function(DECODER_DOMAIN, name, inputs, outputs, self.nodes, [oh.make_opsetid("", 21)],
+    def function(self, name: str, inputs: list[str], outputs: list[str], attributes: list[str],
+                 opset: int) -> onnx.FunctionProto:
+        # the model's own opset: a function importing another version of the default domain fails the checker
+        return oh.make_function(DECODER_DOMAIN, name, inputs, outputs, self.nodes, [oh.make_opsetid("", opset)],
                                 attributes=attributes)
 
 
-def _unpack_bits_function() -> onnx.FunctionProto:
+def _unpack_bits_function(opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
     """``UnpackBits(stream){shape, bits, lo, skip_zero} -> int8 codes``."""
     f = _Fn()
     shape = f.attr("shape", "ints")
     numel = f.op("ReduceProd", [shape], keepdims=1)
     width = f.op("Reshape", [f.attr("bits", "int"), f.const(np.array([1], np.int64))])
     u, _ = f.fields(f.bits("stream"), numel, width)
-    v = f.op("Add", [u, f.attr("lo", "int")])
+    v = f.op("Add", [u, f.op("Cast", [f.attr("lo", "int")], to=TensorProto.INT32)])
     # codes >= 0 move up by one when zero is not in the alphabet
-    step = f.op("Mul", [f.op("Cast", [f.op("GreaterOrEqual", [v, f.const(np.int64(0))])], to=TensorProto.INT64),
-                        f.attr("skip_zero", "int")])
+    step = f.op("Mul", [f.op("Cast", [f.op("GreaterOrEqual", [v, f.const(np.int32(0))])], to=TensorProto.INT32),
+                        f.op("Cast", [f.attr("skip_zero", "int")], to=TensorProto.INT32)])
     codes = f.op("Cast", [f.op("Add", [v, step])], to=TensorProto.INT8)
     f.nodes.append(oh.make_node("Reshape", [codes, shape], ["codes"]))
-    return f.function("UnpackBits", ["stream"], ["codes"], ["shape", "bits", "lo", "skip_zero"])
+    return f.function("UnpackBits", ["stream"], ["codes"], ["shape", "bits", "lo", "skip_zero"], opset)
 
 
-def _bitmask_function() -> onnx.FunctionProto:
+def _bitmask_function(opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
     """``BitmaskDecode(mask, nz){shape} -> float weight``."""
     f = _Fn()
     shape = f.attr("shape", "ints")
     numel = f.op("ReduceProd", [shape], keepdims=1)
-    keep = f.op("Slice", [f.bits("mask"), f.const(np.array([0], np.int64)), numel])
+    keep = f.op("Cast", [f.op("Slice", [f.bits("mask"), f.const(np.array([0], np.int64)), numel])],
+                to=TensorProto.INT32)
     # a kept position's code is entry (running count of kept positions) of [0, nz...]; the others read entry 0
     index = f.op("Mul", [f.op("CumSum", [keep, f.const(np.int64(0))]), keep])
     table = f.op("Concat", [f.const(np.array([0], np.int8)), f.op("Cast", ["nz"], to=TensorProto.INT8)], axis=0)
     codes = f.op("Reshape", [f.op("Gather", [table, index], axis=0), shape])
     f.dequantize(codes, "weight")
-    return f.function("BitmaskDecode", ["mask", "nz"], ["weight"], ["shape"])
+    return f.function("BitmaskDecode", ["mask", "nz"], ["weight"], ["shape"], opset)
 
 
-def _rice_function() -> onnx.FunctionProto:
+def _rice_function(opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
     """``RiceDecode(gaps, nz){shape, k} -> float weight``."""
     f = _Fn()
     shape = f.attr("shape", "ints")
@@ -422,16 +440,19 @@ def _rice_function() -> onnx.FunctionProto:
     n = f.op("Shape", [values])  # of the int8 copy: onnxruntime has no Shape kernel for INT4 (when not folding)
     bits = f.bits("gaps")
     remainders, end = f.fields(bits, n, k)
-    unary = f.op("Slice", [bits, end, f.const(np.array([np.iinfo(np.int64).max], np.int64))])
+    unary = f.op("Cast", [f.op("Slice", [bits, end, f.const(np.array([np.iinfo(np.int64).max], np.int64))])],
+                 to=TensorProto.INT32)
     # Quotient i counts the zeros after the i-th one of the unary part: a histogram of (ones before each zero).
     # Slot n collects the byte padding after the last one. (NonZero would find the ones more directly, but
     # onnxruntime does not constant-fold it, while it folds ScatterElements.)
     ones_before = f.op("CumSum", [unary, f.const(np.int64(0))], exclusive=1)
-    is_zero = f.op("Sub", [f.const(np.int64(1)), unary])
+    is_zero = f.op("Sub", [f.const(np.int32(1)), unary])
     slots = f.op("ConstantOfShape", [f.op("Add", [n, f.const(np.array([1], np.int64))])],
-                 value=onh.from_array(np.array([0], np.int64)))
+                 value=onh.from_array(np.array([0], np.int32)))
     counts = f.op("ScatterElements", [slots, ones_before, is_zero], axis=0, reduction="add")
-    quotients = f.op("Slice", [counts, f.const(np.array([0], np.int64)), n])
+    # int64 from here on (n entries only): positions reach numel
+    quotients = f.op("Cast", [f.op("Slice", [counts, f.const(np.array([0], np.int64)), n])], to=TensorProto.INT64)
+    remainders = f.op("Cast", [remainders], to=TensorProto.INT64)
     scale = f.op("Gather", [f.const(np.int64(1) << np.arange(MAX_RICE_K + 1, dtype=np.int64)), k])
     steps = f.op("Add", [f.op("Add", [f.op("Mul", [quotients, scale]), remainders]), f.const(np.int64(1))])
     positions = f.op("Sub", [f.op("CumSum", [steps, f.const(np.int64(0))]), f.const(np.int64(1))])
@@ -439,31 +460,84 @@ def _rice_function() -> onnx.FunctionProto:
     zeros = f.op("ConstantOfShape", [numel], value=onh.from_array(np.array([0], np.int8)))
     flat = f.op("ScatterElements", [zeros, positions, values], axis=0)
     f.dequantize(f.op("Reshape", [flat, shape]), "weight")
-    return f.function("RiceDecode", ["gaps", "nz"], ["weight"], ["shape", "k"])
+    return f.function("RiceDecode", ["gaps", "nz"], ["weight"], ["shape", "k"], opset)
 
 
-FUNCTIONS: dict[str, Callable[[], onnx.FunctionProto]] = {
+FUNCTIONS: dict[str, Callable[[int], onnx.FunctionProto]] = {
     "UnpackBits": _unpack_bits_function,
     "BitmaskDecode": _bitmask_function,
     "RiceDecode": _rice_function,
 }
 
 
-def functions(names: set[str]) -> list[onnx.FunctionProto]:
-    """The decoder functions called ``names``, in a fixed order."""
-    return [make() for name, make in FUNCTIONS.items() if name in names]
+def functions(names: set[str], opset: int = DEFAULT_OPSET) -> list[onnx.FunctionProto]:
+    """The decoder functions called ``names``, in a fixed order, for a model of default-domain ``opset``."""
+    return [make(opset) for name, make in FUNCTIONS.items() if name in names]
 
 
 # ---- reading back (numpy, independent of the ONNX functions) ------------------------------------------------------
 
 
-def read_codes(model: onnx.ModelProto, prefix: str) -> np.ndarray | None:
+MAX_READ_NUMEL = 1 << 28  # 256 Mi weights: far above any challenge model, and int8 at that size is 256 MiB
+
+
+def read_codes(model: onnx.ModelProto, prefix: str, shape: Sequence[int] | None = None) -> np.ndarray | None:
     """Decode the codes of the float weight ``prefix`` (``{module}.weight``) from the file's initializers and the
-    attributes of the nodes that decode them; None if the file holds no such weight."""
+    attributes of the nodes that decode them; None if the file holds no such weight.
+
+    ``shape``: the shape the weight must have; a decoder node that claims another is refused before anything is
+    allocated. A damaged file (a stream too short for its attributes, a missing or out-of-range attribute) raises
+    a one-line MicronetError naming ``prefix``; every allocation is bounded by what the stream can hold (or by
+    ``shape``, or :data:`MAX_READ_NUMEL`)."""
+    try:
+        return _read_codes(model, prefix, None if shape is None else tuple(int(d) for d in shape))
+    except _Damaged as exc:  # one line even when a damaged name or op type holds a newline
+        raise MicronetError(f"{prefix}: cannot decode the stored codes: {' '.join(str(exc).split())[:300]}") from None
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, MemoryError) as exc:  # odd protobuf content
+        first = " ".join(str(exc).split())[:200]
+        raise MicronetError(f"{prefix}: cannot decode the stored codes ({type(exc).__name__}: {first})") from None
+
+
+class _Damaged(Exception):
+    """A decoder node or stream that cannot be what the encoders write."""
+
+
+def _attr_int(attrs: dict, name: str, lo: int, hi: int) -> int:
+    if name not in attrs or not isinstance(attrs[name], int):
+        raise _Damaged(f"attribute '{name}' is missing or not an integer")
+    if not lo <= attrs[name] <= hi:
+        raise _Damaged(f"attribute '{name}' = {attrs[name]} is outside [{lo}, {hi}]")
+    return attrs[name]
+
+
+def _attr_shape(attrs: dict, limit: int) -> tuple[tuple[int, ...], int]:
+    shape = attrs.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
+        raise _Damaged("attribute 'shape' is missing or not a list of integers")
+    if any(d < 0 for d in shape):
+        raise _Damaged(f"attribute 'shape' {shape} has a negative dimension")
+    numel = 1
+    for d in shape:  # Python ints: no overflow while checking the bound
+        numel *= d
+    if numel > limit:
+        raise _Damaged(f"attribute 'shape' {shape} claims {numel} elements, more than the {limit} allowed")
+    return tuple(shape), numel
+
+
+def _read_codes(model: onnx.ModelProto, prefix: str, want: tuple[int, ...] | None) -> np.ndarray | None:
     inits = {t.name: t for t in model.graph.initializer}
     producers = {o: node for node in model.graph.node for o in node.output}
+    limit = MAX_READ_NUMEL if want is None else min(MAX_READ_NUMEL, int(np.prod(want, dtype=object)))
 
-    def codes_of(name: str) -> np.ndarray | None:
+    def stream_bits(name: str) -> np.ndarray:
+        if name not in inits:
+            raise _Damaged(f"stream '{name}' is not an initializer")
+        raw = onh.to_array(inits[name])
+        if raw.dtype != np.uint8 or raw.ndim != 1:
+            raise _Damaged(f"stream '{name}' is {raw.dtype} {list(raw.shape)}, not 1-D uint8")
+        return np.unpackbits(raw, bitorder="little")
+
+    def codes_of(name: str, limit: int, top: bool) -> np.ndarray | None:
         if name in inits:
             return onh.to_array(inits[name]).astype(np.int64)
         node = producers.get(name)
@@ -471,29 +545,50 @@ def read_codes(model: onnx.ModelProto, prefix: str) -> np.ndarray | None:
             return None
         attrs = {a.name: oh.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "DequantizeLinear":
-            return codes_of(node.input[0])
+            return codes_of(node.input[0], limit, top)
         if node.domain != DECODER_DOMAIN:
             return None
-        shape = tuple(int(d) for d in attrs["shape"])
-        numel = int(np.prod(shape))
-        bits = np.unpackbits(onh.to_array(inits[node.input[0]]), bitorder="little")
+        if node.op_type not in FUNCTIONS:
+            raise _Damaged(f"unknown decoder '{node.op_type}'")
+        if len(node.input) != (1 if node.op_type == "UnpackBits" else 2):
+            raise _Damaged(f"{node.op_type} has {len(node.input)} inputs")
+        shape, numel = _attr_shape(attrs, limit)
+        if top and want is not None and shape != want:
+            raise _Damaged(f"attribute 'shape' {list(shape)} is not the weight's {list(want)}")
+        bits = stream_bits(node.input[0])
         if node.op_type == "UnpackBits":
-            f = Fields(int(attrs["bits"]), int(attrs["lo"]), bool(attrs["skip_zero"]))
-            return from_fields(unpack_fields(bits, numel, f.bits), f).reshape(shape)
-        nz = codes_of(node.input[1])
+            width = _attr_int(attrs, "bits", 0, 8)
+            f = Fields(width, _attr_int(attrs, "lo", -128, 127), bool(_attr_int(attrs, "skip_zero", 0, 1)))
+            if numel * width > bits.size:
+                raise _Damaged(f"{numel} fields of {width} bits need {numel * width} bits, the stream has {bits.size}")
+            return from_fields(unpack_fields(bits, numel, width), f).reshape(shape)
+        nz = codes_of(node.input[1], numel, False)  # never more non-zeros than positions
         if nz is None:
-            return None
+            raise _Damaged(f"the non-zero codes '{node.input[1]}' are missing")
+        nz = nz.reshape(-1)
+        if nz.size > numel:
+            raise _Damaged(f"{nz.size} non-zero codes for {numel} positions")
         if node.op_type == "BitmaskDecode":
+            if bits.size < numel:
+                raise _Damaged(f"the mask has {bits.size} bits for {numel} positions")
             positions = np.flatnonzero(bits[:numel])
-        elif node.op_type == "RiceDecode":
-            positions = rice_decode(bits, nz.size, int(attrs["k"]))
         else:
-            return None
+            k = _attr_int(attrs, "k", 0, MAX_RICE_K)
+            positions = rice_decode(bits, nz.size, k)
+            # the encoder pads with zeros: a one past the n-th terminator is damage (onnxruntime's decoder fails)
+            if nz.size * k <= bits.size and np.count_nonzero(bits[nz.size * k:]) != nz.size:
+                raise _Damaged(f"the unary part holds {np.count_nonzero(bits[nz.size * k:])} terminators for "
+                               f"{nz.size} non-zero codes")
+        if positions.size != nz.size or (nz.size and (positions[-1] >= numel or np.any(np.diff(positions) <= 0))):
+            last = int(positions[-1]) if positions.size else -1
+            raise _Damaged(f"the stream codes {positions.size} positions (last {last}) for {nz.size} non-zero codes "
+                           f"in {numel} positions")
+        if np.any(nz == 0):
+            raise _Damaged("a non-zero code is zero")
         flat = np.zeros(numel, dtype=np.int64)
-        # a damaged file may code fewer, more or out-of-range positions: it then reads back wrong, without a crash
-        m = min(positions.size, nz.size)
-        inside = (positions[:m] >= 0) & (positions[:m] < numel)
-        flat[positions[:m][inside]] = nz[:m][inside]
+        flat[positions] = nz
         return flat.reshape(shape)
 
-    return codes_of(prefix) if prefix in producers or f"{prefix}.codes" in inits else None
+    if prefix not in producers and f"{prefix}.codes" not in inits:
+        return None
+    return codes_of(prefix, limit, True)

@@ -283,10 +283,8 @@ def _export(model: nn.Module, path: Path, bar: Any, *, form: str, sparse_weights
             progress: bool, pixels: bool, layout: str, norm: Normalization | None) -> ExportReport:
     inputs, source = _inputs(samples, data, pixels, layout) if verify else (None, "")
     deploy = deploy_form(model, input="pixels" if pixels else "float", normalization=norm, layout=layout)
-    built = _build(deploy, form=form, sparse_weights=sparse_weights, opset=opset, pixels=pixels, layout=layout)
-    if pixels:  # what a later verify_onnx needs to rebuild the same pixel form
-        oh.set_model_props(built.model, {"micronet.form": form, "micronet.input": "pixels", "micronet.layout": layout,
-                                         "micronet.normalization": json.dumps(normalization_record(norm))})
+    built = _build(deploy, form=form, sparse_weights=sparse_weights, opset=opset, pixels=pixels, layout=layout,
+                   norm=norm)
     bar.update()
     bar.set_description("export: ONNX checker")
     try:
@@ -333,8 +331,9 @@ def _export(model: nn.Module, path: Path, bar: Any, *, form: str, sparse_weights
         bar.set_description("export: dense build for the size comparison")
         # Each tensor's encoding is chosen by its own bytes, but the shared decoder functions cost bytes too, so
         # only the dense build's size can tell whether the flag helped.
-        report.dense_file_bytes = len(_build(deploy, form=form, opset=opset, pixels=pixels,
-                                             layout=layout).model.SerializeToString())
+        # the same metadata as the real file (pixel input), so the two sizes differ by the weights alone
+        report.dense_file_bytes = len(_build(deploy, form=form, opset=opset, pixels=pixels, layout=layout,
+                                             norm=norm).model.SerializeToString())
         bar.update()
         warning = report.sparse_warning()
         if warning:
@@ -345,14 +344,19 @@ def _export(model: nn.Module, path: Path, bar: Any, *, form: str, sparse_weights
 
 
 def _build(deploy: nn.Module, *, form: str, sparse_weights: bool | Sequence[str] = False, opset: int = 21,
-           pixels: bool = False, layout: str = "nchw") -> BuiltGraph:
+           pixels: bool = False, layout: str = "nchw", norm: Normalization | None = None) -> BuiltGraph:
     """The graph of a deploy-form model: gated networks get one ``If`` per gate (export/gated.py); a pixel-input
-    form takes uint8 images in ``layout``."""
+    form takes uint8 images in ``layout`` and records (with ``norm``, its normalisation) what a later verify_onnx
+    needs to rebuild the same pixel form."""
     if is_gated(deploy):
         return build_gated_graph(deploy, form=form, sparse_weights=sparse_weights, opset=opset, input_shape=INPUT_SHAPE)
-    return build_graph(deploy, form=form, sparse_weights=sparse_weights, opset=opset,
-                       input_shape=_input_shape(layout) if pixels else INPUT_SHAPE,
-                       input_dtype=torch.uint8 if pixels else torch.float32)
+    built = build_graph(deploy, form=form, sparse_weights=sparse_weights, opset=opset,
+                        input_shape=_input_shape(layout) if pixels else INPUT_SHAPE,
+                        input_dtype=torch.uint8 if pixels else torch.float32)
+    if pixels and norm is not None:
+        oh.set_model_props(built.model, {"micronet.form": form, "micronet.input": "pixels", "micronet.layout": layout,
+                                         "micronet.normalization": json.dumps(normalization_record(norm))})
+    return built
 
 
 def _report(path: Path, built: BuiltGraph, deploy: nn.Module, opset: int, sparse: bool | Sequence[str], size: int,
@@ -389,15 +393,18 @@ def verify_onnx(
     path = Path(path)
     if not path.is_file():
         raise MicronetError(f"file not found: {path}")
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = _verify.load_onnx(path, load_external_data=False)
     props = {p.key: p.value for p in proto.metadata_props}
     form = form or props.get("micronet.form", "integer")
     pixels = props.get("micronet.input") == "pixels"
     layout = props.get("micronet.layout", "nchw")
     norm = None
     if pixels:
-        rec = json.loads(props["micronet.normalization"])
-        norm = Normalization(rec["name"], tuple(rec["mean"]), tuple(rec["std"]), rec["extra_divisor"])
+        try:
+            rec = json.loads(props["micronet.normalization"])
+            norm = Normalization(rec["name"], tuple(rec["mean"]), tuple(rec["std"]), rec["extra_divisor"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MicronetError(f"{path.name}: its micronet.normalization record is unreadable ({exc!r})") from None
     deploy = deploy_form(model, input="pixels" if pixels else "float", normalization=norm, layout=layout)
     # Rebuilding (in memory) gives the weight list and whether the graph must be bit-exact.
     built = _build(deploy, form=form, pixels=pixels, layout=layout)

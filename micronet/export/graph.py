@@ -187,7 +187,7 @@ def assemble(b: GraphBuilder, output: Value, *, form: str, opset: int, input_sha
         initializers,
     )
     opsets = [oh.make_opsetid("", opset)]
-    functions = encoding.functions({n.op_type for n in nodes if n.domain == encoding.DECODER_DOMAIN})
+    functions = encoding.functions({n.op_type for n in nodes if n.domain == encoding.DECODER_DOMAIN}, opset)
     if functions:
         opsets.append(oh.make_opsetid(encoding.DECODER_DOMAIN, 1))
     onnx_model = oh.make_model(

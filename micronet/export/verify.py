@@ -113,8 +113,32 @@ class ParityReport:
         return "\n".join(lines)
 
 
+def load_onnx(path: str | Path, load_external_data: bool = True) -> onnx.ModelProto:
+    """The ONNX model at ``path``; a file that is not one (truncated, damaged) raises a one-line MicronetError."""
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except OSError as exc:
+        raise MicronetError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # protobuf DecodeError, RuntimeWarning-turned-errors, ...: all mean "not ONNX"
+        raise MicronetError(f"{Path(path).name} is not a readable ONNX file ({type(exc).__name__}: "
+                            f"{_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
+
+
+def _session(ort: Any, src: str | bytes, providers: list[str]):
+    try:
+        return ort.InferenceSession(src, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... for any model it cannot load
+        what = Path(src).name if isinstance(src, str) else "the model"
+        raise MicronetError(f"onnxruntime cannot load {what}: {_first_line(exc)}") from None
+
+
 def make_session(model: str | Path | bytes, device: str = "cpu"):
-    """onnxruntime session on ``device``; for CUDA, asserts the CUDA provider is really in use."""
+    """onnxruntime session on ``device``; for CUDA, asserts the CUDA provider is really in use. A model that
+    onnxruntime refuses raises a one-line MicronetError."""
     try:  # deferred on purpose: onnxruntime is optional (the onnx extras) and only verification needs it
         import onnxruntime as ort
     except ImportError:
@@ -123,10 +147,10 @@ def make_session(model: str | Path | bytes, device: str = "cpu"):
         ) from None
     src = str(model) if isinstance(model, Path) else model
     if device == "cpu":
-        return ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+        return _session(ort, src, ["CPUExecutionProvider"])
     if device != "cuda":
         raise MicronetError(f"unknown device {device!r}; use 'cpu' or 'cuda'")
-    sess = ort.InferenceSession(src, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    sess = _session(ort, src, ["CUDAExecutionProvider", "CPUExecutionProvider"])
     # onnxruntime-gpu lists CUDA as available even without a GPU and silently falls back to CPU.
     if "CUDAExecutionProvider" not in sess.get_providers():
         raise MicronetError(
@@ -139,6 +163,20 @@ def make_session(model: str | Path | bytes, device: str = "cpu"):
 
 def _torch_device(device: str) -> torch.device:
     return torch.device("cuda") if device == "cuda" and torch.cuda.is_available() else torch.device("cpu")
+
+
+def stored_codes_failures(onnx_model: onnx.ModelProto, reference: nn.Module, built: BuiltGraph) -> list[str]:
+    """Weights whose stored streams cannot be decoded (a damaged file), checked in numpy with every allocation
+    bounded, before onnxruntime (which would allocate whatever the attributes claim) sees the file."""
+    modules = dict(reference.named_modules())
+    bad = []
+    for rec in built.weights:
+        if rec.kind == "codes" and rec.module in modules:
+            try:
+                encoding.read_codes(onnx_model, f"{rec.module}.weight", tuple(modules[rec.module].weight.shape))
+            except MicronetError as exc:
+                bad.append(str(exc))
+    return bad
 
 
 def check_weights(onnx_model: onnx.ModelProto, reference: nn.Module, built: BuiltGraph, device: str) -> tuple:
@@ -154,7 +192,11 @@ def check_weights(onnx_model: onnx.ModelProto, reference: nn.Module, built: Buil
             continue
         expected[prefix] = want
         if rec.kind == "codes":
-            got = encoding.read_codes(onnx_model, prefix)
+            try:
+                got = encoding.read_codes(onnx_model, prefix, want.shape)
+            except MicronetError as exc:
+                bad.append(str(exc))
+                continue
             if got is None:
                 bad.append(f"{prefix}: missing from the file")
             elif got.shape != want.shape or not np.array_equal(got, want.astype(np.int64)):
@@ -169,7 +211,7 @@ def check_weights(onnx_model: onnx.ModelProto, reference: nn.Module, built: Buil
         probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, want.shape))
     sess = make_session(probe.SerializeToString(), device)
     names = [o.name for o in sess.get_outputs() if o.name in expected]  # not the model's own outputs
-    got_all = sess.run(names, {INPUT_NAME: np.zeros((1, *_input_shape(onnx_model)), _input_dtype(onnx_model))})
+    got_all = _ort_run(sess, names, {INPUT_NAME: np.zeros((1, *_input_shape(onnx_model)), _input_dtype(onnx_model))})
     for name, got in zip(names, got_all):
         if not np.array_equal(got, expected[name]):
             bad.append(f"{name}: weight decoded by onnxruntime differs from the model's "
@@ -209,10 +251,18 @@ def _input_dtype(onnx_model: onnx.ModelProto) -> type:
     return np.uint8 if elem == onnx.TensorProto.UINT8 else np.float32
 
 
+def _ort_run(sess, names: list[str], feed: dict) -> list[np.ndarray]:
+    """``sess.run``; a model onnxruntime loads but cannot run (a damaged file) raises a one-line MicronetError."""
+    try:
+        return sess.run(names, feed)
+    except Exception as exc:  # onnxruntime's own error types (InvalidArgument, Fail, RuntimeException, ...)
+        raise MicronetError(f"onnxruntime cannot run the model: {_first_line(exc)}") from None
+
+
 def _run_ort(sess, x: np.ndarray, batch: int = BATCH, bar: Any = None) -> np.ndarray:
     outs = []
     for i in range(0, len(x), batch):
-        outs.append(sess.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + batch]})[0])
+        outs.append(_ort_run(sess, [OUTPUT_NAME], {INPUT_NAME: x[i : i + batch]})[0])
         if bar is not None:
             bar.update()
     return np.concatenate(outs)
@@ -368,7 +418,7 @@ def first_parting(onnx_model: onnx.ModelProto, reference: nn.Module, built: Buil
             probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     sess = make_session(probe.SerializeToString(), device)
     xin = x.detach().cpu().contiguous()
-    got = dict(zip(names, sess.run(names, {INPUT_NAME: xin.numpy()})))
+    got = dict(zip(names, _ort_run(sess, names, {INPUT_NAME: xin.numpy()})))
     got[INPUT_NAME] = xin.numpy()
 
     ref64 = copy.deepcopy(reference).cpu().double().eval()
@@ -460,10 +510,14 @@ def verify(
 
 def _verify(path: str | Path, reference: nn.Module, built: BuiltGraph, inputs: torch.Tensor, source: str,
             device: str, bar: Any) -> ParityReport:
-    onnx_model = onnx.load(str(path))
+    onnx_model = load_onnx(path)
+    mode = "exact" if built.exact else "statistical"
+    damaged = stored_codes_failures(onnx_model, reference, built)
+    if damaged:  # onnxruntime would decode the same streams, allocating whatever their attributes claim
+        return ParityReport(mode=mode, samples=len(inputs), source=source, providers=[], failures=damaged)
     sess = make_session(Path(path), device)
     report = ParityReport(
-        mode="exact" if built.exact else "statistical",
+        mode=mode,
         samples=len(inputs),
         source=source,
         providers=list(sess.get_providers()[:1]),
@@ -526,7 +580,7 @@ def _check_batches(sess, x: torch.Tensor, ort_out: np.ndarray, exact: bool, repo
             bar.update()
         if b > len(rows):
             continue
-        got = sess.run([OUTPUT_NAME], {INPUT_NAME: x[:b].numpy()})[0]
+        got = _ort_run(sess, [OUTPUT_NAME], {INPUT_NAME: x[:b].numpy()})[0]
         if got.shape != (b, rows.shape[1]):
             report.failures.append(f"batch {b}: output shape {got.shape}")
             continue
@@ -569,7 +623,7 @@ def measure_latency(
     sess = make_session(Path(path), device)
     dev = _torch_device(device)
     model = reference.to(dev)
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = load_onnx(path, load_external_data=False)
     shape, pixels = _input_shape(proto), _input_dtype(proto) == np.uint8
     ort_ms, pt_ms = {}, {}
     for b in batches:

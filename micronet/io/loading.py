@@ -242,8 +242,12 @@ def checkpoint_normalization(path: str | Path, format: str = "auto") -> Normaliz
 
 def recorded_normalization(path: str | Path, format: str = "auto") -> Normalization | None:
     """The normalisation a checkpoint records (micronet metadata, or the riair2019 format's legacy scaling), or
-    None for a plain state_dict or a checkpoint without a record, whose normalisation would only be a guess."""
-    fmt = detect_format(path) if format == "auto" else format
+    None for a plain state_dict, a pickled module or a checkpoint without a record, whose normalisation would only
+    be a guess."""
+    try:
+        fmt = detect_format(path) if format == "auto" else format
+    except PickledObjectsError:  # a whole pickled module (--trust-pickle): no format that records normalisation
+        return None
     recorded = fmt == "riair2019"
     if fmt == "micronet":
         extra = read_header(path).get("extra")

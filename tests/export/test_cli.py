@@ -136,3 +136,20 @@ def test_export_verification_shows_a_status_bar_only_when_asked(tmp_path, capsys
     # its length: 1 weight check + 2 x 2 batches of 64 (PyTorch, onnxruntime) + 3 dynamic-batch checks; the steps:
     # graph, checker, verification, writing
     assert "0/8" in err and "0/4" in err
+
+
+def test_pixel_input_dense_comparison_is_the_size_of_a_real_dense_pixel_export(tmp_path):
+    """The dense build the size note compares with carries the same micronet.* metadata as the written file."""
+    from micronet.io import save  # noqa: PLC0415 (as the other tests here)
+
+    torch.manual_seed(0)
+    ckpt = save(tmp_path / "m.safetensors", compressed(models.create("densenet_bc:depth=10,growth=4")),
+                extra={"normalization": "cifar10"})
+    common = ["--input", "pixels", "--samples", "8", "--no-timing", "--json"]
+    sparse = _run("export", str(ckpt), "-o", str(tmp_path / "s.onnx"), "--sparse-weights", *common)
+    dense = _run("export", str(ckpt), "-o", str(tmp_path / "d.onnx"), *common)
+    assert sparse.exit_code == 0 and dense.exit_code == 0, sparse.output + dense.output
+    # Oracle: the file written without --sparse-weights, measured on disk.
+    assert json.loads(sparse.output)["dense_file_bytes"] == (tmp_path / "d.onnx").stat().st_size
+    props = {p.key for p in onnx.load(str(tmp_path / "d.onnx")).metadata_props}
+    assert {"micronet.input", "micronet.normalization"} <= props
