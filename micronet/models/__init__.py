@@ -9,14 +9,12 @@ holds every resolved family option.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
-from collections.abc import Iterator
 from typing import Any
 
 import torch.nn as nn
 
+from micronet.collector import collector_paused
 from micronet.errors import MicronetError
 from micronet.models import densenet, pyramidnet, pyramidskipnet, shakeshake, wrn  # noqa: F401  (registers the families)
 from micronet.models.densenet import DenseNet
@@ -127,19 +125,8 @@ def _describe(names: tuple[str, ...], input_size: tuple[int, int, int], num_clas
     # Cached: the figures depend only on the architecture. The collector is paused while the networks are built:
     # each creates thousands of modules, which would set off full collections of everything torch has loaded
     # (about a third of the time). The throwaway models are collected at the next collection after this.
-    with _collector_paused():
+    with collector_paused():
         return tuple(_describe_one(name, input_size, num_classes) for name in names)
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _describe_one(name: str, input_size: tuple[int, int, int], num_classes: int) -> dict[str, Any]:

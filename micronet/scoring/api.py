@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from micronet.collector import collector_paused
 from micronet.compress import deploy_form
 from micronet.compress.pixel_input import PIXEL_BITS, check_pixel_input, pixel_input_of
 from micronet.compress.state import has_training_form, model_device, preserved_modes
@@ -211,23 +211,6 @@ class _Scored:
     input_bits: int
 
 
-@contextlib.contextmanager
-def _cyclic_gc_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector paused inside the block (and resumed after, if it was running).
-
-    Scoring allocates some 10^5 small containers (fx nodes, op records); every time they cross the collector's
-    thresholds it re-scans the objects of the whole process: about a quarter of pyramidnet272's score() time.
-    What scoring leaves for the collector (the deploy form's graph) holds no tensors by then (_release_tensors).
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def _release_tensors(model: nn.Module) -> None:
     """Drop a scored deploy form's references to its tensors (the copy's own, or the caller's it shares).
 
@@ -378,7 +361,9 @@ def score(
             _release_tensors(target)
 
     try:
-        with _cyclic_gc_paused():
+        # Scoring allocates some 10^5 small containers (fx nodes, op records): paused, the collector does not re-scan
+        # the whole process each time; what scoring leaves behind holds no tensors by then (_release_tensors).
+        with collector_paused():
             try:
                 scored = attempt(share=True)
             except ProtectedWrite:
