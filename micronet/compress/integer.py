@@ -1,7 +1,7 @@
 """``deploy_form``: the integer deploy form that the scorer counts and the exporter writes.
 
-Two passes over a copy of the model (the caller's model is never touched; the copy shares its weights'
-memory read-only, see :func:`detached_copy`):
+Two passes over a copy of the model (the caller's model is never touched; with ``share=True``, the scorer's
+choice, the copy shares its weights' memory read-only, see :func:`detached_copy`):
 
 1. **Local rewrites** (module tree): a quantized conv/linear becomes
    ``ChannelAffine(1/s_a) -> RoundClamp -> IntConv2d(codes) -> ChannelAffine(s_a·s_w, bias)``;
@@ -13,6 +13,11 @@ memory read-only, see :func:`detached_copy`):
    affine∘affine → affine; float conv∘affine → conv with folded weights/bias (BN folding: only when the
    conv's output has no other consumer); affine∘relu∘(positive, bias-free affine) → affine'∘relu;
    relu∘RoundClamp(qmin ≥ 0) → RoundClamp (the clamp at 0 is the ReLU); identity affines vanish.
+
+Folding is eager by default (a folded layer owns a new weight ``w * s``). With ``share=True`` it is lazy: the
+folded weight is a :class:`~micronet.compress.integer_modules.ScaledWeight` over the caller's ``w`` and the scales,
+whose values (the eager ones, bit for bit) are computed only while an op reads them (the scorer's trace
+materialises it per op and per cost-rule read), so a scored model's folded weights are never all in memory at once.
 
 On a DenseNet-BC this yields exactly the 2019 winner's merged network (spec training.md §2.3).
 Logits equal the training form's up to fp32 rounding; a value that lands within an ulp of a rounding
@@ -35,7 +40,15 @@ from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
 from micronet.compress import state
-from micronet.compress.integer_modules import ChannelAffine, FoldedAffine, IntConv2d, IntLinear, RoundClamp
+from micronet.compress.integer_modules import (
+    ChannelAffine,
+    FoldedAffine,
+    IntConv2d,
+    IntLinear,
+    RoundClamp,
+    ScaledWeight,
+    materialized,
+)
 from micronet.compress.parametrizations import WeightMask
 from micronet.compress.pixel_input import Float64Reduce, Normalization, PixelInputConv, pixel_input_form
 from micronet.errors import MicronetError
@@ -53,9 +66,10 @@ def deploy_form(model: nn.Module, *, input: str = "float", normalization: Normal
     ``input="pixels"`` gives the pixel-input form (uint8 images in ``layout``, ``normalization`` folded into an
     exact first layer; :mod:`micronet.compress.pixel_input`).
     The result owns every tensor. ``share=True`` (the scorer's choice: weights are often larger than every
-    activation together) lets tensors the conversion leaves as they are share the caller's memory: the result's
-    tensors are then read-only (replacing them, or ``.to()``, is fine), and a forward that writes its own weights
-    would write the caller's. Pixel input always copies: building it runs a forward.
+    activation together) lets tensors the conversion leaves as they are share the caller's memory, and folds BN
+    lazily (``ScaledWeight``, see the module docstring): the result's tensors are then read-only (replacing them,
+    or ``.to()``, is fine), and a forward that writes its own weights would write the caller's. Pixel input always
+    copies: building it runs a forward.
     """
     if input not in INPUTS:
         raise MicronetError(f"unknown model input {input!r}; use one of {', '.join(INPUTS)}")
@@ -72,7 +86,7 @@ def deploy_form(model: nn.Module, *, input: str = "float", normalization: Normal
         work = detached_copy(model, share=share).eval()
         with torch.no_grad():
             work = _rewrite_modules(work)
-            work = _merge(work)
+            work = _merge(work, lazy=share)
     except MicronetError:
         raise
     except Exception as exc:  # a user's module we cannot rewrite: say so instead of failing later
@@ -115,6 +129,11 @@ def detached_copy(model: nn.Module, *, share: bool = True) -> nn.Module:
             elif isinstance(value, list | tuple) and any(isinstance(t, Tensor) and t.grad_fn is not None
                                                          for t in value):
                 memo[id(value)] = type(value)(t.detach().clone() if isinstance(t, Tensor) else t for t in value)
+        for p in module._parameters.values():
+            if type(p) is ScaledWeight:
+                # A scoring deploy form's lazily folded weight: shared lazily, or owned as the eager fold's weight.
+                memo[id(p)] = (ScaledWeight(p.base, p.scales) if share
+                               else nn.Parameter(p.materialize(), requires_grad=p.requires_grad))
         if share and not isinstance(module, _SELF_UPDATING):
             for p in module._parameters.values():
                 if type(p) is nn.Parameter and id(p) not in memo:  # a Parameter subclass may carry more: deep copy
@@ -255,7 +274,10 @@ def _plain_copy(layer: nn.Conv2d | nn.Linear, weight: Tensor, bias: Tensor | Non
         value = getattr(layer, key)
         new.__dict__[key] = list(value) if isinstance(value, list) else value
     # Callers pass freshly computed tensors or the caller's own (a bias): the deploy form only reads them.
-    new.register_parameter("weight", nn.Parameter(weight.detach(), requires_grad=False))
+    # A ScaledWeight is a parameter already (detaching it would dispatch on it).
+    if not isinstance(weight, ScaledWeight):
+        weight = nn.Parameter(weight.detach(), requires_grad=False)
+    new.register_parameter("weight", weight)
     new.register_parameter("bias", nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None)
     return new
 
@@ -299,7 +321,7 @@ class _DeployTracer(fx.Tracer):
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
-def _merge(module: nn.Module, top: bool = True) -> nn.Module:
+def _merge(module: nn.Module, top: bool = True, *, lazy: bool = False) -> nn.Module:
     """Trace the largest sub-modules that trace and merge affines on their graphs.
 
     The top-level module is replaced by its merged ``GraphModule``. Below a module that does not trace,
@@ -307,6 +329,7 @@ def _merge(module: nn.Module, top: bool = True) -> nn.Module:
     becomes their ``forward`` and every merge is written back into their own module tree (a folded conv
     replaces the conv, an affine merged away becomes ``Identity``), so methods the parent calls directly
     (SkipNet's ``block.residual``) run the same merged layers and no layer is held twice.
+    ``lazy``: folded weights are :class:`ScaledWeight` (see :meth:`_Peephole.fold`).
     """
     if isinstance(module, _LEAVES) or not any(True for _ in module.children()):
         return module
@@ -319,14 +342,14 @@ def _merge(module: nn.Module, top: bool = True) -> nn.Module:
             graph = None
     if graph is None:
         for name, child in list(module.named_children()):
-            new = _merge(child, top=False)
+            new = _merge(child, top=False, lazy=lazy)
             if new is not child:
                 setattr(module, name, new)
         for segment in getattr(module, "deploy_segments", ()):
-            _merge_segment(module, segment)
+            _merge_segment(module, segment, lazy=lazy)
         return module
     gm = fx.GraphModule(module, graph, module.__class__.__name__)
-    changed = _Peephole(gm).run()
+    changed = _Peephole(gm, lazy=lazy).run()
     if top:
         return gm
     for path in changed:
@@ -341,12 +364,12 @@ def _merge(module: nn.Module, top: bool = True) -> nn.Module:
     return module
 
 
-def _merge_segment(module: nn.Module, names: tuple[str, ...]) -> None:
+def _merge_segment(module: nn.Module, names: tuple[str, ...], *, lazy: bool = False) -> None:
     """Merge children that an untraceable model declares as a segment (``deploy_segments``): they run in this
     order, each output consumed only by the next, so e.g. a stem conv still absorbs the BN after it."""
     seq = nn.Sequential(OrderedDict((str(i), module.get_submodule(name)) for i, name in enumerate(names)))
     gm = fx.GraphModule(seq, _DeployTracer().trace(seq), "DeploySegment")
-    for path in _Peephole(gm).run():
+    for path in _Peephole(gm, lazy=lazy).run():
         index, _, rest = path.partition(".")
         if not index.isdigit():
             continue  # a module the merge added: none in a plain chain
@@ -427,10 +450,16 @@ def _combine(first: ChannelAffine, second: ChannelAffine) -> ChannelAffine:
                          quant_step=first.quant_step or second.quant_step, axis=axis)
 
 
-def _scaled_layer(layer: nn.Module, affine: ChannelAffine) -> nn.Module:
-    """A copy of float ``layer`` with ``affine`` (applied after it) folded into its weight and bias."""
+def _scaled_layer(layer: nn.Module, affine: ChannelAffine, lazy: bool = False) -> nn.Module:
+    """A copy of float ``layer`` with ``affine`` (applied after it) folded into its weight and bias (``lazy``: a
+    :class:`ScaledWeight` over ``layer``'s weight)."""
     bias = layer.bias.detach().clone() if layer.bias is not None else None
-    new = _plain_copy(layer, layer.weight.detach().clone(), bias)
+    weight = layer.weight
+    if lazy:
+        weight = weight if isinstance(weight, ScaledWeight) else ScaledWeight(weight.detach())
+    else:
+        weight = materialized(weight).detach().clone()
+    new = _plain_copy(layer, weight, bias)
     new.block = getattr(layer, "block", None)
     new.folded, new.bias_folded = getattr(layer, "folded", ()), getattr(layer, "bias_folded", False)
     _rescale_(new, affine)
@@ -446,7 +475,11 @@ def _rescale_(layer: nn.Module, affine: ChannelAffine) -> None:
     bias_folded = getattr(layer, "bias_folded", False) or (
         layer.bias is None and affine.bias is not None and bool(affine.origin)
     )
-    layer.weight.mul_(s_full.reshape((-1,) + (1,) * (layer.weight.dim() - 1)))
+    scale = s_full.reshape((-1,) + (1,) * (layer.weight.dim() - 1))
+    if isinstance(layer.weight, ScaledWeight):
+        layer.weight = layer.weight.rescaled(scale)
+    else:
+        layer.weight.mul_(scale)
     if layer.bias is not None:
         layer.bias.mul_(s_full)
     if affine.bias is not None:
@@ -472,8 +505,8 @@ def _unused_nodes(graph: fx.Graph) -> set[fx.Node]:
 class _Peephole:
     """One graph's merge state: the call sites of each module path and the paths whose module changed."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
+    def __init__(self, gm: fx.GraphModule, lazy: bool = False) -> None:
+        self.gm, self.lazy = gm, lazy
         self.calls: Counter[str] = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
         self.changed: set[str] = set()
         self.folds: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layers this merge folded (owns their weights)
@@ -533,11 +566,12 @@ class _Peephole:
     def fold(self, node: fx.Node, layer: nn.Module, affine: ChannelAffine) -> None:
         """Make ``node`` call ``layer`` with ``affine`` (applied after it) folded in. A layer this merge already
         folded, called only here, is rescaled in place: a conv absorbing a BN and then a scale would otherwise
-        hold its weights twice (same arithmetic, same values)."""
+        hold its weights twice (same arithmetic, same values). ``lazy`` (the scorer's shared deploy form) folds
+        into a :class:`ScaledWeight`: the scorer's trace would otherwise hold every folded weight at once."""
         if layer in self.folds and self.calls[str(node.target)] == 1:
             _rescale_(layer, affine)
             return
-        new = _scaled_layer(layer, affine)
+        new = _scaled_layer(layer, affine, self.lazy)
         self.folds.add(new)
         self.install(node, new)
 

@@ -14,14 +14,18 @@ This is the representation the scorer counts and the ONNX exporter writes. Read 
 * A float ``nn.Conv2d`` / ``nn.Linear`` that absorbed affines (BN folding) carries ``folded`` (the
   :class:`FoldedAffine` records of what it absorbed) and ``bias_folded`` (its bias exists only because a
   folded affine shifted), so that an accounting convention may still charge them as separate layers.
+  In the scorer's deploy form (``deploy_form(share=True)``) its ``weight`` is a :class:`ScaledWeight`: the same
+  values, computed when an op reads them (see there).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from micronet.compress.ops import range_bits, round_clamp
@@ -31,6 +35,75 @@ def _as_float(t: Tensor) -> Tensor:
     """A detached copy, float32 unless already floating point (a float64 model stays float64)."""
     t = t.detach().clone()
     return t if torch.is_floating_point(t) else t.to(torch.float32)
+
+
+class ScaledWeight(Tensor):
+    """A folded weight ``base * s1 * s2 ...`` (scales per output channel, applied in order) that holds only its
+    factors: :meth:`materialize` computes the values, for one op at a time.
+
+    Folding BatchNorm into every conv would otherwise hold a second copy of all of a model's weights while the
+    scorer traces its deploy form (``deploy_form(share=True)``): about 100 MB on PyramidNet-272. It is a
+    parameter (``nn.Parameter``'s flag, set without the ``detach`` that would dispatch on it) with the folded
+    weight's shape, dtype and device and no memory of its own, so modules, ``named_parameters`` and the scorer
+    see the same tensor, under the same name, as with an eager fold. Its values are the eager fold's bit for bit
+    (the same clone-then-``mul_`` sequence).
+
+    Who computes with it materialises it first: the scorer's trace does, for each op and each cost rule that
+    reads it (``micronet.scoring.trace``). Any other op on it still works (``__torch_dispatch__`` materialises),
+    but torch imports ``torch.distributed.tensor`` (about 37 MB) on a Python tensor subclass's first dispatch.
+    It is read-only: an op that writes it raises, and its storage is ``base``'s, so a tracer that protects the
+    caller's memory sees a write into a shared ``base``.
+    """
+
+    base: Tensor
+    scales: tuple[Tensor, ...]
+
+    @staticmethod
+    def __new__(cls, base: Tensor, scales: tuple[Tensor, ...] = ()) -> ScaledWeight:
+        # A wrapper subclass: metadata only, no memory of its own.
+        new = Tensor._make_wrapper_subclass(cls, base.shape, strides=base.stride(), dtype=base.dtype,
+                                            device=base.device, requires_grad=False)
+        new.base, new.scales = base, tuple(scales)
+        new._is_param = True  # what nn.Parameter(custom tensor) sets, after a detach that would dispatch here
+        return new
+
+    def rescaled(self, scale: Tensor) -> ScaledWeight:
+        """This weight with ``scale`` (broadcastable, applied after the others) folded in too."""
+        return ScaledWeight(self.base, (*self.scales, scale))
+
+    def materialize(self) -> Tensor:
+        """The folded values, as a plain tensor that nothing else holds."""
+        w = self.base.clone()
+        for s in self.scales:
+            w.mul_(s)
+        return w
+
+    def __deepcopy__(self, memo: dict) -> ScaledWeight:
+        return ScaledWeight(copy.deepcopy(self.base, memo), copy.deepcopy(self.scales, memo))
+
+    def untyped_storage(self):  # noqa: ANN201 (torch's own return type)
+        """``base``'s memory: the memory reading this weight reads, and writing it would write."""
+        return self.base.untyped_storage()
+
+    def __repr__(self) -> str:
+        return f"ScaledWeight(shape={tuple(self.shape)}, scales={len(self.scales)})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+        kwargs = kwargs or {}
+        if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
+            return ScaledWeight(args[0].base, args[0].scales)  # a view of it: still lazy
+        for i, arg in enumerate(func._schema.arguments):
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, ScaledWeight):
+                raise RuntimeError(f"{func._schema.name} writes a folded weight of the scoring deploy form, "
+                                   "which is read-only")
+        return func(*pytree.tree_map(materialized, args), **pytree.tree_map(materialized, kwargs))
+
+
+def materialized(value: object) -> object:
+    """``value``, or its values when it is a :class:`ScaledWeight` (anything else passes through as it is)."""
+    return value.materialize() if isinstance(value, ScaledWeight) else value
 
 
 @dataclass(frozen=True)

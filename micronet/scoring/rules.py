@@ -117,7 +117,7 @@ class CostContext:
         return ParamUse(
             stored.name,
             stored.name,
-            stored.value.numel(),
+            stored.held.numel(),
             stored.bits,
             stored.value,
             sparse,

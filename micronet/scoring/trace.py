@@ -29,6 +29,7 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from micronet.compress.integer_modules import ScaledWeight, materialized
 from micronet.compress.ops import range_bits
 from micronet.errors import MicronetError
 
@@ -187,7 +188,12 @@ class TensorRef:
     shape: tuple[int, ...]
     dtype: torch.dtype
     info: TensorInfo
-    value: Tensor | None = None
+    held: Tensor | None = None  # the tensor itself (a folded ScaledWeight holds only its factors)
+
+    @property
+    def value(self) -> Tensor | None:
+        """The tensor's values (a ScaledWeight's computed for this read: read it once per use)."""
+        return materialized(self.held)
 
     @property
     def numel(self) -> int:
@@ -211,10 +217,15 @@ class StoredTensor:
 
     uid: int
     name: str
-    value: Tensor
+    held: Tensor  # the tensor itself (a folded ScaledWeight holds only its factors)
     bits: int
     codes: bool
     owner: nn.Module | None = None
+
+    @property
+    def value(self) -> Tensor:
+        """The tensor's values (a ScaledWeight's computed for this read: read it once per use)."""
+        return materialized(self.held)
 
 
 @dataclass
@@ -377,11 +388,12 @@ class _OpRecorder(TorchDispatchMode):
         self.float_bits, self.uids, self.protected = float_bits, uids, protected
 
     def _refuse_protected_write(self, func: Any, written: frozenset, args: tuple, kwargs: dict) -> None:
-        """Stop before an in-place op writes into protected memory (the caller's weights, shared by the copy)."""
+        """Stop before an in-place op writes into protected memory (the caller's weights, shared by the copy) or
+        into a folded ScaledWeight (values computed per read: the write would be lost)."""
         # A written argument is a tensor or a tensor list (the ``_foreach_*_`` ops).
         targets = _tensors_in(tuple(a for i, a in enumerate(args) if i in written))
         targets += _tensors_in(tuple(v for k, v in kwargs.items() if k in written))
-        if any(_storage_of(t) in self.protected for t in targets):
+        if any(_storage_of(t) in self.protected or type(t) is ScaledWeight for t in targets):
             raise ProtectedWrite(f"{func._schema.name} in {self._module_path() or '(root)'}")
 
     def _module_path(self) -> str:
@@ -406,12 +418,17 @@ class _OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         written = _written_args(func)
-        if written and self.protected:
+        if written:
             self._refuse_protected_write(func, written, args, kwargs)
-        out = func(*args, **kwargs)
-        op = func._schema.name
         # Aten arguments nest at most one level (tensor lists): flatten by hand, pytree is too slow here.
         in_tensors = _tensors_in(args) + (_tensors_in(tuple(kwargs.values())) if kwargs else [])
+        if any(type(t) is ScaledWeight for t in in_tensors):
+            # A folded weight of the scoring deploy form: its values exist for this op only (and the op never
+            # reaches the subclass's own dispatch, whose first use imports torch.distributed.tensor).
+            out = func(*(_materialized_arg(a) for a in args), **{k: _materialized_arg(v) for k, v in kwargs.items()})
+        else:
+            out = func(*args, **kwargs)
+        op = func._schema.name
         in_refs = [self._ref(t) for t in in_tensors]
         if isinstance(out, Tensor):
             out_tensors = [out]
@@ -548,6 +565,13 @@ def _storage_of(t: Tensor) -> int:
         return id(t)
 
 
+def _materialized_arg(a: Any) -> Any:
+    """An aten argument with any ScaledWeight in it (top level or in a tensor list) replaced by its values."""
+    if isinstance(a, (list, tuple)):
+        return type(a)(materialized(b) for b in a)
+    return materialized(a)
+
+
 _WRITTEN: dict[Any, frozenset] = {}
 
 
@@ -586,7 +610,8 @@ def _register_model_tensors(
                 signed = True
             infos.tag_foreign(tensor, TensorInfo(uid, bits, True, True, codes, signed, uid))
             full = f"{path}.{name}" if path else name
-            trace.stored[uid] = StoredTensor(uid, full, tensor.detach(), bits, codes, module)
+            held = tensor if type(tensor) is ScaledWeight else tensor.detach()  # (its detach would dispatch)
+            trace.stored[uid] = StoredTensor(uid, full, held, bits, codes, module)
 
 
 def output_tensors(output: Any, depth: int = 8) -> list[Tensor]:
@@ -635,8 +660,10 @@ def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits
                 protected: frozenset[int] = frozenset()) -> Trace:
     """Run ``model(inputs)`` once under the recorder; the model must already be in eval mode.
 
-    An op about to write in place into ``protected`` memory (see :func:`storages_of`) raises
-    :class:`ProtectedWrite` before it runs, so that memory is never changed.
+    An op about to write in place into ``protected`` memory (see :func:`storages_of`), or into a folded
+    ``ScaledWeight``, raises :class:`ProtectedWrite` before it runs, so that memory is never changed.
+    A ``ScaledWeight`` (``deploy_form(share=True)``'s folded weights) is recorded as the parameter it is, and its
+    values are computed for each op that reads it and for each read of its ``value`` by a cost rule, never kept.
     """
     refuse_fx_proxies(model)
     trace = Trace(batch=int(inputs.shape[0]), input_shape=tuple(inputs.shape), input_dtype=inputs.dtype)

@@ -4,7 +4,7 @@ from torch import nn
 
 from micronet import models
 from micronet.compress import QuantConfig, SparsityConfig, deploy_form, prune_, quantize_, recalibrate_bn_
-from micronet.compress.integer_modules import ChannelAffine, IntConv2d, IntLinear, RoundClamp
+from micronet.compress.integer_modules import ChannelAffine, IntConv2d, IntLinear, RoundClamp, ScaledWeight
 
 from .conftest import TINY, randomize_bn_
 
@@ -133,3 +133,28 @@ def test_deploy_form_shares_the_tensors_it_does_not_convert_when_asked():
     owned = deploy_form(model)
     caller = {t.untyped_storage().data_ptr() for t in _tensors(model).values()}
     assert not any(t.untyped_storage().data_ptr() in caller for t in _tensors(owned).values())
+
+
+def test_the_scoring_deploy_form_folds_into_weights_that_hold_no_memory_and_compute_the_eager_values():
+    # deploy_form(share=True) (the scorer's) folds BN into ScaledWeights over the caller's weights: the eager fold's
+    # values bit for bit, computed per use, so scoring never holds a second copy of every folded weight.
+    torch.manual_seed(0)
+    model = randomize_bn_(models.create(TINY["pyramidnet"]).eval())
+    model.layer1[0].bn2.weight.data[1] = 0.0  # a zero scale: its folded filter is all zeros
+    lazy, eager = deploy_form(model, share=True), deploy_form(model)
+    eager_weights = dict(eager.named_parameters())
+    caller = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    folded = {name: p for name, p in lazy.named_parameters() if isinstance(p, ScaledWeight)}
+    assert len(folded) == sum(isinstance(m, nn.Conv2d) for m in model.modules())  # every conv absorbed a BN
+    for name, p in folded.items():
+        assert p.base.untyped_storage().data_ptr() in caller  # the caller's weight, not a copy
+        assert torch.equal(p.materialize(), eager_weights[name])
+    assert not bool(folded["layer1.0.conv1.weight"].materialize()[1].any())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(lazy(x), eager(x))
+        with pytest.raises(RuntimeError, match="read-only"):
+            folded["layer1.0.conv1.weight"].mul_(2)
+    # converted again, the scoring form gives an owning form with real folded Parameters (what export writes)
+    owned = dict(deploy_form(lazy).named_parameters())
+    assert all(type(owned[name]) is nn.Parameter and torch.equal(owned[name], eager_weights[name]) for name in folded)

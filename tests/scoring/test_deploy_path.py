@@ -1,5 +1,6 @@
 """One deploy path: the scorer counts compress.deploy_form(model) for every model, float or compressed."""
 
+import dataclasses
 from fractions import Fraction
 
 import pytest
@@ -7,7 +8,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from micronet.compress import deploy_form
+import micronet.scoring.api as scoring_api
+from micronet.compress import SparsityConfig, deploy_form, prune_
+from micronet.compress.integer_modules import ScaledWeight
 from micronet.models import create
 from micronet.scoring import score
 from tests.compress.conftest import TINY, randomize_bn_
@@ -87,3 +90,28 @@ def test_conv_and_fc_macs_match_torch_flop_counter(family):
         model(torch.randn(1, 3, 32, 32))
     kinds = score(model).by_kind()
     assert kinds["conv"]["mults_raw"] + kinds["linear"]["mults_raw"] == Fraction(counter.get_total_flops(), 2)
+
+
+def _eager_deploy_form(model: nn.Module, **kwargs) -> nn.Module:
+    return deploy_form(model, **{**kwargs, "share": False})
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned"])
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_lazily_folded_weights_score_exactly_as_eagerly_folded_ones(family, pruned, monkeypatch):
+    # score() traces deploy_form(share=True), whose folded weights are ScaledWeights computed per use; the
+    # eager fold (share=False, what export writes) must give the same figures to the last row and bit.
+    model = _tiny(family)
+    model.get_submodule(next(n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d))).weight.data[0] = 0
+    if pruned:
+        prune_(model, SparsityConfig(0.6))
+    assert any(isinstance(p, ScaledWeight) for p in deploy_form(model, share=True).parameters())
+    policies = [("official", {}), ("official", {"bn": "unfold"}), ("official", {"mask": "always"})]
+    lazy = [score(model, policy, samples=2, **kw) for policy, kw in policies]
+    monkeypatch.setattr(scoring_api, "deploy_form", _eager_deploy_form)
+    eager = [score(model, policy, samples=2, **kw) for policy, kw in policies]
+    for a, b in zip(lazy, eager, strict=True):
+        assert [dataclasses.asdict(r) for r in a.layers] == [dataclasses.asdict(r) for r in b.layers]
+        assert (a.params, a.ops, a.dead, a.free_ops, a.unknown_ops) == (b.params, b.ops, b.dead, b.free_ops,
+                                                                          b.unknown_ops)
+        assert a.to_dict() == b.to_dict()
