@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -113,11 +114,35 @@ def skipnet_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("command", ["score", "export"])
-def test_a_gated_network_has_no_pixel_form_and_says_why(command, skipnet_checkpoint, tmp_path):
+def test_a_gated_network_without_an_input_module_has_no_pixel_form_and_says_why(command, skipnet_checkpoint, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(models.PyramidSkipNet, "input_module", None)  # a gated net that does not say where input enters
     out = ["-o", str(tmp_path / "m.onnx"), "--no-timing"] if command == "export" else []
     _one_line_error(_run(command, str(skipnet_checkpoint), *out, "--input", "pixels", "--normalization", "cifar100"),
-                    "pixel input is not available for gated networks (PyramidSkipNet)", "use --input float")
+                    "pixel input is not available for gated networks (PyramidSkipNet)", "declare input_module",
+                    "use --input float")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_gated_network_scores_and_exports_with_pixel_input(skipnet_checkpoint, tmp_path):
+    """PyramidSkipNet declares its input module (the stem conv): 8-bit input into the stem alone, and an export
+    that takes uint8 images and keeps one If per gate."""
+    res = _run("score", str(skipnet_checkpoint), "--input", "pixels", "--normalization", "cifar100", "--json")
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    convs = [r for r in got["layers"] if r["kind"] == "conv"]
+    assert got["input_bits"] == 8 and convs[0]["name"].startswith("conv_stem") and convs[0]["input_bits"] == 8
+    assert all(r["input_bits"] != 8 or r["name"].startswith("conv_stem") for r in convs)  # the gated blocks as today
+    floats = json.loads(_run("score", str(skipnet_checkpoint), "--json").output)
+    # the same network plus the normalisation's per-channel scale and shift (3 + 3), as for a traced model
+    assert floats["input_bits"] == 32 and got["params"] - floats["params"] == 6
+    out = tmp_path / "m.onnx"
+    res = _run("export", str(skipnet_checkpoint), "-o", str(out), "--input", "pixels", "--normalization", "cifar100",
+               "--samples", "64", "--no-timing")
+    assert res.exit_code == 0, res.output
+    proto = onnx.load(str(out))
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert sum(n.op_type == "If" for n in proto.graph.node) == 3
 
 
 def test_score_pixels_reads_raw_test_images_from_data_root(checkpoints, tmp_path):

@@ -21,11 +21,15 @@ of them sum exactly unless their magnitudes span more than ~20 binary orders, so
 practice (not by construction): measured bit-identical logits in both runtimes.
 
 ``pixel_input_form(deploy, normalization)`` rewrites an integer deploy form; scoring and export both use it,
-so what is scored is what the ONNX file runs (8-bit model input).
+so what is scored is what the ONNX file runs (8-bit model input). A model that cannot be traced whole (a gated
+network) declares ``input_module``, the child its forward hands the image to unchanged: that child alone gets
+the pixel-input first layer, its global pools and classifier run in float64, and everything else is unchanged.
 """
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -149,14 +153,21 @@ def missing_normalization(source: str) -> MicronetError:
                          "pass --normalization NAME (e.g. cifar100)")
 
 
+def input_module(model: nn.Module) -> str | None:
+    """The sub-module an untraceable model declares as where its input enters (``input_module``), or None."""
+    name = getattr(model, "input_module", None)
+    return name if isinstance(name, str) and name else None
+
+
 def check_pixel_input(model: nn.Module) -> None:
-    """Refuse, before any costly step, a model that has no pixel-input form: a gated network."""
-    if is_gated(model):
-        # The pixel form rewrites the traced graph (first conv, float64 head); a gated forward has no whole graph
-        # (each piece of its plan would need the rewrite), so say that instead of passing on fx's own error.
-        raise MicronetError(f"pixel input is not available for gated networks ({type(model).__name__}): their "
-                            "forward chooses per image which blocks run, so it cannot be traced and rewritten with "
-                            "an exact pixel-input first layer; use --input float")
+    """Refuse, before any costly step, a model that has no pixel-input form: a gated network that does not declare
+    where its input enters (``input_module``)."""
+    if is_gated(model) and input_module(model) is None:
+        # The pixel form rewrites the traced graph (first conv, float64 head); a gated forward has no whole graph,
+        # and without the declaration the sub-module that reads the image is unknown: say so instead of fx's error.
+        raise MicronetError(f"pixel input is not available for gated networks ({type(model).__name__}) that do "
+                            "not declare input_module: their forward chooses per image which blocks run, so it "
+                            "cannot be traced whole; use --input float")
 
 
 def first_layer_bound(codes: Tensor) -> int:
@@ -166,30 +177,29 @@ def first_layer_bound(codes: Tensor) -> int:
 
 
 def pixel_input_form(deploy: nn.Module, normalization: Normalization, layout: str = "nchw",
-                     image_size: tuple[int, int] = (32, 32)) -> fx.GraphModule:
-    """The pixel-input form of an integer deploy form (a new module; ``deploy`` is not changed)."""
+                     image_size: tuple[int, int] = (32, 32)) -> nn.Module:
+    """The pixel-input form of an integer deploy form (a new module; ``deploy`` is not changed).
+
+    A model that traces whole is rewritten as one graph. One that does not (data-dependent control flow, e.g. a
+    gated network) but declares ``input_module`` (the sub-module its forward hands the image to, unchanged) gets
+    the same rewrite on that sub-module alone, and its global pools and classifier run in float64 as in a traced
+    form; everything between them runs as before.
+    """
     if layout not in LAYOUTS:
         raise MicronetError(f"unknown input layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     if pixel_input_of(deploy) is not None:
         raise MicronetError("the model already takes pixel input")
     check_pixel_input(deploy)
+    entry = input_module(deploy)
+    if entry is not None:
+        return _entry_pixel_form(deploy, entry, normalization, layout, image_size)
     try:
         gm = fx.GraphModule(deploy, _Tracer().trace(deploy), type(deploy).__name__)
     except Exception as exc:  # fx raises many types; all mean "this Python code does not trace"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise MicronetError(f"pixel input needs a model that traces with torch.fx ({first}); "
-                            "use --input float") from None
-    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    stem = _first_layer(gm, placeholder)
-    conv = gm.get_submodule(str(stem.target))
-    bound = first_layer_bound(conv.weight)
-    if bound >= EXACT_LIMIT:
-        raise MicronetError(
-            f"first layer '{stem.target}': pixel x weight-code sums may reach {bound:,} >= 2^24, which fp32 "
-            "cannot hold exactly; use --input float, or quantize the first layer's weights to fewer bits"
-        )
-    gm.set_submodule(str(stem.target), PixelInputConv(conv, normalization, layout))
-    stem.args = (placeholder, *stem.args[1:])
+        raise MicronetError(f"pixel input needs a model that traces with torch.fx ({first}), or one that declares "
+                            "input_module (the sub-module that reads the image); use --input float") from None
+    _pixel_first_layer(gm, normalization, layout)
     _float64_head(gm, image_size)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
@@ -200,7 +210,80 @@ def pixel_input_form(deploy: nn.Module, normalization: Normalization, layout: st
     return gm.eval()
 
 
-def _first_layer(gm: fx.GraphModule, placeholder: fx.Node) -> fx.Node:
+def _pixel_first_layer(gm: fx.GraphModule, normalization: Normalization, layout: str, entry: str = "") -> None:
+    """Replace the conv that reads ``gm``'s input by its :class:`PixelInputConv` (bound checked first); ``entry``:
+    the model's name for ``gm``'s child ``entry`` (an input module's chain), so errors name the model's layer."""
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    stem = _first_layer(gm, placeholder, entry)
+    conv = gm.get_submodule(str(stem.target))
+    bound = first_layer_bound(conv.weight)
+    if bound >= EXACT_LIMIT:
+        raise MicronetError(
+            f"first layer '{_shown(stem, entry)}': pixel x weight-code sums may reach {bound:,} >= 2^24, which fp32 "
+            "cannot hold exactly; use --input float, or quantize the first layer's weights to fewer bits"
+        )
+    gm.set_submodule(str(stem.target), PixelInputConv(conv, normalization, layout))
+    stem.args = (placeholder, *stem.args[1:])
+
+
+def _entry_pixel_form(deploy: nn.Module, entry: str, normalization: Normalization, layout: str,
+                      image_size: tuple[int, int]) -> nn.Module:
+    """The pixel form of an untraceable model through its declared input sub-module ``entry``."""
+    model = copy.deepcopy(deploy).eval()
+    try:
+        part = model.get_submodule(entry)
+    except AttributeError:
+        raise MicronetError(f"{type(deploy).__name__} declares input_module {entry!r}, which it does not have; "
+                            "use --input float") from None
+    # In a one-child chain, so a leaf (the usual case: the stem conv) is a call_module node like any first layer.
+    chain = nn.Sequential(OrderedDict([("entry", part)]))
+    try:
+        gm = fx.GraphModule(chain, _Tracer().trace(chain), "PixelEntry")
+    except Exception as exc:  # fx raises many types; all mean "this Python code does not trace"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise MicronetError(f"pixel input needs the input module '{entry}' to trace with torch.fx ({first}); "
+                            "use --input float") from None
+    _pixel_first_layer(gm, normalization, layout, entry=entry)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    rewritten = gm.get_submodule("entry")
+    only_call = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    # the entry was the first layer itself: put the pixel conv in its place, not a graph around it
+    new = rewritten if len(only_call) == 1 and only_call[0].target == "entry" else gm
+    model.set_submodule(entry, new)
+    _float64_head_modules(model, image_size)
+    return model
+
+
+def _float64_head_modules(model: nn.Module, image_size: tuple[int, int]) -> None:
+    """:func:`_float64_head` for an untraceable model: global pools (seen by forward hooks) and the classifier."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.AdaptiveAvgPool2d | nn.AvgPool2d):
+            def hook(_m, _args, out, name=name):
+                shapes[name] = tuple(out.shape)
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *_image_shape(model, image_size)), dtype=torch.uint8))
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, m in list(model.named_modules()):
+        is_global_pool = name in shapes and shapes[name][2:] == (1, 1) and getattr(m, "padding", 0) in (0, (0, 0))
+        if is_global_pool or isinstance(m, IntLinear):
+            model.set_submodule(name, Float64Reduce(m))
+
+
+def _shown(node: fx.Node, entry: str) -> str:
+    """The model's name of a layer in an input module's chain (whose child is called ``entry``)."""
+    target = str(node.target)
+    return entry + target[len("entry"):] if entry and target.split(".")[0] == "entry" else target
+
+
+def _first_layer(gm: fx.GraphModule, placeholder: fx.Node, entry: str = "") -> fx.Node:
     """The conv that reads the image, past identities; anything else is refused with the fix."""
     node = placeholder
     while True:
@@ -215,8 +298,8 @@ def _first_layer(gm: fx.GraphModule, placeholder: fx.Node) -> fx.Node:
         if isinstance(m, IntConv2d) and m.groups == 1 and m.in_channels == 3:
             return node
         if isinstance(m, nn.Conv2d):
-            raise MicronetError(f"first layer '{node.target}' has float weights; pixel input needs integer weight "
-                                "codes there (quantize the first conv's weights), or use --input float")
+            raise MicronetError(f"first layer '{_shown(node, entry)}' has float weights; pixel input needs integer "
+                                "weight codes there (quantize the first conv's weights), or use --input float")
         what = type(m).__name__ if m is not None else str(node.target)
         raise MicronetError(f"pixel input needs a 3-channel integer conv as the first layer, found {what}; "
                             "use --input float")
@@ -252,4 +335,4 @@ def _image_shape(gm: fx.GraphModule, image_size: tuple[int, int]) -> tuple[int, 
 
 
 __all__ = ["LAYOUTS", "PIXEL_BITS", "Float64Reduce", "PixelInput", "PixelInputConv", "check_pixel_input",
-           "first_layer_bound", "missing_normalization", "pixel_input_form", "pixel_input_of"]
+           "first_layer_bound", "input_module", "missing_normalization", "pixel_input_form", "pixel_input_of"]

@@ -348,11 +348,10 @@ def _build(deploy: nn.Module, *, form: str, sparse_weights: bool | Sequence[str]
     """The graph of a deploy-form model: gated networks get one ``If`` per gate (export/gated.py); a pixel-input
     form takes uint8 images in ``layout`` and records (with ``norm``, its normalisation) what a later verify_onnx
     needs to rebuild the same pixel form."""
-    if is_gated(deploy):
-        return build_gated_graph(deploy, form=form, sparse_weights=sparse_weights, opset=opset, input_shape=INPUT_SHAPE)
-    built = build_graph(deploy, form=form, sparse_weights=sparse_weights, opset=opset,
-                        input_shape=_input_shape(layout) if pixels else INPUT_SHAPE,
-                        input_dtype=torch.uint8 if pixels else torch.float32)
+    build = build_gated_graph if is_gated(deploy) else build_graph
+    built = build(deploy, form=form, sparse_weights=sparse_weights, opset=opset,
+                  input_shape=_input_shape(layout) if pixels else INPUT_SHAPE,
+                  input_dtype=torch.uint8 if pixels else torch.float32)
     if pixels and norm is not None:
         oh.set_model_props(built.model, {"micronet.form": form, "micronet.input": "pixels", "micronet.layout": layout,
                                          "micronet.normalization": json.dumps(normalization_record(norm))})

@@ -78,10 +78,10 @@ def _branch(b: GraphBuilder) -> Iterator[list[onnx.NodeProto]]:
                 branch.append(node)
 
 
-def _shapes(model: nn.Module, plan, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+def _shapes(model: nn.Module, plan, input_shape: tuple[int, ...], input_dtype: torch.dtype) -> list[tuple[int, ...]]:
     """Per-sample shape of the tensor before each gate and before the head."""
     with torch.inference_mode():
-        x = plan.stem(model, torch.zeros((1, *input_shape)))
+        x = plan.stem(model, torch.zeros((1, *input_shape), dtype=input_dtype))
         shapes = [tuple(x.shape[1:])]
         for block in plan.blocks:
             x = block(model, x)
@@ -130,16 +130,19 @@ def _named(nodes: list[onnx.NodeProto], prefix: str) -> list[onnx.NodeProto]:
 
 
 def build_gated_graph(model: nn.Module, *, form: str = "integer", sparse_weights: bool | Sequence[str] = False,
-                      opset: int = 21, input_shape: tuple[int, ...] = (3, 32, 32)) -> BuiltGraph:
-    """Convert an eval-mode gated network (``GatedNetwork.gated_plan``) into an ONNX graph with ``If`` gates."""
+                      opset: int = 21, input_shape: tuple[int, ...] = (3, 32, 32),
+                      input_dtype: torch.dtype = torch.float32) -> BuiltGraph:
+    """Convert an eval-mode gated network (``GatedNetwork.gated_plan``) into an ONNX graph with ``If`` gates;
+    ``input_dtype`` torch.uint8 for a pixel-input form (only its stem reads the image)."""
     if not isinstance(model, GatedNetwork):
         raise UnsupportedModelError(f"{type(model).__name__} has no gates")
     plan = model.gated_plan()
-    shapes = _shapes(model, plan, input_shape)
+    shapes = _shapes(model, plan, input_shape, input_dtype)
     b = GraphBuilder(form=form, sparse_weights=sparse_weights)
     _ = b.batch_dim  # made in the main graph, so values created inside a branch never leak out of it
     ba = BATCHES[0]
-    x = emit_module(b, _Piece(model, plan.stem), Value(INPUT_NAME, (ba, *input_shape), batched=True), input_shape)
+    x = emit_module(b, _Piece(model, plan.stem), Value(INPUT_NAME, (ba, *input_shape), batched=True), input_shape,
+                    input_dtype)
     controller = model.get_submodule(plan.controller)
     state = None
     decisions = []
@@ -172,7 +175,8 @@ def build_gated_graph(model: nn.Module, *, form: str = "integer", sparse_weights
         raise UnsupportedModelError("the gated model's head must return [batch, classes] logits")
     b.add("Concat", decisions, axis=1, out=GATES_NAME)
     gates_info = oh.make_tensor_value_info(GATES_NAME, TensorProto.FLOAT, ["batch", len(decisions)])
-    built = assemble(b, logits, form=form, opset=opset, input_shape=input_shape, extra_outputs=(gates_info,))
+    built = assemble(b, logits, form=form, opset=opset, input_shape=input_shape, extra_outputs=(gates_info,),
+                     input_dtype=input_dtype)
     built.inexact_reasons.append("gate controller (LSTM) in float32")
     built.exact = False  # the controller's float sums may round differently in onnxruntime
     built.opaque_branches = True  # values inside the If branches are not recorded: no first-parting analysis
@@ -207,7 +211,8 @@ def verify_gates(session, reference: nn.Module, inputs: torch.Tensor, batch: int
     parity = GateParity(len(inputs), reference.num_gates)
     with torch.inference_mode():
         for start in range(0, len(inputs), batch):
-            x = inputs[start : start + batch].float()
+            x = inputs[start : start + batch]
+            x = x if x.dtype == torch.uint8 else x.float()  # pixel-input graphs take uint8
             want_top1 = reference(x).argmax(1).numpy()
             want = reference.executed().T.numpy().astype(np.float32)
             for k in range(len(x)):

@@ -42,6 +42,10 @@ class PyramidSkipNet(GatedNetwork, PyramidNet):
     #: forward_features is data-dependent (fx cannot trace it), but these children run in sequence, each output
     #: consumed only by the next: declared so the deploy form still folds the stem BN into the stem conv.
     deploy_segments = (("conv_stem", "bn_stem"),)
+    #: forward_features (and the gated plan's stem) hands the image, unchanged, to this child alone: the pixel-input
+    #: form (compress/pixel_input.py) rewrites it into the exact pixel-input first layer, the gated blocks stay as
+    #: they are.
+    input_module = "conv_stem"
 
     def gated_block_names(self) -> list[str]:
         """Module names of the gated blocks (every stage-2/3 block but the first of stage 2)."""

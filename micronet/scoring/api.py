@@ -335,7 +335,7 @@ def score(
     else:
         shown_size = "x".join(map(str, shape))
     if input == "pixels":
-        check_pixel_input(model)  # a gated net has no pixel form: say so before the (long) deploy-form copy
+        check_pixel_input(model)  # a gated net without input_module has no pixel form: say so before the long copy
     bar = progress_bar(None, "scoring: deploy form", progress, unit="step")
     # Should a first attempt stop (see below), the second reads ``data`` again: a tensor or a re-iterable
     # (a DataLoader) from the start; a one-shot iterator cannot be, so its examples are kept (small copies).

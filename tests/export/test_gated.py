@@ -13,6 +13,9 @@ import torch
 
 from micronet import models
 from micronet.compress import deploy_form
+from micronet.compress.pixel_input import pixel_input_of
+from micronet.data import get_normalization
+from micronet.errors import MicronetError
 from micronet.export import export_onnx
 from micronet.export.gated import verify_gates
 from tests.export.conftest import compressed
@@ -132,3 +135,74 @@ def test_a_shut_gate_runs_none_of_its_blocks_ops_at_batch_1(tmp_path):
     # and the shut model is the faster one: fewer convolutions in total
     convs = {s: sum("Conv" in n for n in names) for s, names in executed.items()}
     assert convs["shut"] + 9 <= convs["open"]
+
+
+# ------------------------------------------------------------------------------------------------- pixel input
+
+CIFAR = get_normalization("cifar100")
+
+
+def _pixel_images(n: int, seed: int = 5) -> torch.Tensor:
+    """uint8 images whose brightness and contrast vary (the gates then decide differently per image)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(n, 1, 1, 1, generator=g) * 80
+    shift = 40 + torch.rand(n, 3, 1, 1, generator=g) * 175
+    return (torch.randn(n, 3, 32, 32, generator=g) * scale + shift).round().clamp(0, 255).to(torch.uint8)
+
+
+def _pixel_gated() -> torch.nn.Module:
+    """The compressed tiny SkipNet, its gates centred on the normalised pixel images (about half open)."""
+    model = _gated(bias=0.0, compress=True)
+    with torch.no_grad():
+        model(CIFAR(_pixel_images(64), torch.float32))
+        model.controller.proj.bias.sub_(float(torch.logit(torch.stack(model.gate_probs)).median()))
+    return model
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_pixel_input_gated_export_is_bit_identical_on_512_images(tmp_path, layout):
+    model = _pixel_gated()
+    path = tmp_path / "px.onnx"
+    report = export_onnx(model, path, input="pixels", layout=layout, normalization="cifar100", samples=64,
+                         timing=False)
+    assert report.parity.passed and report.input["layout"] == layout
+    proto = onnx.load(str(path))
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert sum(n.op_type == "If" for n in proto.graph.node) == 3
+    # oracle: the PyTorch pixel deploy form (NCHW), image by image decisions; onnxruntime run here
+    pixel_deploy = deploy_form(model, input="pixels", normalization=CIFAR)
+    assert pixel_input_of(pixel_deploy.conv_stem) is not None  # the pixel-input first layer sits in the stem
+    x = _pixel_images(512, seed=6)
+    want_gates, want_logits = _decisions(pixel_deploy, x)
+    assert len(np.unique(want_gates, axis=0)) > 1 and 0.1 < want_gates.mean() < 0.9  # the decisions really vary
+    feed = x.permute(0, 2, 3, 1).contiguous() if layout == "nhwc" else x
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    one = [sess.run(None, {"input": feed[k : k + 1].numpy()}) for k in range(len(x))]  # batch 1: If really skips
+    np.testing.assert_array_equal(np.concatenate([o[1] for o in one]), want_gates)
+    np.testing.assert_array_equal(np.concatenate([o[0] for o in one]), want_logits)  # bit-identical
+    batched = [sess.run(None, {"input": feed[i : i + 64].numpy()}) for i in range(0, len(x), 64)]  # Where path
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in batched]), want_gates)
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in batched]), want_logits)
+
+
+def test_pixel_input_gated_form_changes_only_the_stem_and_the_float64_head():
+    """The gated blocks are today's: the pixel form's stem output equals the float form's on the normalised image
+    (up to fp32 rounding of the first layer), and every block module is the float form's."""
+    model = _pixel_gated()
+    pixel_deploy = deploy_form(model, input="pixels", normalization=CIFAR)
+    float_deploy = deploy_form(model)
+    x = _pixel_images(32, seed=7)
+    with torch.inference_mode():
+        got = pixel_deploy.bn_stem(pixel_deploy.conv_stem(x))
+        want = float_deploy.bn_stem(float_deploy.conv_stem(CIFAR(x, torch.float32)))
+    assert got.dtype == torch.float32 and (got - want).abs().max() <= 1e-4 * want.abs().max()
+    for name in model.gated_block_names():
+        a, b = pixel_deploy.get_submodule(name).state_dict(), float_deploy.get_submodule(name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_gated_network_without_an_input_module_has_no_pixel_form(monkeypatch):
+    model = _gated()
+    monkeypatch.setattr(type(model), "input_module", None)
+    with pytest.raises(MicronetError, match=r"gated networks \(PyramidSkipNet\) that do not declare input_module"):
+        deploy_form(model, input="pixels", normalization=CIFAR)
