@@ -6,9 +6,14 @@ For each model a child process builds it, then samples its resident set size (RS
 millisecond while it runs either a no-grad eval forward (batch 1, the track's input size) or `score()`
 (official policy), twice. Printed: the peak RSS over the process's RSS just after building the model, in MB,
 and the ratio.
-`score()` includes deploy_form's copy of the model (it never touches the caller's); "score - copy" subtracts
-the size of the parameters and buffers, i.e. what the trace itself holds. Target: score <= 2x forward.
-Linux only (reads /proc).
+`score()` scores a deploy form that shares the caller's weights read-only and computes folded weights per op;
+"score - copy" subtracts the size of the parameters and buffers (what a full copy would hold), clamped at 0.
+Target: score <= 2x forward.
+Linux only (reads /proc). RSS also holds what the C allocator keeps after a free: glibc raises its mmap threshold
+to the largest block freed (up to 32 MB), so later blocks of a weight's size come from the heap and stay counted
+after they are freed. `MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/score_memory.py` fixes the threshold and
+shows the memory actually live (measured on wrn28_10: score 70.9 MB over a 32.7 MB forward with glibc's
+default, 48.7 MB over 28.5 MB with the threshold fixed).
 """
 
 from __future__ import annotations
