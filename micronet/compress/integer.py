@@ -82,7 +82,8 @@ def deploy_form(model: nn.Module, *, input: str = "float", normalization: Normal
         if normalization is None:
             raise MicronetError("pixel input needs the model's normalisation, and it is not known; "
                                 "pass --normalization NAME (e.g. cifar100)")
-        return pixel_input_form(deploy_form(model, example=example), normalization, layout)  # its shape probe runs a forward
+        # (its shape probe runs a forward)
+        return pixel_input_form(deploy_form(model, example=example), normalization, layout)
     if _is_deploy_form(model):
         return detached_copy(model, share=share).eval()
     spec = getattr(model, "micronet_spec", None)
