@@ -74,7 +74,8 @@ def deploy_form(model: nn.Module, *, input: str = "float", normalization: Normal
     ``example``: a tensor shaped like ``model``'s input (only its shape and dtype are read: a meta tensor will do).
     With it the merge knows each tensor's rank, so a BatchNorm1d on a Linear's 2-D output (axis 1 is then the
     feature axis) folds into the Linear; without it such an affine is kept (on a 3-D input it is not the
-    Linear's axis). Models converted block by block (untraceable ones) merge without ranks.
+    Linear's axis). The result then expects inputs of ``example``'s rank. Models converted block by block
+    (untraceable ones, e.g. SkipNet) merge without ranks.
     """
     if input not in INPUTS:
         raise MicronetError(f"unknown model input {input!r}; use one of {', '.join(INPUTS)}")
