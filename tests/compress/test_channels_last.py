@@ -123,6 +123,27 @@ def test_batchnorm_after_a_linear_on_a_2d_example_folds_into_it():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model is unchanged
 
 
+class _CountingMLP(nn.Module):
+    """Writes its own buffer as it runs: the rank pass must run on a copy, never on the caller's tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.bn(self.linear(x))
+
+
+def test_the_rank_pass_neither_runs_nor_writes_the_callers_model():
+    model = _CountingMLP().eval()
+    weight = model.linear.weight.clone()
+    deployed = deploy_form(model, share=True, example=torch.empty(1, 4, device="meta"))
+    assert not any(isinstance(m, ChannelAffine) for m in deployed.modules())  # the ranks were known: BN folded
+    assert float(model.calls) == 0 and torch.equal(model.linear.weight, weight)
+
+
 def test_quantized_linear_out_scale_combines_with_a_batchnorm_on_2d_features():
     # out_scale (axis -1, s_a·s_w per feature) then the BN (axis 1): one affine on [N, F], two on [N, C, L].
     model, x = _linear_bn((5,))
