@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import copyreg
+import itertools
 import operator
 import weakref
 from collections import Counter, OrderedDict
@@ -58,7 +59,7 @@ INPUTS = ("float", "pixels")
 
 
 def deploy_form(model: nn.Module, *, input: str = "float", normalization: Normalization | None = None,
-                layout: str = "nchw", share: bool = False) -> nn.Module:
+                layout: str = "nchw", share: bool = False, example: Tensor | None = None) -> nn.Module:
     """The integer deploy form of any model, float or compressed: a converted eval-mode copy.
 
     This is the one training form -> deploy form conversion: the scorer counts its result and the exporter
@@ -70,6 +71,11 @@ def deploy_form(model: nn.Module, *, input: str = "float", normalization: Normal
     lazily (``ScaledWeight``, see the module docstring): the result's tensors are then read-only (replacing them,
     or ``.to()``, is fine), and a forward that writes its own weights would write the caller's. Pixel input always
     copies: building it runs a forward.
+    ``example``: a tensor shaped like ``model``'s input (only its shape and dtype are read: a meta tensor will do).
+    With it the merge knows each tensor's rank, so a BatchNorm1d on a Linear's 2-D output (axis 1 is then the
+    feature axis) folds into the Linear; without it such an affine is kept (on a 3-D input it is not the
+    Linear's axis). The result then expects inputs of ``example``'s rank. Models converted block by block
+    (untraceable ones, e.g. SkipNet) merge without ranks.
     """
     if input not in INPUTS:
         raise MicronetError(f"unknown model input {input!r}; use one of {', '.join(INPUTS)}")
@@ -77,7 +83,8 @@ def deploy_form(model: nn.Module, *, input: str = "float", normalization: Normal
         if normalization is None:
             raise MicronetError("pixel input needs the model's normalisation, and it is not known; "
                                 "pass --normalization NAME (e.g. cifar100)")
-        return pixel_input_form(deploy_form(model), normalization, layout)  # its shape probe runs a forward
+        # (its shape probe runs a forward)
+        return pixel_input_form(deploy_form(model, example=example), normalization, layout)
     if _is_deploy_form(model):
         return detached_copy(model, share=share).eval()
     spec = getattr(model, "micronet_spec", None)
@@ -86,7 +93,7 @@ def deploy_form(model: nn.Module, *, input: str = "float", normalization: Normal
         work = detached_copy(model, share=share).eval()
         with torch.no_grad():
             work = _rewrite_modules(work)
-            work = _merge(work, lazy=share)
+            work = _merge(work, lazy=share, example=example)
     except MicronetError:
         raise
     except Exception as exc:  # a user's module we cannot rewrite: say so instead of failing later
@@ -321,7 +328,7 @@ class _DeployTracer(fx.Tracer):
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
-def _merge(module: nn.Module, top: bool = True, *, lazy: bool = False) -> nn.Module:
+def _merge(module: nn.Module, top: bool = True, *, lazy: bool = False, example: Tensor | None = None) -> nn.Module:
     """Trace the largest sub-modules that trace and merge affines on their graphs.
 
     The top-level module is replaced by its merged ``GraphModule``. Below a module that does not trace,
@@ -329,7 +336,8 @@ def _merge(module: nn.Module, top: bool = True, *, lazy: bool = False) -> nn.Mod
     becomes their ``forward`` and every merge is written back into their own module tree (a folded conv
     replaces the conv, an affine merged away becomes ``Identity``), so methods the parent calls directly
     (SkipNet's ``block.residual``) run the same merged layers and no layer is held twice.
-    ``lazy``: folded weights are :class:`ScaledWeight` (see :meth:`_Peephole.fold`).
+    ``lazy``: folded weights are :class:`ScaledWeight` (see :meth:`_Peephole.fold`). ``example`` (an input of the
+    top-level module) gives the top graph's tensor ranks (:func:`_output_ranks`); graphs below have none.
     """
     if isinstance(module, _LEAVES) or not any(True for _ in module.children()):
         return module
@@ -349,7 +357,8 @@ def _merge(module: nn.Module, top: bool = True, *, lazy: bool = False) -> nn.Mod
             _merge_segment(module, segment, lazy=lazy)
         return module
     gm = fx.GraphModule(module, graph, module.__class__.__name__)
-    changed = _Peephole(gm, lazy=lazy).run()
+    ranks = _output_ranks(gm, example) if top and example is not None and _axes_can_meet(gm) else {}
+    changed = _Peephole(gm, lazy=lazy, ranks=ranks).run()
     if top:
         return gm
     for path in changed:
@@ -424,15 +433,22 @@ def _foldable_layer(pp: _Peephole, node) -> nn.Module | None:
     return m if cls in (nn.Conv2d, nn.Linear) else None
 
 
-def _same_axis(first: ChannelAffine, second: ChannelAffine) -> bool:
-    """Whether two affines scale the same channels (a scalar one fits any axis), so they can be combined."""
-    return not (first.per_channel and second.per_channel) or first.axis == second.axis
+def _from_front(axis: int, rank: int | None) -> int:
+    """``axis`` counted from the front of a tensor of ``rank`` dims; as it is when the rank is unknown."""
+    return axis + rank if rank is not None and axis < 0 else axis
 
 
-def _fits_layer(affine: ChannelAffine, layer: nn.Module) -> bool:
-    """Whether ``affine``'s channels are ``layer``'s output channels (a BN after a Linear is on axis 1, which is
-    the Linear's feature axis only for a 2-D input, unknown here: it is not folded)."""
-    return not affine.per_channel or affine.axis == _channel_axis(layer)
+def _same_axis(first: ChannelAffine, second: ChannelAffine, rank: int | None = None) -> bool:
+    """Whether two affines scale the same channels of a tensor of ``rank`` dims (a scalar one fits any axis), so
+    they can be combined. Unknown rank: only the same axis (1 and -1 coincide on 2-D tensors alone)."""
+    return not (first.per_channel and second.per_channel) or (
+        _from_front(first.axis, rank) == _from_front(second.axis, rank))
+
+
+def _fits_layer(affine: ChannelAffine, layer: nn.Module, rank: int | None = None) -> bool:
+    """Whether ``affine``'s channels are ``layer``'s output channels, on an output of ``rank`` dims. A BN after a
+    Linear is on axis 1, the Linear's feature axis only for a 2-D input: with the rank unknown it is not folded."""
+    return not affine.per_channel or _from_front(affine.axis, rank) == _from_front(_channel_axis(layer), rank)
 
 
 def _combine(first: ChannelAffine, second: ChannelAffine) -> ChannelAffine:
@@ -493,6 +509,61 @@ def _rescale_(layer: nn.Module, affine: ChannelAffine) -> None:
     layer.bias_folded = bias_folded
 
 
+class _RankRecorder(fx.Interpreter):
+    """Runs a graph and records the rank of each node's tensor output, by node name."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.ranks: dict[str, int] = {}
+
+    def run_node(self, n: fx.Node) -> object:
+        result = super().run_node(n)
+        if isinstance(result, Tensor):
+            self.ranks[n.name] = result.dim()
+        return result
+
+
+def _axes_can_meet(gm: fx.GraphModule) -> bool:
+    """Whether a per-channel axis-1 affine (a BN) runs downstream of a Linear (whose channels are on axis -1): only
+    then can a rank change what the merge does. Saves the rank pass (its first meta op imports torch._dynamo,
+    a second) on the usual conv net, whose one Linear is the classifier at the end."""
+    modules = dict(gm.named_modules())
+    after_linear: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        m = modules.get(str(node.target)) if node.op == "call_module" else None
+        if isinstance(m, ChannelAffine) and m.per_channel and m.axis == 1 and any(
+                a in after_linear for a in node.all_input_nodes):
+            return True
+        if isinstance(m, nn.Linear | IntLinear) or (isinstance(m, ChannelAffine) and m.axis == -1) or any(
+                a in after_linear for a in node.all_input_nodes):
+            after_linear.add(node)
+    return False
+
+
+def _output_ranks(gm: fx.GraphModule, example: Tensor) -> dict[fx.Node, int]:
+    """The rank of each node's output for an input shaped like ``example``, or {} when the graph does not run
+    on it (the merge then assumes nothing, as without an example).
+
+    Runs a copy of the graph whose tensors are meta tensors (shapes and dtypes only: no memory, no kernels), so
+    no activation is allocated and an op that writes a tensor in place writes the copy's, never the caller's
+    (the copy may share its weights). Meta rather than fake tensors: creating a FakeTensorMode imports
+    torch._dynamo, over a second on every first call.
+    """
+    memo: dict[int, object] = {}
+    for module in gm.modules():
+        tensors = itertools.chain(module._parameters.values(), module._buffers.values(), vars(module).values())
+        for t in tensors:
+            if isinstance(t, Tensor) and id(t) not in memo:
+                meta = t.detach().to("meta")
+                memo[id(t)] = nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta
+    try:
+        recorder = _RankRecorder(copy.deepcopy(gm, memo))
+        recorder.run(torch.empty(tuple(example.shape), dtype=example.dtype, device="meta"))
+    except Exception:  # an op with no meta kernel or a data-dependent result, a wrong example
+        return {}
+    return {n: recorder.ranks[n.name] for n in gm.graph.nodes if n.name in recorder.ranks}
+
+
 def _unused_nodes(graph: fx.Graph) -> set[fx.Node]:
     """Nodes whose results never reach the graph's output (and have no side effect)."""
     needed: set[fx.Node] = set()
@@ -505,8 +576,9 @@ def _unused_nodes(graph: fx.Graph) -> set[fx.Node]:
 class _Peephole:
     """One graph's merge state: the call sites of each module path and the paths whose module changed."""
 
-    def __init__(self, gm: fx.GraphModule, lazy: bool = False) -> None:
+    def __init__(self, gm: fx.GraphModule, lazy: bool = False, ranks: dict[fx.Node, int] | None = None) -> None:
         self.gm, self.lazy = gm, lazy
+        self.ranks = dict(ranks or {})  # node -> rank of its output, where an example input told it
         self.calls: Counter[str] = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
         self.changed: set[str] = set()
         self.folds: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layers this merge folded (owns their weights)
@@ -542,6 +614,11 @@ class _Peephole:
         gm.delete_all_unused_submodules()
         gm.recompile()
         return self.changed
+
+    def rank(self, *nodes: fx.Node) -> int | None:
+        """The rank the outputs of ``nodes`` share, None when one is unknown (or they differ)."""
+        ranks = {self.ranks.get(n) for n in nodes}
+        return ranks.pop() if len(ranks) == 1 else None
 
     def install(self, node: fx.Node, module: nn.Module) -> None:
         """Point ``node`` at ``module``: in place of its old module (keeping the readable path) when this node
@@ -647,6 +724,8 @@ def constant_scale_to_affine(pp: _Peephole, node: fx.Node) -> bool:
     pp.calls[name] += 1
     with pp.gm.graph.inserting_before(node):
         new = pp.gm.graph.call_module(name, (src,))
+    if node in pp.ranks:
+        pp.ranks[new] = pp.ranks[node]
     pp.bypass(node, new)
     return True
 
@@ -667,7 +746,7 @@ def merge_affines(pp: _Peephole, node: fx.Node) -> bool:
     affine = _called(pp, node, ChannelAffine)
     src = node.args[0] if node.args else None
     first = _called(pp, src, ChannelAffine)
-    if affine is None or first is None or len(src.users) != 1 or not _same_axis(first, affine):
+    if affine is None or first is None or len(src.users) != 1 or not _same_axis(first, affine, pp.rank(src, node)):
         return False
     pp.install(src, _combine(first, affine))
     pp.bypass(node, src)
@@ -681,7 +760,7 @@ def fold_affine_into_layer(pp: _Peephole, node: fx.Node) -> bool:
     affine = _called(pp, node, ChannelAffine)
     src = node.args[0] if node.args else None
     layer = _foldable_layer(pp, src)
-    if affine is None or layer is None or len(src.users) != 1 or not _fits_layer(affine, layer):
+    if affine is None or layer is None or len(src.users) != 1 or not _fits_layer(affine, layer, pp.rank(src, node)):
         return False
     pp.fold(src, layer, affine)
     pp.bypass(node, src)
@@ -700,9 +779,10 @@ def move_scale_before_relu(pp: _Peephole, node: fx.Node) -> bool:
     producer = src.args[0]
     first = _called(pp, producer, ChannelAffine)
     layer = _foldable_layer(pp, producer)
-    if first is not None and len(producer.users) == 1 and _same_axis(first, affine):
+    rank = pp.rank(producer, node)
+    if first is not None and len(producer.users) == 1 and _same_axis(first, affine, rank):
         pp.install(producer, _combine(first, affine))
-    elif layer is not None and len(producer.users) == 1 and _fits_layer(affine, layer):
+    elif layer is not None and len(producer.users) == 1 and _fits_layer(affine, layer, rank):
         pp.fold(producer, layer, affine)
     else:
         return False

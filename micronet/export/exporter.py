@@ -40,6 +40,8 @@ from micronet.io import atomic_write, check_output_path
 from micronet.progress import progress_bar
 
 INPUT_SHAPE = (3, 32, 32)
+# What the model takes (the pixel form wraps the float model): tells the deploy-form merge the tensors' ranks.
+_FLOAT_EXAMPLE = torch.empty((1, *INPUT_SHAPE), device="meta")
 INPUTS = ("float", "pixels")
 
 
@@ -282,7 +284,8 @@ def _export(model: nn.Module, path: Path, bar: Any, *, form: str, sparse_weights
             device: str, samples: int, data: Any, force: bool, timing: bool, storage_bytes: int | None,
             progress: bool, pixels: bool, layout: str, norm: Normalization | None) -> ExportReport:
     inputs, source = _inputs(samples, data, pixels, layout) if verify else (None, "")
-    deploy = deploy_form(model, input="pixels" if pixels else "float", normalization=norm, layout=layout)
+    deploy = deploy_form(model, input="pixels" if pixels else "float", normalization=norm, layout=layout,
+                         example=_FLOAT_EXAMPLE)
     built = _build(deploy, form=form, sparse_weights=sparse_weights, opset=opset, pixels=pixels, layout=layout,
                    norm=norm)
     bar.update()
@@ -404,7 +407,8 @@ def verify_onnx(
             norm = Normalization(rec["name"], tuple(rec["mean"]), tuple(rec["std"]), rec["extra_divisor"])
         except (KeyError, TypeError, ValueError) as exc:
             raise MicronetError(f"{path.name}: its micronet.normalization record is unreadable ({exc!r})") from None
-    deploy = deploy_form(model, input="pixels" if pixels else "float", normalization=norm, layout=layout)
+    deploy = deploy_form(model, input="pixels" if pixels else "float", normalization=norm, layout=layout,
+                         example=_FLOAT_EXAMPLE)
     # Rebuilding (in memory) gives the weight list and whether the graph must be bit-exact.
     built = _build(deploy, form=form, pixels=pixels, layout=layout)
     inputs, source = _inputs(samples, data, pixels, layout)

@@ -348,12 +348,22 @@ def score(
         # resetting gate counters and the train-mode parameter trace leave the caller's model alone). The copy
         # shares the caller's weights read-only (they are often larger than every activation together);
         # the trace stops any op before it writes into them (ProtectedWrite).
-        target = deploy_form(model, input=input, normalization=normalization, layout=layout, share=share)
         examples = None
         if rest is not None:
             examples = itertools.chain(list(seen), _remember(rest, seen) if share else rest)
         elif data is not None:
             examples = _split_examples(data, 1 << 62)
+        # What the model is fed, as a meta tensor (shape and dtype only), tells the merge the tensors' ranks (a
+        # BatchNorm1d after a Linear folds into it on 2-D features). The pixel form's inner model takes float NCHW.
+        first = next(examples, None) if examples is not None and input != "pixels" else None
+        if first is not None:
+            examples = itertools.chain([first], examples)
+            example = torch.empty(first.shape, dtype=first.dtype, device="meta")
+        else:
+            dtype = in_dtype if in_dtype is not None and input != "pixels" else _model_dtype(model)
+            example = torch.empty(shape, dtype=dtype, device="meta")
+        target = deploy_form(model, input=input, normalization=normalization, layout=layout, share=share,
+                             example=example)
         try:
             return _trace_and_account(target, pol, trk, overrides, shape, shown_size, samples, examples, bar,
                                       storages_of(model) if share else frozenset(), in_dtype)

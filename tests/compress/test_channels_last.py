@@ -87,6 +87,80 @@ def test_batchnorm_after_a_linear_on_a_3d_input_is_not_folded_into_its_features(
         assert torch.allclose(deploy_form(model)(x), model(x), atol=1e-6)
 
 
+def _linear_bn(batch_shape: tuple[int, ...]) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    return model, torch.randn(*batch_shape, 4)
+
+
+def test_batchnorm_after_a_linear_on_a_3d_example_stays_a_separate_affine():
+    # Told the input is [N, C, L], the merge still keeps the BN (dim 1 = C) apart from the features (dim 2).
+    model, x = _linear_bn((3, 4))
+    deployed = deploy_form(model.double(), example=torch.empty(3, 4, 4, dtype=torch.float64, device="meta"))
+    assert [type(m) for m in deployed.children()] == [nn.Linear, ChannelAffine]
+    assert torch.equal(deployed.get_submodule("0").weight, model[0].weight)  # nothing folded into the Linear
+    x = x.double()
+    with torch.no_grad():
+        assert torch.allclose(deployed(x), model(x), rtol=0, atol=1e-12)
+
+
+def test_batchnorm_after_a_linear_on_a_2d_example_folds_into_it():
+    # On [N, F] dim 1 is the Linear's feature axis: the BN folds (w' = s·w, b' = s·b + t), exactly in float64.
+    model, x = _linear_bn((5,))
+    model = model.double()
+    bn = model[1]
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    deployed = deploy_form(model, example=torch.empty(1, 4, dtype=torch.float64, device="meta"))
+    assert [type(m) for m in deployed.children()] == [nn.Linear]
+    with torch.no_grad():
+        assert torch.allclose(deployed.get_submodule("0").weight, s[:, None] * model[0].weight, rtol=0, atol=1e-12)
+        assert torch.allclose(deployed(x.double()), model(x.double()), rtol=0, atol=1e-12)
+    # without an example the rank is unknown: kept apart, as before
+    assert [type(m) for m in deploy_form(model).children()] == [nn.Linear, ChannelAffine]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model is unchanged
+
+
+class _CountingMLP(nn.Module):
+    """Writes its own buffer as it runs: the rank pass must run on a copy, never on the caller's tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.bn(self.linear(x))
+
+
+def test_the_rank_pass_neither_runs_nor_writes_the_callers_model():
+    model = _CountingMLP().eval()
+    weight = model.linear.weight.clone()
+    deployed = deploy_form(model, share=True, example=torch.empty(1, 4, device="meta"))
+    assert not any(isinstance(m, ChannelAffine) for m in deployed.modules())  # the ranks were known: BN folded
+    assert float(model.calls) == 0 and torch.equal(model.linear.weight, weight)
+
+
+def test_quantized_linear_out_scale_combines_with_a_batchnorm_on_2d_features():
+    # out_scale (axis -1, s_a·s_w per feature) then the BN (axis 1): one affine on [N, F], two on [N, C, L].
+    model, x = _linear_bn((5,))
+    attach_weight_quantizer(model[0], 4)
+    with torch.no_grad():
+        ref = model(x)
+    flat = deploy_form(model, example=torch.empty(1, 4, device="meta"))
+    affines = [m for m in flat.modules() if isinstance(m, ChannelAffine)]
+    assert len(affines) == 1 and any(isinstance(m, IntLinear) for m in flat.modules())
+    assert affines[0].origin and affines[0].origin[0].kind == "bn"
+    with torch.no_grad():
+        assert torch.allclose(flat(x), ref, atol=1e-5)
+    seq = deploy_form(model, example=torch.empty(3, 4, 4, device="meta"))
+    assert sum(isinstance(m, ChannelAffine) for m in seq.modules()) == 2
+    assert sum(isinstance(m, ChannelAffine) for m in deploy_form(model).modules()) == 2
+
+
 def _attention_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(2), nn.Linear(64, 16),

@@ -268,3 +268,21 @@ def test_zero_pad_before_max_pool_survives_onnxruntime_fusion(tmp_path):
     assert rep.parity.passed and rep.parity.within_tol == 128
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert "Pad" not in ops and "Max" in ops and ops.count("Round") == 2
+
+
+def test_a_batchnorm1d_on_2d_features_is_exported_folded_into_its_linear(tmp_path):
+    # The exporter knows its input ([N, 3, 32, 32] -> 3072 features): the BN folds, no Mul/Add is left for it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3072, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    model[2].running_mean.normal_()
+    model[2].running_var.uniform_(0.5, 2)
+    path = tmp_path / "m.onnx"
+    rep = export_onnx(model, path, samples=16, **FAST)
+    assert rep.parity.passed
+    assert [n.op_type for n in onnx.load(str(path)).graph.node if n.op_type in ("Gemm", "Mul", "Add")] == ["Gemm"] * 2
+    x = torch.randn(4, 3, 32, 32)
+    (out,) = _session(path).run(None, {_session(path).get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert np.allclose(out, model(x).numpy(), atol=1e-5)
+    report = verify_onnx(path, model, samples=8)  # rebuilds the deploy form: the same folded weights
+    assert report.passed and not report.failures

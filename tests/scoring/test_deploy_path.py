@@ -115,3 +115,34 @@ def test_lazily_folded_weights_score_exactly_as_eagerly_folded_ones(family, prun
         assert (a.params, a.ops, a.dead, a.free_ops, a.unknown_ops) == (b.params, b.ops, b.dead, b.free_ops,
                                                                           b.unknown_ops)
         assert a.to_dict() == b.to_dict()
+
+
+def _mlp_bn1d() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    model[2].running_mean.normal_()
+    model[2].running_var.uniform_(0.5, 2)
+    return model
+
+
+def test_a_batchnorm1d_on_2d_features_folds_into_the_linear_before_it():
+    # The scorer knows the input ([1, 3, 4, 4] -> 48 features), so the BN (dim 1 of [1, 16]) folds into Linear(48, 16).
+    # Hand count. params: 48·16 + 16 = 784, 16·10 + 10 = 170, BN folded: 954.
+    # ops: Linear(48, 16) 768 mults + 768 adds (47 per sum + 1 bias), ReLU 16, Linear(16, 10) 160 + 160: 1872.
+    model = _mlp_bn1d()
+    report = score(model, input_size=4)
+    assert (report.params, report.ops) == (954, 1872)
+    # the same from real data of that shape
+    report = score(model, data=torch.randn(2, 3, 4, 4), samples=1)
+    assert (report.params, report.ops) == (954, 1872)
+
+
+def test_a_batchnorm1d_on_a_sequence_is_charged_unfolded():
+    # [1, 4, 4] input: BN1d normalises dim 1 (positions), the Linear's features are dim 2: not foldable.
+    # Hand count. params: Linear(4, 4) 20, BN 2·4 = 8, Linear(16, 10) 170: 198.
+    # ops: Linear(4, 4) on 4 positions 64 mults + 64 adds, BN 16 mults + 16 adds, Linear(16, 10) 160 + 160: 480.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Flatten(), nn.Linear(16, 10)).eval()
+    model[1].running_var.uniform_(0.5, 2)
+    report = score(model, input_shape=(1, 4, 4))
+    assert (report.params, report.ops) == (198, 480)
