@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from micronet import models
 from micronet.cli import main
 from micronet.data import get_normalization
+from micronet.errors import MicronetError
 from micronet.io import save
 from micronet.scoring import score
 from tests.export.conftest import TINY_ZOO, compressed
@@ -143,6 +144,21 @@ def test_a_gated_network_scores_and_exports_with_pixel_input(skipnet_checkpoint,
     proto = onnx.load(str(out))
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert sum(n.op_type == "If" for n in proto.graph.node) == 3
+
+
+def test_a_gated_network_scores_from_nhwc_pixels_with_uint8_examples(skipnet_checkpoint):
+    """Synthetic examples for the pixel form are uint8 images in its layout (also those the gate statistics draw);
+    NHWC scores as NCHW does, and float data is refused."""
+    res = _run("score", str(skipnet_checkpoint), "--input", "pixels", "--normalization", "cifar100",
+               "--layout", "nhwc", "--json")
+    assert res.exit_code == 0, res.output
+    nhwc = json.loads(res.output)
+    nchw = json.loads(_run("score", str(skipnet_checkpoint), "--input", "pixels", "--normalization", "cifar100",
+                           "--json").output)
+    assert nhwc["input_dtype"] == "uint8" and (nhwc["params"], nhwc["ops"]) == (nchw["params"], nchw["ops"])
+    model = compressed(models.create("pyramidskipnet:depth=20,alpha=8", num_classes=10))
+    with pytest.raises(MicronetError, match="takes uint8 images"):
+        score(model, input="pixels", normalization="cifar100", data=torch.randn(2, 3, 32, 32))
 
 
 def test_score_pixels_reads_raw_test_images_from_data_root(checkpoints, tmp_path):

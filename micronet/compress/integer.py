@@ -68,9 +68,10 @@ def deploy_form(model: nn.Module, *, input: str = "float", normalization: Normal
     exact first layer; :mod:`micronet.compress.pixel_input`).
     The result owns every tensor. ``share=True`` (the scorer's choice: weights are often larger than every
     activation together) lets tensors the conversion leaves as they are share the caller's memory, and folds BN
-    lazily (``ScaledWeight``, see the module docstring): the result's tensors are then read-only (replacing them,
-    or ``.to()``, is fine), and a forward that writes its own weights would write the caller's. Pixel input always
-    copies: building it runs a forward.
+    lazily (``ScaledWeight``, see the module docstring): the result is for running as it is (scoring). Its
+    tensors are read-only, a forward that writes its own weights would write the caller's, and a dtype or device
+    change must be made on the model before the conversion (a folded weight's factors keep theirs). Pixel input
+    always copies: building it runs a forward.
     ``example``: a tensor shaped like ``model``'s input (only its shape and dtype are read: a meta tensor will do).
     With it the merge knows each tensor's rank, so a BatchNorm1d on a Linear's 2-D output (axis 1 is then the
     feature axis) folds into the Linear; without it such an affine is kept (on a 3-D input it is not the
@@ -556,9 +557,12 @@ def _output_ranks(gm: fx.GraphModule, example: Tensor) -> dict[fx.Node, int]:
             if isinstance(t, Tensor) and id(t) not in memo:
                 meta = t.detach().to("meta")
                 memo[id(t)] = nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta
+    dtype = example.dtype
+    if dtype.is_floating_point:  # ranks do not depend on the float width: run in the model's own (fp64, bf16)
+        dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), dtype)
     try:
         recorder = _RankRecorder(copy.deepcopy(gm, memo))
-        recorder.run(torch.empty(tuple(example.shape), dtype=example.dtype, device="meta"))
+        recorder.run(torch.empty(tuple(example.shape), dtype=dtype, device="meta"))
     except Exception:  # an op with no meta kernel or a data-dependent result, a wrong example
         return {}
     return {n: recorder.ranks[n.name] for n in gm.graph.nodes if n.name in recorder.ranks}
@@ -580,6 +584,13 @@ class _Peephole:
         self.gm, self.lazy = gm, lazy
         self.ranks = dict(ranks or {})  # node -> rank of its output, where an example input told it
         self.calls: Counter[str] = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+        # A forward that also reads a module's tensors directly (``F.conv2d(y, self.conv.weight[:, :3])``) uses
+        # that module once more: a fold then goes under a fresh name and the original stays for those reads.
+        for n in gm.graph.nodes:
+            if n.op == "get_attr" and "." in str(n.target):
+                owner = str(n.target).rsplit(".", 1)[0]
+                if owner in self.calls:
+                    self.calls[owner] += 1
         self.changed: set[str] = set()
         self.folds: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layers this merge folded (owns their weights)
         self.modules: dict[str, nn.Module] = dict(gm.named_modules())

@@ -16,6 +16,7 @@ from micronet.collector import collector_paused
 from micronet.compress import deploy_form
 from micronet.compress.pixel_input import PIXEL_BITS, check_pixel_input, pixel_input_of
 from micronet.compress.state import has_training_form, model_device, preserved_modes
+from micronet.data import get_normalization
 from micronet.errors import MicronetError
 from micronet.progress import progress_bar
 from micronet.scoring.accounting import Accounts, account
@@ -250,8 +251,11 @@ def _trace_and_account(target: nn.Module, pol: Policy, trk: Track, overrides: di
     bar.update()
     bar.set_description(f"scoring: tracing {n} example{'s' if n > 1 else ''}")
     device = model_device(target)
-    dtype = in_dtype or _model_dtype(target)
-    high = 2 if dtype.is_floating_point else _integer_high(target, dtype)
+    if pixels is not None:  # what the pixel form takes: uint8 images
+        dtype, high = torch.uint8, 256
+    else:
+        dtype = in_dtype or _model_dtype(target)
+        high = 2 if dtype.is_floating_point else _integer_high(target, dtype)
     nhwc = pixels is not None and pixels.layout == "nhwc"
     real_data = examples is not None
     if examples is None:
@@ -260,6 +264,9 @@ def _trace_and_account(target: nn.Module, pol: Policy, trk: Track, overrides: di
         examples = itertools.islice(examples, n)
 
     def trace(x: Tensor) -> Trace:
+        if pixels is not None and x.dtype != torch.uint8:
+            raise MicronetError(f"the pixel-input form takes uint8 images; the data holds {str(x.dtype)[6:]} "
+                                "(pass the raw images, not normalised ones)")
         return trace_model(target, x, input_bits=pol.model_input_bits, float_bits=pol.float_bits,
                            protected=protected)
 
@@ -287,7 +294,8 @@ def _trace_and_account(target: nn.Module, pol: Policy, trk: Track, overrides: di
             target.eval()
 
             def trace_one() -> Trace:
-                return trace(next(iter(_synthetic_inputs(1, shape, device, dtype, high=high))))
+                # (with real data ``shape`` is the traced input's, already in the model's layout)
+                return trace(next(iter(_synthetic_inputs(1, shape, device, dtype, nhwc and not real_data, high))))
 
             dynamic_compute = _dynamic_compute(target, traces, param_traces, pol, trk, acc,
                                                real_data, trace_one)
@@ -335,6 +343,8 @@ def score(
     else:
         shown_size = "x".join(map(str, shape))
     if input == "pixels":
+        if normalization is not None:
+            normalization = get_normalization(normalization)  # a preset's name, as export_onnx takes it
         check_pixel_input(model)  # a gated net without input_module has no pixel form: say so before the long copy
     bar = progress_bar(None, "scoring: deploy form", progress, unit="step")
     # Should a first attempt stop (see below), the second reads ``data`` again: a tensor or a re-iterable

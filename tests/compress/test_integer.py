@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from micronet import models
@@ -158,3 +159,23 @@ def test_the_scoring_deploy_form_folds_into_weights_that_hold_no_memory_and_comp
     # converted again, the scoring form gives an owning form with real folded Parameters (what export writes)
     owned = dict(deploy_form(lazy).named_parameters())
     assert all(type(owned[name]) is nn.Parameter and torch.equal(owned[name], eager_weights[name]) for name in folded)
+
+
+class _ReadsItsConvWeight(nn.Module):
+    """A forward that calls a conv (BN after it) and also reads that conv's weight directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Linear(3, 4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return self.fc(F.conv2d(y, self.conv.weight[:, :3], padding=1).mean((2, 3)))
+
+
+def test_a_folded_layer_whose_weight_is_also_read_directly_keeps_the_original_for_those_reads():
+    torch.manual_seed(0)
+    model = randomize_bn_(_ReadsItsConvWeight()).eval().double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for share in (False, True):
+        torch.testing.assert_close(deploy_form(model, share=share)(x), model(x), rtol=1e-12, atol=1e-12)
