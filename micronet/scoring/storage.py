@@ -115,11 +115,6 @@ def layout(use: ParamUse, mask: str) -> Layout:
     return sparse if sparse.bits < dense.bits else dense  # cheapest
 
 
-def stored_sparse(use: ParamUse, mask: str) -> bool:
-    """Whether the policy stores this tensor as nonzeros + bitmask (only then may its zeros be skipped)."""
-    return layout(use, mask).sparse
-
-
 def storage_bits(use: ParamUse, mask: str) -> tuple[int, int, int]:
     """(total bits, stored values, mask bits) of one stored tensor under the policy's mask mode."""
     lay = layout(use, mask)
