@@ -37,6 +37,10 @@ def _as_float(t: Tensor) -> Tensor:
     return t if torch.is_floating_point(t) else t.to(torch.float32)
 
 
+# Elements of a folded weight materialised at a time to find its nonzeros (4 MB of float32).
+_MASK_CHUNK = 1 << 20
+
+
 class ScaledWeight(Tensor):
     """A folded weight ``base * s1 * s2 ...`` (scales per output channel, applied in order) that holds only its
     factors: :meth:`materialize` computes the values, for one op at a time.
@@ -48,8 +52,9 @@ class ScaledWeight(Tensor):
     see the same tensor, under the same name, as with an eager fold. Its values are the eager fold's bit for bit
     (the same clone-then-``mul_`` sequence).
 
-    Who computes with it materialises it first: the scorer's trace does, for each op and each cost rule that
-    reads it (``micronet.scoring.trace``). Any other op on it still works (``__torch_dispatch__`` materialises),
+    Who computes with it materialises it first: the scorer's trace does, for each op
+    (``micronet.scoring.trace``); its cost rules read only which values are nonzero (:meth:`nonzero_mask`,
+    computed a few output channels at a time). Any other op on it still works (``__torch_dispatch__`` materialises),
     but torch imports ``torch.distributed.tensor`` (about 37 MB) on a Python tensor subclass's first dispatch.
     It is read-only: an op that writes it raises, and its storage is ``base``'s, so a tracer that protects the
     caller's memory sees a write into a shared ``base``.
@@ -78,6 +83,20 @@ class ScaledWeight(Tensor):
             w.mul_(s)
         return w
 
+    def nonzero_mask(self) -> Tensor:
+        """``values != 0`` as a bool tensor, computed a few output channels at a time, so the values are never all
+        in memory. The same as the full materialisation's, bit for bit: each scale is per output channel (shape
+        ``[out, 1, ...]``) and the products are elementwise."""
+        mask = torch.empty(self.shape, dtype=torch.bool, device=self.device)
+        out = self.shape[0] if self.dim() else 1
+        step = max(1, _MASK_CHUNK * out // max(self.numel(), 1))
+        for a in range(0, out, step):
+            w = self.base[a : a + step].clone()
+            for s in self.scales:
+                w.mul_(s[a : a + step] if s.dim() and s.shape[0] == out else s)
+            torch.ne(w, 0, out=mask[a : a + step])
+        return mask
+
     def __deepcopy__(self, memo: dict) -> ScaledWeight:
         return ScaledWeight(copy.deepcopy(self.base, memo), copy.deepcopy(self.scales, memo))
 
@@ -99,6 +118,11 @@ class ScaledWeight(Tensor):
                 raise RuntimeError(f"{func._schema.name} writes a folded weight of the scoring deploy form, "
                                    "which is read-only")
         return func(*pytree.tree_map(materialized, args), **pytree.tree_map(materialized, kwargs))
+
+
+def nonzero_mask(value: Tensor) -> Tensor:
+    """``value != 0`` as a bool tensor; a :class:`ScaledWeight`'s without materialising all its values."""
+    return value.nonzero_mask() if isinstance(value, ScaledWeight) else value.ne(0)
 
 
 def materialized(value: object) -> object:

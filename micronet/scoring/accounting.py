@@ -116,89 +116,92 @@ def account(traces: list[Trace], policy: Policy, param_traces: list[Trace] | tup
             row.param_bits += bits
             row.mask_bits += mask_bits
 
+    def account_record(rec: OpRecord, ctx: CostContext, live: set[int], ops_count: bool, first: bool) -> None:
+        nonlocal quantized
+        if ops_count and _is_quantizing(rec):
+            quantized = True
+        module = ctx.module(rec)
+        if isinstance(module, ObserverBase | FakeQuantizeBase) and rec.op not in AO_FAKE_QUANT:
+            # Range tracking and its flags: quantizer bookkeeping, not model work.
+            free["observer " + rec.op] = free.get("observer " + rec.op, 0) + 1
+            return
+        if not rec.dynamic:
+            if rec.op in AO_FAKE_QUANT and rec.index in live:
+                # A weight's fake-quantizer folds away at deploy time, but its scale and zero-point are stored.
+                rule = RULES.get(rec.op)
+                cost = rule(rec, ctx) if rule is not None else None
+                if cost is not None and not isinstance(cost, list) and cost.params:
+                    charge_params(row_for(rec.module, "quant", None), cost.params)
+            return  # folded at deploy time
+        if rec.index not in live:
+            if ops_count:
+                rule = RULES.get(rec.op)
+                result = rule(rec, ctx) if rule is not None else None
+                costs = result if isinstance(result, list) else [result] if result is not None else []
+                bitops = sum(c.mult_bitops + c.add_bitops for c in costs)
+                uses = [u for c in costs for u in (c.params or [])] if costs else []
+                if costs and all(c.params is None for c in costs):
+                    uses = [ctx.param(r, module=rec.module) for r in rec.inputs if r.static and r.info.stored]
+                if bitops or uses:
+                    entry = dead.setdefault(
+                        (rec.module, rec.op), {"module": rec.module, "op": rec.op, "count": 0, "bitops": 0}
+                    )
+                    entry["count"] += 1
+                    entry["bitops"] += bitops
+                    for use in uses:
+                        dead_params.setdefault((rec.module, rec.op), {})[use.key] = use
+            return
+        target = rec.args[0] if rec.args else None
+        if rec.op.endswith("_") and getattr(target, "static", False) and target.info.stored:
+            # In-place update of a buffer (run statistics, gate counters): bookkeeping, not model work.
+            free["bookkeeping " + rec.op] = free.get("bookkeeping " + rec.op, 0) + 1
+            return
+        rule = RULES.get(rec.op)
+        result = rule(rec, ctx) if rule is not None else None
+        if result is None:
+            if not ops_count:
+                kind = "data"
+            elif rec.op in FREE_OPS:
+                free[rec.op] = free.get(rec.op, 0) + 1
+                kind = "data"
+            else:
+                entry = unknown.setdefault(
+                    (rec.op, rec.module),
+                    {
+                        "op": rec.op,
+                        "module": rec.module,
+                        "count": 0,
+                        "shape": list(rec.outputs[0].shape) if rec.outputs else [],
+                    },
+                )
+                entry["count"] += 1
+                kind = "unknown"
+            uses = [ctx.param(r, module=rec.module) for r in rec.inputs if r.static and r.info.stored]
+            if uses:
+                charge_params(row_for(rec.module, kind, None), uses)
+            return
+        for cost in result if isinstance(result, list) else [result]:
+            key = row_for(cost.module if cost.module is not None else rec.module, cost.kind, cost)
+            if ops_count:
+                totals = raw[key]
+                totals[0] += cost.mults
+                totals[1] += cost.adds
+                totals[2] += cost.mult_bitops
+                totals[3] += cost.add_bitops
+            row = rows[key]
+            if cost.weight_numel is not None and first:
+                row.weight_numel += cost.weight_numel
+                row.weight_nnz += cost.weight_nnz or 0
+            uses = cost.params
+            if uses is None:
+                uses = [ctx.param(r, module=rec.module) for r in rec.inputs if r.static and r.info.stored]
+            charge_params(key, uses)
+
     for trace in [*traces, *param_traces]:
-        ops_count = trace not in param_traces
         ctx = CostContext(policy, trace)
         live = live_records(trace)
         for rec in trace.records:
-            if ops_count and _is_quantizing(rec):
-                quantized = True
-            module = ctx.module(rec)
-            if isinstance(module, ObserverBase | FakeQuantizeBase) and rec.op not in AO_FAKE_QUANT:
-                # Range tracking and its flags: quantizer bookkeeping, not model work.
-                free["observer " + rec.op] = free.get("observer " + rec.op, 0) + 1
-                continue
-            if not rec.dynamic:
-                if rec.op in AO_FAKE_QUANT and rec.index in live:
-                    # A weight's fake-quantizer folds away at deploy time, but its scale and zero-point are stored.
-                    rule = RULES.get(rec.op)
-                    cost = rule(rec, ctx) if rule is not None else None
-                    if cost is not None and not isinstance(cost, list) and cost.params:
-                        charge_params(row_for(rec.module, "quant", None), cost.params)
-                continue  # folded at deploy time
-            if rec.index not in live:
-                if ops_count:
-                    rule = RULES.get(rec.op)
-                    result = rule(rec, ctx) if rule is not None else None
-                    costs = result if isinstance(result, list) else [result] if result is not None else []
-                    bitops = sum(c.mult_bitops + c.add_bitops for c in costs)
-                    uses = [u for c in costs for u in (c.params or [])] if costs else []
-                    if costs and all(c.params is None for c in costs):
-                        uses = [ctx.param(r, module=rec.module) for r in rec.inputs if r.static and r.info.stored]
-                    if bitops or uses:
-                        entry = dead.setdefault(
-                            (rec.module, rec.op), {"module": rec.module, "op": rec.op, "count": 0, "bitops": 0}
-                        )
-                        entry["count"] += 1
-                        entry["bitops"] += bitops
-                        for use in uses:
-                            dead_params.setdefault((rec.module, rec.op), {})[use.key] = use
-                continue
-            target = rec.args[0] if rec.args else None
-            if rec.op.endswith("_") and getattr(target, "static", False) and target.info.stored:
-                # In-place update of a buffer (run statistics, gate counters): bookkeeping, not model work.
-                free["bookkeeping " + rec.op] = free.get("bookkeeping " + rec.op, 0) + 1
-                continue
-            rule = RULES.get(rec.op)
-            result = rule(rec, ctx) if rule is not None else None
-            if result is None:
-                if not ops_count:
-                    kind = "data"
-                elif rec.op in FREE_OPS:
-                    free[rec.op] = free.get(rec.op, 0) + 1
-                    kind = "data"
-                else:
-                    entry = unknown.setdefault(
-                        (rec.op, rec.module),
-                        {
-                            "op": rec.op,
-                            "module": rec.module,
-                            "count": 0,
-                            "shape": list(rec.outputs[0].shape) if rec.outputs else [],
-                        },
-                    )
-                    entry["count"] += 1
-                    kind = "unknown"
-                uses = [ctx.param(r, module=rec.module) for r in rec.inputs if r.static and r.info.stored]
-                if uses:
-                    charge_params(row_for(rec.module, kind, None), uses)
-                continue
-            for cost in result if isinstance(result, list) else [result]:
-                key = row_for(cost.module if cost.module is not None else rec.module, cost.kind, cost)
-                if ops_count:
-                    totals = raw[key]
-                    totals[0] += cost.mults
-                    totals[1] += cost.adds
-                    totals[2] += cost.mult_bitops
-                    totals[3] += cost.add_bitops
-                row = rows[key]
-                if cost.weight_numel is not None and trace is traces[0]:
-                    row.weight_numel += cost.weight_numel
-                    row.weight_nnz += cost.weight_nnz or 0
-                uses = cost.params
-                if uses is None:
-                    uses = [ctx.param(r, module=rec.module) for r in rec.inputs if r.static and r.info.stored]
-                charge_params(key, uses)
+            account_record(rec, ctx, live, trace not in param_traces, trace is traces[0])
 
     for key, row in rows.items():
         mults, adds, mult_bitops, add_bitops = raw[key]

@@ -81,6 +81,12 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def _input_dtype(model: nn.Module, in_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of the (synthetic) inputs a float-input ``model`` is fed: ``input_dtype`` when given (token ids),
+    else the model's own float dtype."""
+    return in_dtype or _model_dtype(model)
+
+
 def input_shape_for(
     track: Track, input_size: int | tuple[int, int] | None, input_shape: tuple[int, ...] | None, in_channels: int
 ) -> tuple[int, ...]:
@@ -254,7 +260,7 @@ def _trace_and_account(target: nn.Module, pol: Policy, trk: Track, overrides: di
     if pixels is not None:  # what the pixel form takes: uint8 images
         dtype, high = torch.uint8, 256
     else:
-        dtype = in_dtype or _model_dtype(target)
+        dtype = _input_dtype(target, in_dtype)
         high = 2 if dtype.is_floating_point else _integer_high(target, dtype)
     nhwc = pixels is not None and pixels.layout == "nhwc"
     real_data = examples is not None
@@ -370,7 +376,7 @@ def score(
             examples = itertools.chain([first], examples)
             example = torch.empty(first.shape, dtype=first.dtype, device="meta")
         else:
-            dtype = in_dtype if in_dtype is not None and input != "pixels" else _model_dtype(model)
+            dtype = _model_dtype(model) if input == "pixels" else _input_dtype(model, in_dtype)
             example = torch.empty(shape, dtype=dtype, device="meta")
         target = deploy_form(model, input=input, normalization=normalization, layout=layout, share=share,
                              example=example)

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from micronet.compress.integer_modules import ChannelAffine
+from micronet.compress.integer_modules import ChannelAffine, nonzero_mask
 from micronet.scoring.accumulators import INT_ACCUMULATORS, accumulate, accumulator_float_bits
 from micronet.scoring.policy import Policy
 from micronet.scoring.storage import ParamUse, block_of, multiplied_per_row
@@ -44,6 +44,7 @@ from micronet.scoring.trace import (
     AO_FAKE_QUANT,
     DATA_MOVEMENT,
     OpRecord,
+    StoredTensor,
     TensorRef,
     Trace,
     ao_fake_quant_off,
@@ -87,6 +88,17 @@ class CostContext:
 
     policy: Policy
     trace: Trace
+    _last_nonzero: list = field(default_factory=lambda: [None, None], compare=False, repr=False)
+
+    def nonzero(self, ref: TensorRef | StoredTensor) -> Tensor:
+        """A static tensor's ``values != 0`` (bool): all that weight counts and storage layouts read of its values
+        (a folded weight's are found a few channels at a time, never all in memory). The last tensor's is kept: a
+        rule and then the storage layout of the same weight read it in turn (one mask alive at a time)."""
+        if self._last_nonzero[0] != ref.uid:
+            self._last_nonzero[:] = [None, None]  # the previous one is freed first
+            self._last_nonzero[:] = [ref.uid, nonzero_mask(ref.held)]
+        return self._last_nonzero[1]
+
     def operand_bits(self, ref: TensorRef | Any) -> int:
         """Width of an elementwise operand: a tensor's bits, or a Python scalar's (float -> float_bits)."""
         if isinstance(ref, TensorRef):
@@ -112,14 +124,15 @@ class CostContext:
         """ParamUse for a static stored tensor, keyed by the stored tensor it views (counted once)."""
         stored = self.trace.stored.get(ref.info.origin)
         if stored is None:
-            return ParamUse(self.key_of(ref), f"{module}:<tensor>", ref.numel, ref.bits, ref.value, sparse)
+            return ParamUse(self.key_of(ref), f"{module}:<tensor>", ref.numel, ref.bits,
+                            lambda: self.nonzero(ref), sparse)
         owner = stored.owner if stored.owner is not None else self.trace.modules.get(module)
         return ParamUse(
             stored.name,
             stored.name,
             stored.held.numel(),
             stored.bits,
-            stored.value,
+            lambda: self.nonzero(stored),
             sparse,
             block_of(owner),
         )
@@ -255,11 +268,19 @@ def _unfolded_affines(ctx: CostContext, rec: OpRecord, records: tuple) -> list[C
     return costs
 
 
-def _nnz_rows(value: Tensor, rows: int) -> list[int]:
-    """Nonzeros per row of ``value`` viewed as [rows, -1]; a dense tensor skips the per-row pass."""
-    if int(value.count_nonzero()) == value.numel():
-        return [value.numel() // rows] * rows
-    return torch.count_nonzero(value.reshape(rows, -1), dim=1).tolist()
+# Elements per slice of a per-row nonzero count: torch counts along a dimension in int64, a temporary 8 bytes an
+# element (twice a float32 weight's own size), so large weights are counted a few rows at a time.
+_COUNT_CHUNK = 1 << 18
+
+
+def _nnz_rows(nonzero: Tensor, rows: int) -> list[int]:
+    """Nonzeros per row of a weight, from its ``values != 0`` viewed as [rows, -1]; a dense tensor skips the
+    per-row pass."""
+    if int(nonzero.count_nonzero()) == nonzero.numel():
+        return [nonzero.numel() // rows] * rows
+    flat = nonzero.reshape(rows, -1)
+    step = max(1, _COUNT_CHUNK // max(flat.shape[1], 1))
+    return [n for part in flat.split(step) for n in torch.count_nonzero(part, dim=1).tolist()]
 
 
 @register("aten::convolution", "aten::_convolution")
@@ -275,7 +296,7 @@ def conv_cost(rec: OpRecord, ctx: CostContext) -> Cost | None:
     c_out = out.shape[1]
     positions = out.numel // c_out
     dense_k = w.numel // c_out
-    nnz = _nnz_rows(w.value, c_out) if w.static else [dense_k] * c_out
+    nnz = _nnz_rows(ctx.nonzero(w), c_out) if w.static else [dense_k] * c_out
     if not x.static:
         return _gemm(ctx, rec, "conv", x, w, bias, nnz, dense_k, positions, linear=False)
     return None  # a static input with a dynamic weight: not a layer we know how to price
@@ -288,11 +309,11 @@ def _mm_cost(rec: OpRecord, ctx: CostContext, a: TensorRef, b: TensorRef, bias: 
     if b.static and not a.static:
         # A static weight, possibly one per batch entry (bmm / einsum with a batched weight): its columns
         # are output channels, each applied at the m rows of its batch entry.
-        weights = b.value.reshape(-1, k, n)
+        weights = ctx.nonzero(b).reshape(-1, k, n)
         nnz = [c for w in weights for c in _nnz_rows(w.t(), n)]
         return _gemm(ctx, rec, "linear", a, b, bias, nnz, k, m * batch // weights.shape[0], linear=True)
     if a.static and not b.static:
-        weights = a.value.reshape(-1, m, k)
+        weights = ctx.nonzero(a).reshape(-1, m, k)
         nnz = [c for w in weights for c in _nnz_rows(w, m)]
         b_batch = _numel(b.shape[:-2]) if len(b.shape) > 2 else 1
         return _gemm(ctx, rec, "linear", b, a, bias, nnz, k, n * b_batch // weights.shape[0], linear=True)
@@ -581,7 +602,7 @@ def lstm_cost(rec: OpRecord, ctx: CostContext) -> Cost | None:
         return None
     gates, hidden = w_hh.shape[0], w_hh.shape[1]
     steps = (x.shape[0] * x.shape[1]) if len(x.shape) == 3 else x.shape[0]
-    nnz = int(w_ih.value.count_nonzero()) + int(w_hh.value.count_nonzero())
+    nnz = int(ctx.nonzero(w_ih).count_nonzero()) + int(ctx.nonzero(w_hh).count_nonzero())
     width = max(ctx.gemm_bits(x), w_ih.bits, w_hh.bits)
     cost = Cost("lstm", shape=w_ih.shape, input_bits=x.bits, weight_bits=max(w_ih.bits, w_hh.bits))
     cost.mul(steps * (nnz + 3 * hidden * 2 + 2 * hidden * 3 + 3 * hidden), width)
@@ -714,15 +735,15 @@ def sdpa_cost(rec: OpRecord, ctx: CostContext) -> list[Cost]:
                            isinstance(mask, TensorRef))
 
 
-def _weight_rows(w: TensorRef, rows: slice | None = None) -> list[int]:
-    value = w.value if rows is None else w.value[rows]
-    return _nnz_rows(value, value.shape[0])
+def _weight_rows(ctx: CostContext, w: TensorRef, rows: slice | None = None) -> list[int]:
+    nonzero = ctx.nonzero(w) if rows is None else ctx.nonzero(w)[rows]
+    return _nnz_rows(nonzero, nonzero.shape[0])
 
 
 def _projection(ctx: CostContext, rec: OpRecord, x: TensorRef, w: TensorRef, bias: Any, tokens: int,
                 rows: slice | None = None) -> list[Cost]:
     """A linear projection of ``tokens`` tokens by (a row block of) static weight ``w``."""
-    nnz = _weight_rows(w, rows)
+    nnz = _weight_rows(ctx, w, rows)
     return _gemm(ctx, rec, "linear", x, w, bias, nnz, w.shape[1], tokens, linear=True)
 
 
@@ -793,7 +814,7 @@ def transposed_conv_cost(rec: OpRecord, ctx: CostContext, x: TensorRef, w: Tenso
     positions = x.numel // x.shape[1]
     # Weight [in, out/groups, *kernel]: an input element of channel c meets row c's taps. A weight stored dense
     # has its zeros stored and multiplied; only a sparse layout skips them (as for every conv).
-    rows = [int(n) for n in w.value.reshape(w.shape[0], -1).count_nonzero(1)]
+    rows = _nnz_rows(ctx.nonzero(w), w.shape[0])
     params = [ctx.param(r, sparse=r is w, module=rec.module)
               for r in (w, bias) if isinstance(r, TensorRef) and r.static and r.info.stored]
     if w.static and w.info.stored and params[0].numel == w.numel:  # the weight is the whole stored tensor
@@ -805,7 +826,7 @@ def transposed_conv_cost(rec: OpRecord, ctx: CostContext, x: TensorRef, w: Tenso
     cost.mul(mults, bits)
     cost.add(max(mults - out.numel, 0) + (out.numel if isinstance(bias, TensorRef) else 0), 32)
     cost.params = params
-    cost.weight_numel, cost.weight_nnz = w.numel, int(w.value.count_nonzero())
+    cost.weight_numel, cost.weight_nnz = w.numel, int(ctx.nonzero(w).count_nonzero())
     return cost
 
 
@@ -895,7 +916,7 @@ def ao_fake_quant_cost(rec: OpRecord, ctx: CostContext) -> Cost:
         return cost
     cost.mul((2 + ctx.policy.quantizer_ops) * out.numel, x.bits)
     zp = rec.args[zp_at] if len(rec.args) > zp_at else None
-    if isinstance(zp, TensorRef) and zp.value is not None and bool(zp.value.ne(0).any()):
+    if isinstance(zp, TensorRef) and zp.static and bool(ctx.nonzero(zp).any()):
         cost.add(out.numel, _first(ctx.policy.add_bits, x.bits))
     return cost
 
@@ -948,8 +969,9 @@ def quantized_layer_cost(rec: OpRecord, ctx: CostContext) -> list[Cost] | None:
     w_bits = dtype_bits(w.dtype, 32)
     a_bits = 8 if dynamic_input else x.bits
     name = f"{rec.module or '(root)'}.weight"
-    use = ParamUse(name, name, codes.numel(), w_bits, codes, True, None)
-    nnz = _nnz_rows(codes, c_out)
+    nonzero = codes.ne(0)
+    use = ParamUse(name, name, codes.numel(), w_bits, lambda: nonzero, True, None)
+    nnz = _nnz_rows(nonzero, c_out)
     use.nnz = sum(nnz)
     nnz = multiplied_per_row(use, ctx.policy.mask, nnz, dense_k)
     positions = out.numel // (out.shape[-1] if linear else out.shape[1]) if len(out.shape) > 1 else 1

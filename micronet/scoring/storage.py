@@ -13,6 +13,7 @@ declared block (micronet block masks) is its one sparse layout in every mode.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,16 +23,25 @@ from torch import Tensor
 
 @dataclass
 class ParamUse:
-    """A stored tensor charged as parameters: ``numel`` values at ``bits``; ``sparse`` ones may use a mask."""
+    """A stored tensor charged as parameters: ``numel`` values at ``bits``; ``sparse`` ones may use a mask.
+
+    Its layout depends only on which of its values are nonzero: ``nonzero_of`` computes that bool tensor when a
+    layout needs it (None: the values are not known, and the tensor is stored dense).
+    """
 
     key: Any
     name: str
     numel: int
     bits: int
-    value: Tensor | None = None
+    nonzero_of: Callable[[], Tensor] | None = None
     sparse: bool = False
     block: tuple[int, int] | None = None
     nnz: int | None = None  # nonzeros, when the rule already counted them
+
+    @property
+    def nonzero(self) -> Tensor:
+        """The tensor's ``values != 0`` (bool, its shape)."""
+        return self.nonzero_of()
 
 
 def block_of(module: Any) -> tuple[int, int] | None:
@@ -66,18 +76,18 @@ def _element_layout(use: ParamUse, nonzero: Tensor | None = None) -> Layout:
     if use.nnz is not None:
         nonzero_values = use.nnz
     else:
-        nonzero_values = int((use.value if nonzero is None else nonzero).count_nonzero())
+        nonzero_values = int((use.nonzero if nonzero is None else nonzero).count_nonzero())
     return Layout(True, nonzero_values, use.numel, nonzero_values * use.bits + use.numel)
 
 
 def _block_layout(use: ParamUse, block: tuple[int, int]) -> Layout:
-    values, mask_bits = block_counts(use.value, block)
+    values, mask_bits = block_counts(use.nonzero, block)
     return Layout(True, values, mask_bits, values * use.bits + mask_bits, block)
 
 
 def _channel_layouts(use: ParamUse, nonzero: Tensor) -> list[Layout]:
     """A mask bit per output channel (filter) and per input channel of a conv/linear weight ``[out, in, *kernel]``,
-    as (out, in) blocks (1, in) and (out, 1): a kept channel stores all its values. ``nonzero``: ``value != 0``."""
+    as (out, in) blocks (1, in) and (out, 1): a kept channel stores all its values. ``nonzero``: its ``values != 0``."""
     if nonzero.dim() not in (2, 4):  # a conv2d or linear weight; other tensors have no channel structure
         return []
     o, i = nonzero.shape[0], nonzero.shape[1]
@@ -91,11 +101,11 @@ def _channel_layouts(use: ParamUse, nonzero: Tensor) -> list[Layout]:
 def sparse_layout(use: ParamUse, mask: str = "always") -> Layout:
     """The sparse layout of ``use`` under ``mask``: its declared block, else a bit per element, or under
     ``cheapest`` the smallest of that and a bit per channel structure."""
-    if use.block is not None and use.value.dim() >= 2:
+    if use.block is not None and use.nonzero.dim() >= 2:
         return _block_layout(use, use.block)
     if mask != "cheapest":
         return _element_layout(use)
-    nonzero = use.value.ne(0)  # one pass shared by the element and channel counts
+    nonzero = use.nonzero  # one pass shared by the element and channel counts
     element = _element_layout(use, nonzero)
     if element.values == use.numel:
         return element
@@ -105,7 +115,7 @@ def sparse_layout(use: ParamUse, mask: str = "always") -> Layout:
 def layout(use: ParamUse, mask: str) -> Layout:
     """How the policy stores this tensor: sparse (only then may its zeros be skipped) or dense."""
     dense = Layout(False, use.numel, 0, use.numel * use.bits)
-    if not use.sparse or use.value is None or use.numel == 0:
+    if not use.sparse or use.nonzero_of is None or use.numel == 0:
         return dense
     sparse = sparse_layout(use, mask)
     if mask == "always":
@@ -127,32 +137,34 @@ def multiplied_per_row(use: ParamUse, mask: str, nnz: list[int], dense_k: int) -
     lay = layout(use, mask)
     if not lay.sparse:
         return [dense_k] * len(nnz)  # stored dense: its zeros are stored and multiplied
-    if lay.block is not None and use.value is not None and use.value.dim() >= 2:
-        return block_rows(use.value, lay.block)[0]  # kept blocks are stored and multiplied whole
+    if lay.block is not None and use.nonzero_of is not None and use.nonzero.dim() >= 2:
+        return block_rows(use.nonzero, lay.block)[0]  # kept blocks are stored and multiplied whole
     return nnz
 
 
-def block_rows(value: Tensor, block: tuple[int, int]) -> tuple[list[int], int]:
-    """(values stored per output row, number of blocks) for an (out, in) block mask.
+def block_rows(nonzero: Tensor, block: tuple[int, int]) -> tuple[list[int], int]:
+    """(values stored per output row, number of blocks) for an (out, in) block mask, from a weight's
+    ``values != 0`` (bool).
 
     As in ``micronet.compress.sparsity``: a block spans ``bo`` output x ``bi`` input channels and all
     kernel taps, one mask bit each; edge blocks are smaller. Every value of a kept block is stored (and
     multiplied: no mask says where its zeros are).
     """
     bo, bi = block
-    o, i = value.shape[0], value.shape[1]
-    taps = value.numel() // (o * i)
-    v = value.reshape(o, i, taps)
+    o, i = nonzero.shape[0], nonzero.shape[1]
+    taps = nonzero.numel() // (o * i)
+    v = nonzero.reshape(o, i, taps).any(dim=2)
     po, pi = -o % bo, -i % bi
     if po or pi:
-        v = torch.nn.functional.pad(v, (0, 0, 0, pi, 0, po))
+        v = torch.nn.functional.pad(v, (0, pi, 0, po))
     nb_o, nb_i = v.shape[0] // bo, v.shape[1] // bi
-    live = v.reshape(nb_o, bo, nb_i, bi, taps).ne(0).any(dim=4).any(dim=3).any(dim=1).tolist()
+    live = v.reshape(nb_o, bo, nb_i, bi).any(dim=3).any(dim=1).tolist()
     per_block_row = [sum(min(bi, i - b * bi) * taps for b in range(nb_i) if live[a][b]) for a in range(nb_o)]
     return [per_block_row[c // bo] for c in range(o)], nb_o * nb_i
 
 
-def block_counts(value: Tensor, block: tuple[int, int]) -> tuple[int, int]:
-    """(values stored in nonzero blocks, number of blocks) for an (out, in) block mask."""
-    rows, n_blocks = block_rows(value, block)
+def block_counts(nonzero: Tensor, block: tuple[int, int]) -> tuple[int, int]:
+    """(values stored in nonzero blocks, number of blocks) for an (out, in) block mask (``nonzero``: the
+    weight's ``values != 0``)."""
+    rows, n_blocks = block_rows(nonzero, block)
     return sum(rows), n_blocks

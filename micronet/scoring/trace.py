@@ -182,7 +182,7 @@ class TensorInfo:
 
 @dataclass
 class TensorRef:
-    """A tensor as seen by a cost rule: shape plus metadata; ``value`` only for static tensors."""
+    """A tensor as seen by a cost rule: shape plus metadata; ``held`` (the tensor) only for static tensors."""
 
     uid: int
     shape: tuple[int, ...]
@@ -190,10 +190,6 @@ class TensorRef:
     info: TensorInfo
     held: Tensor | None = None  # the tensor itself (a folded ScaledWeight holds only its factors)
 
-    @property
-    def value(self) -> Tensor | None:
-        """The tensor's values (a ScaledWeight's computed for this read: read it once per use)."""
-        return materialized(self.held)
 
     @property
     def numel(self) -> int:
@@ -222,10 +218,6 @@ class StoredTensor:
     codes: bool
     owner: nn.Module | None = None
 
-    @property
-    def value(self) -> Tensor:
-        """The tensor's values (a ScaledWeight's computed for this read: read it once per use)."""
-        return materialized(self.held)
 
 
 @dataclass

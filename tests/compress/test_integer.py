@@ -5,6 +5,7 @@ from torch import nn
 
 from micronet import models
 from micronet.compress import QuantConfig, SparsityConfig, deploy_form, prune_, quantize_, recalibrate_bn_
+from micronet.compress import integer_modules
 from micronet.compress.integer_modules import ChannelAffine, IntConv2d, IntLinear, RoundClamp, ScaledWeight
 
 from .conftest import TINY, randomize_bn_
@@ -159,6 +160,26 @@ def test_the_scoring_deploy_form_folds_into_weights_that_hold_no_memory_and_comp
     # converted again, the scoring form gives an owning form with real folded Parameters (what export writes)
     owned = dict(deploy_form(lazy).named_parameters())
     assert all(type(owned[name]) is nn.Parameter and torch.equal(owned[name], eager_weights[name]) for name in folded)
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20], ids=["ragged", "default"])
+def test_a_folded_weights_nonzeros_are_the_eager_folds_found_a_few_channels_at_a_time(chunk, monkeypatch):
+    # The scorer's cost rules read only which values of a weight are nonzero; a ScaledWeight finds them a few output
+    # channels at a time (its values are never all in memory). They must be the eager fold's, underflow included:
+    # 1e-30 scaled by about 1e-20 is below float32's smallest subnormal, so a nonzero base value folds to zero.
+    monkeypatch.setattr(integer_modules, "_MASK_CHUNK", chunk)
+    torch.manual_seed(0)
+    model = randomize_bn_(models.create(TINY["pyramidnet"]).eval())
+    with torch.no_grad():
+        model.layer1[0].conv1.weight[2, 0, 0, 0] = 1e-30
+        model.layer1[0].bn2.weight[2] = 1e-20
+        model.layer1[0].bn2.weight[1] = 0.0  # a zero scale: a whole filter folds to zeros
+    lazy, eager = deploy_form(model, share=True), dict(deploy_form(model).named_parameters())
+    folded = {name: p for name, p in lazy.named_parameters() if isinstance(p, ScaledWeight)}
+    underflow = eager["layer1.0.conv1.weight"]
+    assert underflow[2, 0, 0, 0] == 0 and bool(underflow[2].ne(0).sum() > 1) and not bool(underflow[1].any())
+    for name, p in folded.items():
+        assert torch.equal(p.nonzero_mask(), eager[name].ne(0)), name
 
 
 class _ReadsItsConvWeight(nn.Module):

@@ -7,7 +7,7 @@ import torch
 from torch.nn.utils import prune
 
 from micronet.models import create
-from micronet.scoring import score
+from micronet.scoring import rules, score
 from tests.scoring.nets import no_exact_zeros_
 
 
@@ -115,6 +115,20 @@ def test_pruned_linear_rows_are_charged_one_mask_bit_each():
     row = _conv_row(torch.nn.Sequential(fc).eval(), (1, 6))
     assert (row.param_bits, row.mask_bits) == (12 * 32 + 4, 4)
     assert (row.mults_raw, row.adds_raw) == (2 * 6, 2 * 5)
+
+
+def test_nonzeros_of_a_large_weight_are_counted_a_few_rows_at_a_time(monkeypatch):
+    # Output feature r of a Linear(5000, 70) keeps its first r weights; counted in slices of 3 rows and a bit,
+    # so slices straddle rows. Hand count: 0 + 1 + ... + 69 = 2,415 nonzeros, stored with an element mask (the
+    # literal rule; under official a mask per input column is cheaper); feature r multiplies r weights and adds
+    # r - 1 products, none for the empty feature 0.
+    monkeypatch.setattr(rules, "_COUNT_CHUNK", 3 * 5000 + 7)
+    fc = torch.nn.Linear(5000, 70, bias=False)
+    with torch.no_grad():
+        fc.weight.copy_((torch.arange(5000)[None, :] < torch.arange(70)[:, None]).float() * 0.5)
+    row = _conv_row(torch.nn.Sequential(fc).eval(), (1, 5000), mask="always")
+    assert (row.weight_nnz, row.mask_bits) == (2415, 350_000)
+    assert (row.mults_raw, row.adds_raw) == (2415, 2415 - 69)
 
 
 def test_one_removed_filter_is_charged_one_mask_bit_each_filter():
