@@ -4,8 +4,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from micronet import models
-from micronet.compress import QuantConfig, SparsityConfig, deploy_form, prune_, quantize_, recalibrate_bn_
-from micronet.compress import integer_modules
+from micronet.compress import (
+    QuantConfig,
+    SparsityConfig,
+    deploy_form,
+    integer_modules,
+    prune_,
+    quantize_,
+    recalibrate_bn_,
+)
 from micronet.compress.integer_modules import ChannelAffine, IntConv2d, IntLinear, RoundClamp, ScaledWeight
 
 from .conftest import TINY, randomize_bn_
