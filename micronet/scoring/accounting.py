@@ -197,11 +197,11 @@ def account(traces: list[Trace], policy: Policy, param_traces: list[Trace] | tup
                 uses = [ctx.param(r, module=rec.module) for r in rec.inputs if r.static and r.info.stored]
             charge_params(key, uses)
 
-    for trace in [*traces, *param_traces]:
+    for trace, ops_count in [*((t, True) for t in traces), *((t, False) for t in param_traces)]:
         ctx = CostContext(policy, trace)
         live = live_records(trace)
         for rec in trace.records:
-            account_record(rec, ctx, live, trace not in param_traces, trace is traces[0])
+            account_record(rec, ctx, live, ops_count, trace is traces[0])
 
     for key, row in rows.items():
         mults, adds, mult_bitops, add_bitops = raw[key]

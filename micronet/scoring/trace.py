@@ -11,6 +11,9 @@ ran it. Each tensor carries, in a map keyed by identity:
   is static but not stored, so it is never charged as a parameter),
 * ``origin``: the stored tensor a view was taken from, so shared or re-viewed tensors count once.
 
+A stored tensor is charged once under its name, the same in every trace: a parameter's or buffer's path, a
+plain attribute's, or for one derived at run time (``weight * mask``) its op and what it was computed from.
+
 The model is neither modified nor left with hooks: ModuleStack removes its global hooks on exit and
 the caller restores train/eval mode. Tensors carry their metadata as an attribute (removed from every
 pre-existing tensor afterwards), so activations are freed as the forward drops them.
@@ -137,7 +140,7 @@ def ao_fake_quant_off(op: str, args: tuple) -> bool:
     if op not in AO_FUSED_FAKE_QUANT or len(args) <= 2:
         return False
     flag = args[2]
-    value = getattr(flag, "value", flag)  # a TensorRef (recorded args) or the tensor itself
+    value = flag.held if isinstance(flag, TensorRef) else flag  # recorded args hold TensorRefs
     return isinstance(value, Tensor) and value.numel() > 0 and not bool(value.reshape(-1)[0])
 
 
@@ -178,6 +181,7 @@ class TensorInfo:
     signed: bool = True
     origin: int = -1  # uid of the stored tensor this is a view of
     zero_channels: frozenset[int] = frozenset()  # dim-1 channels known to be identically zero
+    stored_as: StoredTensor | None = field(default=None, compare=False, repr=False)  # the origin's record
 
 
 @dataclass
@@ -283,7 +287,9 @@ class TensorMap:
     The info rides on the tensor as an attribute, so an activation is freed as soon as the model drops it
     (scoring peaks near a plain forward, not at the sum of every activation) and a dead tensor's id can
     never be confused with a new one. Tensors that existed before the trace (parameters, buffers, the
-    input, constants) are untagged again on ``close()``, so the model is left as it was.
+    input, constants) are untagged again on ``close()``, so the model is left as it was. A tensor the model
+    made during an earlier trace and kept (a cache) still carries that trace's tag: ``get`` does not take it
+    for this trace's, ``carried`` returns it.
     """
 
     ATTR = "_micronet_scoring_info"
@@ -292,13 +298,19 @@ class TensorMap:
         self._foreign: list[Tensor] = []
 
     def get(self, t: Tensor) -> TensorInfo | None:
-        return getattr(t, self.ATTR, None)
+        tag = getattr(t, self.ATTR, None)
+        return tag[1] if tag is not None and tag[0] is self else None
+
+    def carried(self, t: Tensor) -> TensorInfo | None:
+        """The info an earlier trace tagged ``t`` with (a tensor the model made then and kept), if any."""
+        tag = getattr(t, self.ATTR, None)
+        return tag[1] if tag is not None and tag[0] is not self else None
 
     def __setitem__(self, t: Tensor, info: TensorInfo) -> None:
-        setattr(t, self.ATTR, info)
+        setattr(t, self.ATTR, (self, info))
 
     def __contains__(self, t: Tensor) -> bool:
-        return hasattr(t, self.ATTR)
+        return self.get(t) is not None
 
     def tag_foreign(self, t: Tensor, info: TensorInfo) -> None:
         """Tag a tensor the trace did not create (untagged again on close)."""
@@ -378,6 +390,7 @@ class _OpRecorder(TorchDispatchMode):
         super().__init__()
         self.modules, self.trace, self.infos = modules, trace, infos
         self.float_bits, self.uids, self.protected = float_bits, uids, protected
+        self.unnamed: dict[tuple[str, tuple[int, ...]], int] = {}
 
     def _refuse_protected_write(self, func: Any, written: frozenset, args: tuple, kwargs: dict) -> None:
         """Stop before an in-place op writes into protected memory (the caller's weights, shared by the copy) or
@@ -394,13 +407,29 @@ class _OpRecorder(TorchDispatchMode):
     def _info(self, t: Tensor) -> TensorInfo:
         info = self.infos.get(t)
         if info is None:
-            # A tensor the model holds outside its parameters/buffers (a plain attribute): a stored constant.
+            info = self.infos.carried(t)
+            if info is not None:
+                # Made by the model in an earlier traced forward and kept (a cache): the same tensor as then,
+                # charged under the same name (uids are unique across traces, so it is confused with nothing).
+                self.infos[t] = info
+                if info.stored_as is not None:
+                    self.trace.stored.setdefault(info.origin, info.stored_as)
+                return info
+            # A tensor the model holds outside its parameters/buffers (a plain attribute): a stored constant,
+            # named by the attribute when the running module holds it (two constants of one shape are two).
             uid = next(self.uids)
             bits = dtype_bits(t.dtype, self.float_bits)
             info = TensorInfo(uid, bits, static=True, stored=True, codes=_quantized_dtype(t.dtype), origin=uid)
             self.infos.tag_foreign(t, info)
-            name = f"{self._module_path() or '(root)'}.<constant {tuple(t.shape)}>"
-            self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), bits, False)
+            path = self._module_path()
+            module = self.trace.modules.get(path)
+            attr = next((k for k, v in vars(module).items() if v is t), None) if module is not None else None
+            if attr is None:  # held elsewhere: the n-th such constant this module reads, the same in every trace
+                key = (path, tuple(t.shape))
+                self.unnamed[key] = self.unnamed.get(key, 0) + 1
+                attr = f"<constant {key[1]} #{self.unnamed[key]}>"
+            name = f"{path or '(root)'}.{attr}"
+            info.stored_as = self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), bits, False)
         return info
 
     def _ref(self, t: Tensor) -> TensorRef:
@@ -428,7 +457,7 @@ class _OpRecorder(TorchDispatchMode):
             out_tensors = [o for o in out if isinstance(o, Tensor)]
         else:
             out_tensors = []
-        out_infos = self._derive(op, args, in_refs, out_tensors)
+        out_infos = self._derive(op, args, kwargs, in_refs, out_tensors)
         out_refs = []
         for t, info in zip(out_tensors, out_infos):
             self.infos[t] = info
@@ -446,7 +475,8 @@ class _OpRecorder(TorchDispatchMode):
         self.trace.records.append(record)
         return out
 
-    def _derive(self, op: str, args: tuple, ins: list[TensorRef], outs: list[Tensor]) -> list[TensorInfo]:
+    def _derive(self, op: str, args: tuple, kwargs: dict, ins: list[TensorRef],
+                outs: list[Tensor]) -> list[TensorInfo]:
         """Metadata of an op's outputs from its inputs (the bit-width propagation rules)."""
         static = all(r.static for r in ins)
         stored = static and any(r.info.stored for r in ins)
@@ -497,6 +527,8 @@ class _OpRecorder(TorchDispatchMode):
                 elif op == "aten::constant_pad_nd" and k == 0:
                     zeros = self._pad_zero_channels(args, ins[0])
                 info = TensorInfo(uid, bits, static, stored, codes, signed, origin if static else uid, zeros)
+                if static and origin != uid:
+                    info.stored_as = ins[0].info.stored_as
             elif static:
                 # Folded at deploy time (e.g. weight * mask): keeps the widest input's width; a tensor
                 # dequantised by broadcasting a much smaller one over it (int8 codes x per-channel scale)
@@ -514,10 +546,25 @@ class _OpRecorder(TorchDispatchMode):
                 bits = dtype_bits(t.dtype, self.float_bits)
                 info = TensorInfo(uid, bits, False, False, origin=uid)
             if static and stored and info.origin == uid:
-                name = f"{self._module_path() or '(root)'}.<{op.split('::')[-1]} {tuple(t.shape)}>"
-                self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), info.bits, info.codes)
+                # Named by what it is computed from, so that the same tensor derived again (each trace, each loop
+                # step) is charged once, and two different ones (two masked weights of one shape) are both charged.
+                operands = ", ".join([*map(self._operand_name, args),
+                                      *(f"{k}={self._operand_name(v)}" for k, v in sorted(kwargs.items()))])
+                what = op.split("::")[-1] + (f"[{k}]" if len(outs) > 1 else "")
+                name = f"{self._module_path() or '(root)'}.<{what} {tuple(t.shape)} of {operands}>"
+                info.stored_as = self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), info.bits, info.codes)
             infos.append(info)
         return infos
+
+    def _operand_name(self, a: Any) -> str:
+        """An op argument in a derived tensor's name: a stored tensor's name, another tensor's shape, a value."""
+        if isinstance(a, Tensor):
+            info = self.infos.get(a)
+            record = info.stored_as if info is not None else None
+            return record.name if record is not None else f"<{tuple(a.shape)}>"
+        if isinstance(a, (list, tuple)):
+            return "[" + ", ".join(map(self._operand_name, a)) + "]"
+        return str(a)
 
     def _pad_zero_channels(self, args: tuple, src: TensorRef) -> frozenset[int]:
         """Channels added by a zero ``F.pad`` along dim 1 (PyramidNet's shortcut), plus the source's own."""
@@ -600,10 +647,10 @@ def _register_model_tensors(
                 bits = dtype_bits(tensor.dtype, float_bits)
                 codes = _quantized_dtype(tensor.dtype)
                 signed = True
-            infos.tag_foreign(tensor, TensorInfo(uid, bits, True, True, codes, signed, uid))
             full = f"{path}.{name}" if path else name
             held = tensor if type(tensor) is ScaledWeight else tensor.detach()  # (its detach would dispatch)
-            trace.stored[uid] = StoredTensor(uid, full, held, bits, codes, module)
+            record = trace.stored[uid] = StoredTensor(uid, full, held, bits, codes, module)
+            infos.tag_foreign(tensor, TensorInfo(uid, bits, True, True, codes, signed, uid, stored_as=record))
 
 
 def output_tensors(output: Any, depth: int = 8) -> list[Tensor]:
@@ -648,6 +695,11 @@ def storages_of(model: nn.Module) -> frozenset[int]:
     return frozenset(p for t in itertools.chain(model.parameters(), model.buffers()) if (p := _storage_of(t)))
 
 
+# Tensor uids, unique across every trace of the process: a tensor kept from one traced forward to the next (a
+# cache) keeps its uid, which no other tensor can have.
+_UIDS = itertools.count()
+
+
 def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits: int,
                 protected: frozenset[int] = frozenset()) -> Trace:
     """Run ``model(inputs)`` once under the recorder; the model must already be in eval mode.
@@ -655,12 +707,12 @@ def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits
     An op about to write in place into ``protected`` memory (see :func:`storages_of`), or into a folded
     ``ScaledWeight``, raises :class:`ProtectedWrite` before it runs, so that memory is never changed.
     A ``ScaledWeight`` (``deploy_form(share=True)``'s folded weights) is recorded as the parameter it is, and its
-    values are computed for each op that reads it and for each read of its ``value`` by a cost rule, never kept.
+    values are computed for each op that reads it, never kept (cost rules read only its nonzero mask).
     """
     refuse_fx_proxies(model)
     trace = Trace(batch=int(inputs.shape[0]), input_shape=tuple(inputs.shape), input_dtype=inputs.dtype)
     infos = TensorMap()
-    uids = itertools.count()
+    uids = _UIDS
     try:
         _register_model_tensors(model, infos, trace, float_bits, uids)
         uid = next(uids)

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from fractions import Fraction
 
 import pytest
 import torch
@@ -172,3 +173,58 @@ def test_scoring_never_imports_torch_dynamo():
             "score(create('densenet_bc:depth=10,growth=4')); print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+class _TwoMaskedWeights(nn.Module):
+    """Functional pruning code: two weights of one shape masked in one module's forward, two plain constants."""
+
+    def __init__(self, constants: bool = False):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w1, self.w2 = nn.Parameter(torch.randn(8, 8, generator=g)), nn.Parameter(torch.randn(8, 8, generator=g))
+        checker = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2
+        self.register_buffer("m1", checker.float())  # 32 of 64 kept, no row or column empty
+        self.register_buffer("m2", 1 - checker.float())
+        self.constants = constants
+        self.a, self.b = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)  # plain attributes
+
+    def forward(self, x):
+        if self.constants:
+            return x @ self.a @ self.b
+        return x @ (self.w1 * self.m1) @ (self.w2 * self.m2)
+
+
+def test_two_derived_weights_or_constants_of_one_shape_in_one_module_are_both_charged():
+    # Hand count, element masks (mask="always"): each masked weight stores 32 nonzeros at 32 bits + 64 mask bits,
+    # 1,088 bits; two of them 2,176 bits = 68 params. Two dense 8x8 constants: 128 values = 128 params. Before,
+    # both pairs shared one name ("<mul (8, 8)>", "<constant (8, 8)>") and only the first was charged.
+    assert score(_TwoMaskedWeights(), input_shape=(1, 8), mask="always").params == 68
+    assert score(_TwoMaskedWeights(constants=True), input_shape=(1, 8)).params == 128
+
+
+class _CachesADerivedWeight(nn.Module):
+    """Makes a derived weight on its first forward and keeps it (a cache); derives another one every forward."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w1, self.w2 = nn.Parameter(torch.randn(8, 8, generator=g)), nn.Parameter(torch.randn(8, 8, generator=g))
+        with torch.no_grad():
+            self.w1[:, :4] = 0  # half of w1 is zero
+        self.cache = None
+
+    def forward(self, x):
+        if self.cache is None:
+            self.cache = self.w2 * 2.0
+        return x @ (self.w1 * 1.0) @ self.cache
+
+
+@pytest.mark.parametrize("samples", [1, 2, 3])
+def test_a_tensor_cached_in_one_traced_forward_is_the_same_tensor_in_the_next(samples):
+    # Found by a review: the cache kept its first trace's uid, which the second trace gave to w1 * 1.0, so its
+    # nonzeros were read from the wrong tensor (240 mults instead of 288). Hand count, 3 positions: x @ (w1 * 1)
+    # multiplies w1's 32 nonzeros, @ cache all 64: 3 x 96 = 288 mults. Stored (official: w1's four empty rows
+    # of inputs cost a bit each): 32 x 32 + 8 bits, and the cache dense 64 x 32 bits, once: 3,080 bits.
+    report = score(_CachesADerivedWeight(), input_shape=(1, 3, 8), samples=samples)
+    layer = report.to_dict()["layers"][0]
+    assert (layer["mults_raw"], report.params) == (288, Fraction(3080, 32))
