@@ -82,7 +82,8 @@ def _child(name: str, mode: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--repeat", type=int, default=5, help="fresh processes per model and mode (default 5)")
+    parser.add_argument("--repeat", type=lambda v: max(int(v), 1), default=5,
+                        help="fresh processes per model and mode (default 5, at least 1)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -103,6 +104,7 @@ def main() -> None:
     print(tabulate(rows, headers=["model", "forward MB (median)", "score MB (median)", "score/forward",
                                   "worst score/forward"], disable_numparse=True))
     print(f"({args.repeat} fresh processes per model and mode)")
+
 
 if __name__ == "__main__":
     main()

@@ -85,15 +85,19 @@ class ScaledWeight(Tensor):
 
     def nonzero_mask(self) -> Tensor:
         """``values != 0`` as a bool tensor, computed a few output channels at a time, so the values are never all
-        in memory. The same as the full materialisation's, bit for bit: each scale is per output channel (shape
-        ``[out, 1, ...]``) and the products are elementwise."""
+        in memory. The same as the full materialisation's, bit for bit: the products are elementwise, and a scale
+        (per output channel, ``[out, 1, ...]``, as folding makes them; or any broadcastable one) is cut with the
+        rows it spans."""
+        if self.dim() == 0:
+            return self.materialize().ne(0)
         mask = torch.empty(self.shape, dtype=torch.bool, device=self.device)
-        out = self.shape[0] if self.dim() else 1
+        out = self.shape[0]
         step = max(1, _MASK_CHUNK * out // max(self.numel(), 1))
         for a in range(0, out, step):
             w = self.base[a : a + step].clone()
             for s in self.scales:
-                w.mul_(s[a : a + step] if s.dim() and s.shape[0] == out else s)
+                # A scale spanning dim 0 is cut like the rows; any other broadcasts over them whole.
+                w.mul_(s[a : a + step] if s.dim() == self.dim() and s.shape[0] == out else s)
             torch.ne(w, 0, out=mask[a : a + step])
         return mask
 

@@ -194,7 +194,6 @@ class TensorRef:
     info: TensorInfo
     held: Tensor | None = None  # the tensor itself (a folded ScaledWeight holds only its factors)
 
-
     @property
     def numel(self) -> int:
         n = 1
@@ -221,7 +220,6 @@ class StoredTensor:
     bits: int
     codes: bool
     owner: nn.Module | None = None
-
 
 
 @dataclass

@@ -189,6 +189,17 @@ def test_a_folded_weights_nonzeros_are_the_eager_folds_found_a_few_channels_at_a
         assert torch.equal(p.nonzero_mask(), eager[name].ne(0)), name
 
 
+def test_a_scaled_weights_nonzeros_with_any_broadcastable_scale(monkeypatch):
+    # Folding makes [out, 1, ...] scales; a scale along another dimension (a [4] vector over a [4, 4] weight scales
+    # its columns) or a 0-dim weight must give materialize()'s mask too, whatever the chunk.
+    monkeypatch.setattr(integer_modules, "_MASK_CHUNK", 1)
+    base = torch.tensor([[1.0, 2.0, 0.0, 0.25]] * 4)
+    columns = torch.tensor([1.0, 0.0, 2.0, 1e-45])  # 0.25 x the smallest subnormal underflows to 0
+    for w in (ScaledWeight(base, (columns,)), ScaledWeight(base, (torch.tensor([[0.0], [1.0], [2.0], [3.0]]), columns)),
+              ScaledWeight(torch.tensor(2.0), (torch.tensor(0.0),))):
+        assert torch.equal(w.nonzero_mask(), w.materialize().ne(0))
+
+
 class _ReadsItsConvWeight(nn.Module):
     """A forward that calls a conv (BN after it) and also reads that conv's weight directly."""
 

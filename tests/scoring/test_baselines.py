@@ -118,8 +118,8 @@ def test_pruned_linear_rows_are_charged_one_mask_bit_each():
 
 
 def test_nonzeros_of_a_large_weight_are_counted_a_few_rows_at_a_time(monkeypatch):
-    # Output feature r of a Linear(5000, 70) keeps its first r weights; counted in slices of 3 rows and a bit,
-    # so slices straddle rows. Hand count: 0 + 1 + ... + 69 = 2,415 nonzeros, stored with an element mask (the
+    # Output feature r of a Linear(5000, 70) keeps its first r weights; counted in slices of 3 rows (the last one
+    # shorter). Hand count: 0 + 1 + ... + 69 = 2,415 nonzeros, stored with an element mask (the
     # literal rule; under official a mask per input column is cheaper); feature r multiplies r weights and adds
     # r - 1 products, none for the empty feature 0.
     monkeypatch.setattr(rules, "_COUNT_CHUNK", 3 * 5000 + 7)
