@@ -269,12 +269,14 @@ def _trace_and_account(target: nn.Module, pol: Policy, trk: Track, overrides: di
     else:
         examples = itertools.islice(examples, n)
 
+    carried: dict = {}  # what the model keeps from one traced example to the next (trace_model)
+
     def trace(x: Tensor) -> Trace:
         if pixels is not None and x.dtype != torch.uint8:
             raise MicronetError(f"the pixel-input form takes uint8 images; the data holds {str(x.dtype)[6:]} "
                                 "(pass the raw images, not normalised ones)")
         return trace_model(target, x, input_bits=pol.model_input_bits, float_bits=pol.float_bits,
-                           protected=protected)
+                           protected=protected, carried=carried)
 
     traces: list[Trace] = []
     with _eval_mode(target), _forward_errors(shown_size, dtype), torch.random.fork_rng(devices=[]):

@@ -115,10 +115,10 @@ class CostContext:
             return ref.bits
         return self.policy.gemm_input_bits
 
-    def key_of(self, ref: TensorRef) -> str:
+    def key_of(self, ref: TensorRef) -> Any:
         """Stable identity of the stored tensor a ref views (its name), the same across traces."""
         stored = self.trace.stored.get(ref.info.origin)
-        return stored.name if stored is not None else f"<tensor {ref.uid}>"
+        return stored.key if stored is not None else f"<tensor {ref.uid}>"
 
     def param(self, ref: TensorRef, *, sparse: bool = False, module: str = "") -> ParamUse:
         """ParamUse for a static stored tensor, keyed by the stored tensor it views (counted once)."""
@@ -128,7 +128,7 @@ class CostContext:
                             lambda: self.nonzero(ref), sparse)
         owner = stored.owner if stored.owner is not None else self.trace.modules.get(module)
         return ParamUse(
-            stored.name,
+            stored.key,
             stored.name,
             stored.held.numel(),
             stored.bits,

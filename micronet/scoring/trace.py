@@ -11,18 +11,21 @@ ran it. Each tensor carries, in a map keyed by identity:
   is static but not stored, so it is never charged as a parameter),
 * ``origin``: the stored tensor a view was taken from, so shared or re-viewed tensors count once.
 
-A stored tensor is charged once under its name, the same in every trace: a parameter's or buffer's path, a
-plain attribute's, or for one derived at run time (``weight * mask``) its op and what it was computed from.
+A stored tensor is charged once under its key, the same in every trace: a parameter's or buffer's path, a
+plain attribute's, or for one derived at run time (``weight * mask``) its values (``StoredTensor.key``).
 
 The model is neither modified nor left with hooks: ModuleStack removes its global hooks on exit and
-the caller restores train/eval mode. Tensors carry their metadata as an attribute (removed from every
-pre-existing tensor afterwards), so activations are freed as the forward drops them.
+the caller restores train/eval mode. Tensors carry their metadata as an attribute (removed from every tensor
+afterwards), so activations are freed as the forward drops them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import itertools
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,6 +223,26 @@ class StoredTensor:
     bits: int
     codes: bool
     owner: nn.Module | None = None
+    by_value: bool = False  # no name identifies it (derived at run time, or held by no attribute): see ``key``
+
+    @functools.cached_property
+    def key(self) -> Any:
+        """What it is charged under, once per scoring: its name (a parameter's, buffer's or attribute's), or for a
+        tensor the forward derives (``weight * mask``) or a constant no attribute holds, its shape, width and
+        values. The same tensor derived again (every traced example, every loop step) is then charged once, and
+        two different ones of one shape in one module are both charged."""
+        if not self.by_value:
+            return self.name
+        return ("values", tuple(self.held.shape), str(self.held.dtype), self.bits, _digest(self.held))
+
+
+def _digest(t: Tensor) -> str:
+    """A hash of a tensor's values (its bytes)."""
+    t = t.detach()
+    if t.is_quantized:
+        t = t.int_repr()
+    data = t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 @dataclass
@@ -284,43 +307,50 @@ class TensorMap:
 
     The info rides on the tensor as an attribute, so an activation is freed as soon as the model drops it
     (scoring peaks near a plain forward, not at the sum of every activation) and a dead tensor's id can
-    never be confused with a new one. Tensors that existed before the trace (parameters, buffers, the
-    input, constants) are untagged again on ``close()``, so the model is left as it was. A tensor the model
-    made during an earlier trace and kept (a cache) still carries that trace's tag: ``get`` does not take it
-    for this trace's, ``carried`` returns it.
+    never be confused with a new one. Every tag is removed on ``close()``, so the model is left as it was. A
+    tensor the model made and still holds then (a cache, a state for the next call) is remembered in
+    ``carried``, which the traces of one scoring share: the next trace takes it for the same tensor.
     """
 
     ATTR = "_micronet_scoring_info"
 
-    def __init__(self) -> None:
+    def __init__(self, carried: dict[int, tuple[weakref.ref, TensorInfo]] | None = None) -> None:
         self._foreign: list[Tensor] = []
+        self._made: list[weakref.ref] = []
+        self.carried = carried if carried is not None else {}
 
     def get(self, t: Tensor) -> TensorInfo | None:
-        tag = getattr(t, self.ATTR, None)
-        return tag[1] if tag is not None and tag[0] is self else None
-
-    def carried(self, t: Tensor) -> TensorInfo | None:
-        """The info an earlier trace tagged ``t`` with (a tensor the model made then and kept), if any."""
-        tag = getattr(t, self.ATTR, None)
-        return tag[1] if tag is not None and tag[0] is not self else None
+        return getattr(t, self.ATTR, None)
 
     def __setitem__(self, t: Tensor, info: TensorInfo) -> None:
-        setattr(t, self.ATTR, (self, info))
+        """Tag a tensor the trace made."""
+        setattr(t, self.ATTR, info)
+        self._made.append(weakref.ref(t))
 
     def __contains__(self, t: Tensor) -> bool:
-        return self.get(t) is not None
+        return hasattr(t, self.ATTR)
 
     def tag_foreign(self, t: Tensor, info: TensorInfo) -> None:
-        """Tag a tensor the trace did not create (untagged again on close)."""
+        """Tag a tensor the trace did not make."""
         self._foreign.append(t)
-        self[t] = info
+        setattr(t, self.ATTR, info)
+
+    def carried_info(self, t: Tensor) -> TensorInfo | None:
+        """The info an earlier trace of this scoring gave ``t``, when the model made ``t`` then and kept it."""
+        entry = self.carried.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
 
     def close(self) -> None:
-        """Remove the tags from every pre-existing tensor."""
+        """Remove every tag; remember the tensors this trace made that are still alive (see ``carried``)."""
         for t in self._foreign:
             if hasattr(t, self.ATTR):
                 delattr(t, self.ATTR)
-        self._foreign = []
+        for ref in self._made:
+            t = ref()
+            if t is not None and hasattr(t, self.ATTR):
+                self.carried[id(t)] = (ref, getattr(t, self.ATTR))
+                delattr(t, self.ATTR)
+        self._foreign, self._made = [], []
 
 
 class ProtectedWrite(Exception):  # noqa: N818 (a signal to retry, not an error: no "Error" suffix)
@@ -388,57 +418,72 @@ class _OpRecorder(TorchDispatchMode):
         super().__init__()
         self.modules, self.trace, self.infos = modules, trace, infos
         self.float_bits, self.uids, self.protected = float_bits, uids, protected
-        self.unnamed: dict[tuple[str, tuple[int, ...]], int] = {}
+        self.attributes: dict[int, tuple[str, Tensor]] | None = None  # attribute_tensors(), built when needed
+        self.static_reads: dict[int, list[TensorRef | StoredTensor]] = {}  # by storage (_read_static)
 
-    def _refuse_protected_write(self, func: Any, written: frozenset, args: tuple, kwargs: dict) -> None:
-        """Stop before an in-place op writes into protected memory (the caller's weights, shared by the copy) or
-        into a folded ScaledWeight (values computed per read: the write would be lost)."""
+    def _before_write(self, func: Any, written: frozenset, args: tuple, kwargs: dict) -> None:
+        """Before an in-place op runs: stop it if it would write into protected memory (the caller's weights, shared
+        by the copy) or into a folded ScaledWeight (values computed per read: the write would be lost); else keep
+        the values that records so far read of a static tensor it overwrites (``weight * 1``, used, then
+        ``.mul_(mask)``: each use is charged for the values it read)."""
         # A written argument is a tensor or a tensor list (the ``_foreach_*_`` ops).
         targets = _tensors_in(tuple(a for i, a in enumerate(args) if i in written))
         targets += _tensors_in(tuple(v for k, v in kwargs.items() if k in written))
         if any(_storage_of(t) in self.protected or type(t) is ScaledWeight for t in targets):
             raise ProtectedWrite(f"{func._schema.name} in {self._module_path() or '(root)'}")
+        for t in targets:
+            for holder in self.static_reads.pop(_storage_of(t), ()):
+                holder.held = holder.held.clone()
+
+    def _read_static(self, holder: TensorRef | StoredTensor, info: TensorInfo) -> None:
+        """Remember a record that holds a static tensor the model made or keeps (not a parameter or buffer, whose
+        in-place updates are the model's state), in case an in-place op overwrites it later (_before_write)."""
+        if info.stored_as is None or info.stored_as.owner is None:
+            self.static_reads.setdefault(_storage_of(holder.held), []).append(holder)
 
     def _module_path(self) -> str:
         return self.modules.current
 
     def _info(self, t: Tensor) -> TensorInfo:
         info = self.infos.get(t)
-        if info is None:
-            info = self.infos.carried(t)
-            if info is not None:
-                # Made by the model in an earlier traced forward and kept (a cache): the same tensor as then,
-                # charged under the same name (uids are unique across traces, so it is confused with nothing).
-                self.infos[t] = info
-                if info.stored_as is not None:
-                    self.trace.stored.setdefault(info.origin, info.stored_as)
-                return info
-            # A tensor the model holds outside its parameters/buffers (a plain attribute): a stored constant,
-            # named by the attribute when the running module holds it (two constants of one shape are two).
-            uid = next(self.uids)
-            bits = dtype_bits(t.dtype, self.float_bits)
-            info = TensorInfo(uid, bits, static=True, stored=True, codes=_quantized_dtype(t.dtype), origin=uid)
+        if info is not None:
+            return info
+        info = self.infos.carried_info(t)
+        if info is not None:
+            # Made by the model in an earlier traced forward and kept (a cache): the same tensor as then (uids are
+            # unique across traces), charged under the same record.
             self.infos.tag_foreign(t, info)
-            path = self._module_path()
-            module = self.trace.modules.get(path)
-            attr = next((k for k, v in vars(module).items() if v is t), None) if module is not None else None
-            if attr is None:  # held elsewhere: the n-th such constant this module reads, the same in every trace
-                key = (path, tuple(t.shape))
-                self.unnamed[key] = self.unnamed.get(key, 0) + 1
-                attr = f"<constant {key[1]} #{self.unnamed[key]}>"
-            name = f"{path or '(root)'}.{attr}"
-            info.stored_as = self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), bits, False)
+            if info.stored_as is not None:
+                self.trace.stored.setdefault(info.origin, info.stored_as)
+            return info
+        # A tensor the model holds outside its parameters/buffers (a plain attribute): a stored constant, named by
+        # the attribute that holds it, else identified by its values (StoredTensor.key).
+        uid = next(self.uids)
+        bits = dtype_bits(t.dtype, self.float_bits)
+        info = TensorInfo(uid, bits, static=True, stored=True, codes=_quantized_dtype(t.dtype), origin=uid)
+        self.infos.tag_foreign(t, info)
+        if self.attributes is None:
+            self.attributes = attribute_tensors(self.trace.modules)
+        named = self.attributes.get(id(t))
+        if named is not None and named[1] is t:
+            name, by_value = named[0], False
+        else:
+            name, by_value = f"{self._module_path() or '(root)'}.<constant {tuple(t.shape)}>", True
+        info.stored_as = self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), bits, False, by_value=by_value)
         return info
 
     def _ref(self, t: Tensor) -> TensorRef:
         info = self._info(t)
-        return TensorRef(info.uid, tuple(t.shape), t.dtype, info, t if info.static else None)
+        ref = TensorRef(info.uid, tuple(t.shape), t.dtype, info, t if info.static else None)
+        if info.static:
+            self._read_static(ref, info)
+        return ref
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         written = _written_args(func)
         if written:
-            self._refuse_protected_write(func, written, args, kwargs)
+            self._before_write(func, written, args, kwargs)
         # Aten arguments nest at most one level (tensor lists): flatten by hand, pytree is too slow here.
         in_tensors = _tensors_in(args) + (_tensors_in(tuple(kwargs.values())) if kwargs else [])
         if any(type(t) is ScaledWeight for t in in_tensors):
@@ -455,11 +500,13 @@ class _OpRecorder(TorchDispatchMode):
             out_tensors = [o for o in out if isinstance(o, Tensor)]
         else:
             out_tensors = []
-        out_infos = self._derive(op, args, kwargs, in_refs, out_tensors)
+        out_infos = self._derive(op, args, in_refs, out_tensors)
         out_refs = []
         for t, info in zip(out_tensors, out_infos):
             self.infos[t] = info
             out_refs.append(TensorRef(info.uid, tuple(t.shape), t.dtype, info, t if info.static else None))
+            if info.static:
+                self._read_static(out_refs[-1], info)
         ref_of = {id(t): r for t, r in zip(in_tensors, in_refs)}
         rec_args = tuple(_swap(a, ref_of) for a in args)
         rec_kwargs = {k: _swap(v, ref_of) for k, v in kwargs.items()}
@@ -473,8 +520,7 @@ class _OpRecorder(TorchDispatchMode):
         self.trace.records.append(record)
         return out
 
-    def _derive(self, op: str, args: tuple, kwargs: dict, ins: list[TensorRef],
-                outs: list[Tensor]) -> list[TensorInfo]:
+    def _derive(self, op: str, args: tuple, ins: list[TensorRef], outs: list[Tensor]) -> list[TensorInfo]:
         """Metadata of an op's outputs from its inputs (the bit-width propagation rules)."""
         static = all(r.static for r in ins)
         stored = static and any(r.info.stored for r in ins)
@@ -544,25 +590,13 @@ class _OpRecorder(TorchDispatchMode):
                 bits = dtype_bits(t.dtype, self.float_bits)
                 info = TensorInfo(uid, bits, False, False, origin=uid)
             if static and stored and info.origin == uid:
-                # Named by what it is computed from, so that the same tensor derived again (each trace, each loop
-                # step) is charged once, and two different ones (two masked weights of one shape) are both charged.
-                operands = ", ".join([*map(self._operand_name, args),
-                                      *(f"{k}={self._operand_name(v)}" for k, v in sorted(kwargs.items()))])
-                what = op.split("::")[-1] + (f"[{k}]" if len(outs) > 1 else "")
-                name = f"{self._module_path() or '(root)'}.<{what} {tuple(t.shape)} of {operands}>"
-                info.stored_as = self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), info.bits, info.codes)
+                # Derived at run time (weight * mask): identified by its values (StoredTensor.key).
+                name = f"{self._module_path() or '(root)'}.<{op.split('::')[-1]} {tuple(t.shape)}>"
+                info.stored_as = self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), info.bits, info.codes,
+                                                                       by_value=True)
+                self._read_static(info.stored_as, info)
             infos.append(info)
         return infos
-
-    def _operand_name(self, a: Any) -> str:
-        """An op argument in a derived tensor's name: a stored tensor's name, another tensor's shape, a value."""
-        if isinstance(a, Tensor):
-            info = self.infos.get(a)
-            record = info.stored_as if info is not None else None
-            return record.name if record is not None else f"<{tuple(a.shape)}>"
-        if isinstance(a, (list, tuple)):
-            return "[" + ", ".join(map(self._operand_name, a)) + "]"
-        return str(a)
 
     def _pad_zero_channels(self, args: tuple, src: TensorRef) -> frozenset[int]:
         """Channels added by a zero ``F.pad`` along dim 1 (PyramidNet's shortcut), plus the source's own."""
@@ -674,6 +708,32 @@ def output_tensors(output: Any, depth: int = 8) -> list[Tensor]:
     return found
 
 
+# nn.Module's own bookkeeping attributes (parameter, buffer, submodule and hook dicts): not a model's tensors.
+_MODULE_ATTRIBUTES = frozenset(vars(nn.Module()))
+
+
+def attribute_tensors(modules: dict[str, nn.Module]) -> dict[int, tuple[str, Tensor]]:
+    """Tensors the modules hold as plain attributes, directly or in a list, tuple or dict attribute (not their
+    parameters or buffers): id -> (``path.attribute[index]``, the tensor); the first module that holds one names it."""
+    found: dict[int, tuple[str, Tensor]] = {}
+    for path, module in modules.items():
+        for name, value in vars(module).items():
+            if name in _MODULE_ATTRIBUTES:
+                continue
+            if isinstance(value, Tensor):
+                items = [("", value)]
+            elif isinstance(value, (list, tuple)):
+                items = [(f"[{i}]", v) for i, v in enumerate(value)]
+            elif isinstance(value, dict):
+                items = [(f"[{k!r}]", v) for k, v in value.items()]
+            else:
+                continue
+            for index, t in items:
+                if isinstance(t, Tensor):
+                    found.setdefault(id(t), (f"{path or '(root)'}.{name}{index}", t))
+    return found
+
+
 def refuse_fx_proxies(model: nn.Module) -> None:
     """Refuse a model whose attributes hold fx Proxies (a forward that assigned a tensor to ``self``, traced)."""
     for path, module in model.named_modules():
@@ -699,8 +759,12 @@ _UIDS = itertools.count()
 
 
 def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits: int,
-                protected: frozenset[int] = frozenset()) -> Trace:
+                protected: frozenset[int] = frozenset(),
+                carried: dict[int, tuple[weakref.ref, TensorInfo]] | None = None) -> Trace:
     """Run ``model(inputs)`` once under the recorder; the model must already be in eval mode.
+
+    ``carried`` (one dict for the traces of one scoring) remembers the tensors a trace made that the model kept
+    (:class:`TensorMap`); what the model keeps in its attributes for its next call is live work, like its output.
 
     An op about to write in place into ``protected`` memory (see :func:`storages_of`), or into a folded
     ``ScaledWeight``, raises :class:`ProtectedWrite` before it runs, so that memory is never changed.
@@ -709,7 +773,7 @@ def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits
     """
     refuse_fx_proxies(model)
     trace = Trace(batch=int(inputs.shape[0]), input_shape=tuple(inputs.shape), input_dtype=inputs.dtype)
-    infos = TensorMap()
+    infos = TensorMap(carried)
     uids = _UIDS
     try:
         _register_model_tensors(model, infos, trace, float_bits, uids)
@@ -729,7 +793,10 @@ def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits
                 "the scorer cannot tell which work reaches it; return tensors (a tensor, or a tuple, list, "
                 "dict, namedtuple or dataclass of tensors), not Python numbers or numpy arrays"
             )
-        trace.output_storages = frozenset(_storage_of(t) for t in flat)
+        # State the model keeps for its next call (a recurrent state, a cache) is as live as its output.
+        kept = [t for _, t in attribute_tensors(trace.modules).values() if t in infos]
+        trace.output_uids |= {infos.get(t).uid for t in kept}
+        trace.output_storages = frozenset(_storage_of(t) for t in [*flat, *kept])
     finally:
         infos.close()
     return trace

@@ -1,0 +1,183 @@
+"""Which stored tensors a model has: each charged once, whether it is a parameter, a buffer, a plain attribute or
+derived in the forward, however often and in whichever traced example it is computed (review findings).
+
+The oracle is the same model with those tensors precomputed into buffers, or a hand count."""
+
+from fractions import Fraction
+
+import pytest
+import torch
+from torch import nn
+
+from micronet.scoring import score
+from micronet.scoring.trace import TensorMap, trace_model
+
+
+def _weights(*shape: int, n: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
+class _Derived(nn.Module):
+    """Weights the forward derives from one parameter (``derive``), or the same values held as buffers."""
+
+    def __init__(self, derive, count: int, as_buffers: bool = False):
+        super().__init__()
+        self.w = nn.Parameter(_weights(4, 8, 8)[0])
+        self.derive, self.as_buffers = derive, as_buffers
+        if as_buffers:
+            for i, d in enumerate(derive(self.w.detach())):
+                self.register_buffer(f"d{i}", d.clone())
+        self.count = count
+
+    def forward(self, x):
+        ws = [getattr(self, f"d{i}") for i in range(self.count)] if self.as_buffers else self.derive(self.w)
+        return torch.cat([x @ w for w in ws], -1)
+
+
+def _heads(w):  # one slice of the parameter per head, each scaled: four different weights of one shape
+    return [w[i] * 1.5 for i in range(4)]
+
+
+def _triangles(w):  # two factory masks of one shape
+    return [w[0] * torch.triu(torch.ones(8, 8)), w[0] * torch.tril(torch.ones(8, 8))]
+
+
+def _transposed(w):
+    return [w[0] * w[1], w[0].t() * w[1]]
+
+
+def _recomputed(w):  # the same weight derived at every step of a loop (a pruned layer applied T times)
+    return [w[0] * 2.0 for _ in range(3)]
+
+
+def _bjorck(w):  # 12 steps of Björck orthonormalisation: every intermediate is derived from the ones before
+    v = w[0] / 8
+    for _ in range(12):
+        v = 1.5 * v - 0.5 * v @ v.t() @ v
+    return [v]
+
+
+@pytest.mark.parametrize(("derive", "count", "params"), [
+    (_heads, 4, 4 * 64), (_triangles, 2, 2 * 38), (_transposed, 2, 2 * 64), (_recomputed, 3, 64), (_bjorck, 1, 64),
+], ids=["heads", "factory-masks", "transposed-view", "recomputed-in-a-loop", "bjorck"])
+def test_weights_derived_in_the_forward_are_charged_as_the_same_weights_held_as_buffers(derive, count, params):
+    # Hand count: every distinct derived 8x8 weight stored dense at 32 bits, 64 params (triu/tril keep 36 of 64:
+    # an element mask is cheaper, 36 x 32 + 64 bits = 38 params); a weight recomputed at every step, once.
+    derived = score(_Derived(derive, count), input_shape=(1, 8))
+    buffers = score(_Derived(derive, count, as_buffers=True), input_shape=(1, 8))
+    expected = params if derive is not _recomputed else 3 * 64  # three buffers (the same values, three tensors)
+    assert buffers.params == expected
+    assert derived.params == params
+    assert derived.ops == buffers.ops
+
+
+class _Kept(nn.Module):
+    """Tensors the forward keeps for the next call (``mode``): a cache re-derived from itself, a cache decayed in
+    place, a state computed for the next call."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.w = nn.Parameter(_weights(8, 8)[0])
+        self.mode, self.kept = mode, None
+
+    def forward(self, x):
+        if self.mode == "rebind":
+            self.kept = self.w * 2.0 if self.kept is None else self.kept * 1.0
+            return x @ self.kept
+        if self.mode == "decay":
+            if self.kept is None:
+                self.kept = self.w * 2.0
+            else:
+                self.kept.mul_(0.5)
+            return x @ self.kept
+        out = x * 2.0 if self.kept is None else x * 2.0 + self.kept
+        self.kept = x @ self.w  # used by the next call only
+        return out
+
+
+@pytest.mark.parametrize("mode", ["rebind", "decay", "state"])
+@pytest.mark.parametrize("samples", [1, 3])
+def test_a_tensor_the_model_keeps_between_examples_is_charged_once_and_its_work_every_time(mode, samples):
+    # Hand count: one 8x8 weight (the cache, or w for the state) dense at 32 bits: 64 params, whatever the number
+    # of examples. The state's matmul (64 mults, 56 adds) is work each call does for the next, never dead.
+    report = score(_Kept(mode), input_shape=(1, 8), samples=samples)
+    assert report.params == 64
+    layer = next(r for r in report.to_dict()["layers"] if r["kind"] == "linear")
+    assert (layer["mults_raw"], layer["adds_raw"]) == (64, 56)
+    assert not report.dead
+
+
+class _InPlaceAfterUse(nn.Module):
+    """A derived weight used, then masked in place and used again: two weights (or the same as two buffers)."""
+
+    def __init__(self, as_buffers: bool = False):
+        super().__init__()
+        self.w = nn.Parameter(_weights(8, 8)[0])
+        self.register_buffer("m", (torch.arange(64).reshape(8, 8) % 4 == 0).float())  # 16 of 64 kept
+        self.as_buffers = as_buffers
+        if as_buffers:
+            self.register_buffer("dense", self.w.detach() * 1.0)
+            self.register_buffer("masked", self.w.detach() * self.m)
+
+    def forward(self, x):
+        if self.as_buffers:
+            return x @ self.dense + x @ self.masked
+        w = self.w * 1.0
+        y = x @ w
+        w.mul_(self.m)
+        return y + x @ w
+
+
+def test_a_derived_weight_changed_in_place_after_a_use_is_charged_as_it_was_at_each_use():
+    # Hand count: 64 dense values, and the masked copy's 16 nonzeros (2 of 8 input columns: 2 x 8 values + 8 mask
+    # bits, cheaper than an element mask): 2048 + 520 bits = 80.25 params; 64 + 16 = 80 mults. Before, both uses
+    # read the masked values: 32 mults.
+    derived, buffers = score(_InPlaceAfterUse(), input_shape=(1, 8)), score(_InPlaceAfterUse(True), input_shape=(1, 8))
+    mults = [r["mults_raw"] for r in derived.to_dict()["layers"] if r["kind"] == "linear"]
+    assert (derived.params, sum(mults)) == (buffers.params, 80) == (Fraction(321, 4), 80)
+
+
+class _Tables(nn.Module):
+    """Two 8x8 tables in a list attribute, picked by the input, applied by the child the input picks."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables = _weights(8, 8, n=2)
+        self.a, self.b = nn.Identity(), nn.Identity()
+
+    def forward(self, x):
+        i = int(x.sum() > 0)
+        return (self.a if i else self.b)(x) @ self.tables[i]
+
+
+def test_constants_held_in_a_list_are_each_charged_once_whoever_reads_them():
+    # Two examples, one per table: both tables charged once each, 128 params (before: the second was taken for the
+    # first, 64, or one table read from two modules was charged twice).
+    data = [torch.ones(1, 8), -torch.ones(1, 8)]
+    assert score(_Tables(), input_shape=(1, 8), data=data, samples=2).params == 128
+    assert score(_Tables(), input_shape=(1, 8), data=[data[0], data[0]], samples=2).params == 64
+
+
+class _ClassCache(nn.Module):
+    cache: dict = {}  # shared by every instance and by the scorer's copy
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(_weights(8, 8)[0])
+
+    def forward(self, x):
+        kept = _ClassCache.cache.setdefault(tuple(x.shape), self.w.t())
+        return x @ kept
+
+
+def test_scoring_leaves_no_mark_on_tensors_the_model_keeps_outside_itself():
+    score(_ClassCache(), input_shape=(1, 8))
+    assert _ClassCache.cache and not any(hasattr(t, TensorMap.ATTR) for t in _ClassCache.cache.values())
+
+
+def test_names_of_derived_tensors_stay_short_however_deep_the_derivation():
+    # Review finding: names nested their operands' names, growing about 4x per Björck step (738 M characters and
+    # 3.9 GB at 12 steps).
+    trace = trace_model(_Derived(_bjorck, 1).eval(), torch.randn(1, 8), input_bits=32, float_bits=32)
+    assert len(trace.stored) > 12 and max(len(s.name) for s in trace.stored.values()) < 100
