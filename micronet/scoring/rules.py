@@ -116,7 +116,7 @@ class CostContext:
         return self.policy.gemm_input_bits
 
     def key_of(self, ref: TensorRef) -> Any:
-        """Stable identity of the stored tensor a ref views (its name), the same across traces."""
+        """Stable identity of the stored tensor a ref views (``StoredTensor.key``), the same across traces."""
         stored = self.trace.stored.get(ref.info.origin)
         return stored.key if stored is not None else f"<tensor {ref.uid}>"
 

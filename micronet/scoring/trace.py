@@ -224,24 +224,33 @@ class StoredTensor:
     codes: bool
     owner: nn.Module | None = None
     by_value: bool = False  # no name identifies it (derived at run time, or held by no attribute): see ``key``
+    site: str = ""  # for one identified by its values: the module that made or read it
 
     @functools.cached_property
     def key(self) -> Any:
         """What it is charged under, once per scoring: its name (a parameter's, buffer's or attribute's), or for a
-        tensor the forward derives (``weight * mask``) or a constant no attribute holds, its shape, width and
-        values. The same tensor derived again (every traced example, every loop step) is then charged once, and
-        two different ones of one shape in one module are both charged."""
+        tensor the forward derives (``weight * mask``) or a constant no attribute holds, the module that made it
+        and its shape, width and values. The same tensor derived again (every traced example, every loop step) is
+        then charged once, and two different ones of one shape in one module are both charged."""
         if not self.by_value:
             return self.name
-        return ("values", tuple(self.held.shape), str(self.held.dtype), self.bits, _digest(self.held))
+        digest = _digest(self.held)
+        if digest is None:  # values that cannot be read back (a meta or nested tensor): this record alone
+            return ("record", self.name, self.uid)
+        return ("values", self.site, tuple(self.held.shape), str(self.held.dtype), self.bits, digest)
 
 
-def _digest(t: Tensor) -> str:
-    """A hash of a tensor's values (its bytes)."""
-    t = t.detach()
-    if t.is_quantized:
-        t = t.int_repr()
-    data = t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+def _digest(t: Tensor) -> str | None:
+    """A hash of a tensor's values (the bytes of its dense, dequantised form), or None when they cannot be read."""
+    try:
+        t = t.detach()
+        if t.is_quantized:
+            t = t.dequantize()
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        data = t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
@@ -341,11 +350,10 @@ class TensorMap:
         return entry[1] if entry is not None and entry[0]() is t else None
 
     def close(self) -> None:
-        """Remove every tag; remember the tensors this trace made that are still alive (see ``carried``)."""
-        for t in self._foreign:
-            if hasattr(t, self.ATTR):
-                delattr(t, self.ATTR)
-        for ref in self._made:
+        """Remove every tag, remembering each tagged tensor that is still alive with its latest info (see
+        ``carried``: a kept tensor an in-place op re-tagged in this trace is carried as it is now)."""
+        alive = [r for r in self._made if r() is not None] + [weakref.ref(t) for t in self._foreign]
+        for ref in alive:
             t = ref()
             if t is not None and hasattr(t, self.ATTR):
                 self.carried[id(t)] = (ref, getattr(t, self.ATTR))
@@ -419,27 +427,15 @@ class _OpRecorder(TorchDispatchMode):
         self.modules, self.trace, self.infos = modules, trace, infos
         self.float_bits, self.uids, self.protected = float_bits, uids, protected
         self.attributes: dict[int, tuple[str, Tensor]] | None = None  # attribute_tensors(), built when needed
-        self.static_reads: dict[int, list[TensorRef | StoredTensor]] = {}  # by storage (_read_static)
 
-    def _before_write(self, func: Any, written: frozenset, args: tuple, kwargs: dict) -> None:
-        """Before an in-place op runs: stop it if it would write into protected memory (the caller's weights, shared
-        by the copy) or into a folded ScaledWeight (values computed per read: the write would be lost); else keep
-        the values that records so far read of a static tensor it overwrites (``weight * 1``, used, then
-        ``.mul_(mask)``: each use is charged for the values it read)."""
+    def _refuse_protected_write(self, func: Any, written: frozenset, args: tuple, kwargs: dict) -> None:
+        """Stop before an in-place op writes into protected memory (the caller's weights, shared by the copy) or
+        into a folded ScaledWeight (values computed per read: the write would be lost)."""
         # A written argument is a tensor or a tensor list (the ``_foreach_*_`` ops).
         targets = _tensors_in(tuple(a for i, a in enumerate(args) if i in written))
         targets += _tensors_in(tuple(v for k, v in kwargs.items() if k in written))
         if any(_storage_of(t) in self.protected or type(t) is ScaledWeight for t in targets):
             raise ProtectedWrite(f"{func._schema.name} in {self._module_path() or '(root)'}")
-        for t in targets:
-            for holder in self.static_reads.pop(_storage_of(t), ()):
-                holder.held = holder.held.clone()
-
-    def _read_static(self, holder: TensorRef | StoredTensor, info: TensorInfo) -> None:
-        """Remember a record that holds a static tensor the model made or keeps (not a parameter or buffer, whose
-        in-place updates are the model's state), in case an in-place op overwrites it later (_before_write)."""
-        if info.stored_as is None or info.stored_as.owner is None:
-            self.static_reads.setdefault(_storage_of(holder.held), []).append(holder)
 
     def _module_path(self) -> str:
         return self.modules.current
@@ -469,21 +465,19 @@ class _OpRecorder(TorchDispatchMode):
             name, by_value = named[0], False
         else:
             name, by_value = f"{self._module_path() or '(root)'}.<constant {tuple(t.shape)}>", True
-        info.stored_as = self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), bits, False, by_value=by_value)
+        info.stored_as = self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), bits, False, by_value=by_value,
+                                                               site=self._module_path())
         return info
 
     def _ref(self, t: Tensor) -> TensorRef:
         info = self._info(t)
-        ref = TensorRef(info.uid, tuple(t.shape), t.dtype, info, t if info.static else None)
-        if info.static:
-            self._read_static(ref, info)
-        return ref
+        return TensorRef(info.uid, tuple(t.shape), t.dtype, info, t if info.static else None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         written = _written_args(func)
         if written:
-            self._before_write(func, written, args, kwargs)
+            self._refuse_protected_write(func, written, args, kwargs)
         # Aten arguments nest at most one level (tensor lists): flatten by hand, pytree is too slow here.
         in_tensors = _tensors_in(args) + (_tensors_in(tuple(kwargs.values())) if kwargs else [])
         if any(type(t) is ScaledWeight for t in in_tensors):
@@ -505,8 +499,6 @@ class _OpRecorder(TorchDispatchMode):
         for t, info in zip(out_tensors, out_infos):
             self.infos[t] = info
             out_refs.append(TensorRef(info.uid, tuple(t.shape), t.dtype, info, t if info.static else None))
-            if info.static:
-                self._read_static(out_refs[-1], info)
         ref_of = {id(t): r for t, r in zip(in_tensors, in_refs)}
         rec_args = tuple(_swap(a, ref_of) for a in args)
         rec_kwargs = {k: _swap(v, ref_of) for k, v in kwargs.items()}
@@ -593,8 +585,7 @@ class _OpRecorder(TorchDispatchMode):
                 # Derived at run time (weight * mask): identified by its values (StoredTensor.key).
                 name = f"{self._module_path() or '(root)'}.<{op.split('::')[-1]} {tuple(t.shape)}>"
                 info.stored_as = self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), info.bits, info.codes,
-                                                                       by_value=True)
-                self._read_static(info.stored_as, info)
+                                                                       by_value=True, site=self._module_path())
             infos.append(info)
         return infos
 
@@ -764,7 +755,7 @@ def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits
     """Run ``model(inputs)`` once under the recorder; the model must already be in eval mode.
 
     ``carried`` (one dict for the traces of one scoring) remembers the tensors a trace made that the model kept
-    (:class:`TensorMap`); what the model keeps in its attributes for its next call is live work, like its output.
+    (:class:`TensorMap`).
 
     An op about to write in place into ``protected`` memory (see :func:`storages_of`), or into a folded
     ``ScaledWeight``, raises :class:`ProtectedWrite` before it runs, so that memory is never changed.
@@ -793,10 +784,7 @@ def trace_model(model: nn.Module, inputs: Tensor, *, input_bits: int, float_bits
                 "the scorer cannot tell which work reaches it; return tensors (a tensor, or a tuple, list, "
                 "dict, namedtuple or dataclass of tensors), not Python numbers or numpy arrays"
             )
-        # State the model keeps for its next call (a recurrent state, a cache) is as live as its output.
-        kept = [t for _, t in attribute_tensors(trace.modules).values() if t in infos]
-        trace.output_uids |= {infos.get(t).uid for t in kept}
-        trace.output_storages = frozenset(_storage_of(t) for t in [*flat, *kept])
+        trace.output_storages = frozenset(_storage_of(t) for t in flat)
     finally:
         infos.close()
     return trace
