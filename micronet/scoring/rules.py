@@ -89,6 +89,8 @@ class CostContext:
     policy: Policy
     trace: Trace
     _last_nonzero: list = field(default_factory=lambda: [None, None], compare=False, repr=False)
+    _keys: dict = field(default_factory=dict, compare=False, repr=False)  # key_of, by record uid
+    _ordinals: dict = field(default_factory=dict, compare=False, repr=False)  # key_of: value sets per family
 
     def nonzero(self, ref: TensorRef | StoredTensor) -> Tensor:
         """A static tensor's ``values != 0`` (bool): all that weight counts and storage layouts read of its values
@@ -115,10 +117,24 @@ class CostContext:
             return ref.bits
         return self.policy.gemm_input_bits
 
-    def key_of(self, ref: TensorRef) -> Any:
-        """Stable identity of the stored tensor a ref views (``StoredTensor.key``), the same across traces."""
-        stored = self.trace.stored.get(ref.info.origin)
-        return stored.key if stored is not None else f"<tensor {ref.uid}>"
+    def key_of(self, ref: TensorRef | StoredTensor) -> Any:
+        """What the stored tensor a ref views is charged under, once per scoring: its name (a parameter's, buffer's
+        or attribute's), or for a tensor the forward derives (``weight * mask``) or a constant no attribute holds,
+        the n-th distinct value set (``StoredTensor.identity``) its module made of that shape in this trace. The
+        same tensor derived again (every loop step) is then charged once, different ones of one shape each, and
+        the n-th of each traced example once, whatever values an example gave it (a weight sampled at inference,
+        a scale computed from the input)."""
+        stored = ref if isinstance(ref, StoredTensor) else self.trace.stored.get(ref.info.origin)
+        if stored is None:
+            return f"<tensor {ref.uid}>"
+        if not stored.by_value:
+            return stored.name
+        key = self._keys.get(stored.uid)
+        if key is None:
+            identity = stored.identity
+            family = self._ordinals.setdefault(identity[:-1], {})
+            key = self._keys[stored.uid] = ("values", *identity[:-1], family.setdefault(identity, len(family) + 1))
+        return key
 
     def param(self, ref: TensorRef, *, sparse: bool = False, module: str = "") -> ParamUse:
         """ParamUse for a static stored tensor, keyed by the stored tensor it views (counted once)."""
@@ -128,7 +144,7 @@ class CostContext:
                             lambda: self.nonzero(ref), sparse)
         owner = stored.owner if stored.owner is not None else self.trace.modules.get(module)
         return ParamUse(
-            stored.key,
+            self.key_of(stored),
             stored.name,
             stored.held.numel(),
             stored.bits,

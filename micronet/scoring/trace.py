@@ -12,7 +12,7 @@ ran it. Each tensor carries, in a map keyed by identity:
 * ``origin``: the stored tensor a view was taken from, so shared or re-viewed tensors count once.
 
 A stored tensor is charged once under its key, the same in every trace: a parameter's or buffer's path, a
-plain attribute's, or for one derived at run time (``weight * mask``) its values (``StoredTensor.key``).
+plain attribute's, or for one derived at run time (``weight * mask``) its values (``CostContext.key_of``).
 
 The model is neither modified nor left with hooks: ModuleStack removes its global hooks on exit and
 the caller restores train/eval mode. Tensors carry their metadata as an attribute (removed from every tensor
@@ -223,21 +223,18 @@ class StoredTensor:
     bits: int
     codes: bool
     owner: nn.Module | None = None
-    by_value: bool = False  # no name identifies it (derived at run time, or held by no attribute): see ``key``
+    by_value: bool = False  # no name identifies it (derived at run time, or held by no attribute): ``identity``
     site: str = ""  # for one identified by its values: the module that made or read it
 
     @functools.cached_property
-    def key(self) -> Any:
-        """What it is charged under, once per scoring: its name (a parameter's, buffer's or attribute's), or for a
-        tensor the forward derives (``weight * mask``) or a constant no attribute holds, the module that made it
-        and its shape, width and values. The same tensor derived again (every traced example, every loop step) is
-        then charged once, and two different ones of one shape in one module are both charged."""
-        if not self.by_value:
-            return self.name
+    def identity(self) -> tuple:
+        """For one identified by its values: the module that made it, its shape, dtype, width and a hash of its
+        values (the record itself when they cannot be read back: a meta or nested tensor). How it is charged
+        across traced examples: ``CostContext.key_of``."""
         digest = _digest(self.held)
-        if digest is None:  # values that cannot be read back (a meta or nested tensor): this record alone
+        if digest is None:
             return ("record", self.name, self.uid)
-        return ("values", self.site, tuple(self.held.shape), str(self.held.dtype), self.bits, digest)
+        return (self.site, tuple(self.held.shape), str(self.held.dtype), self.bits, digest)
 
 
 def _digest(t: Tensor) -> str | None:
@@ -453,7 +450,7 @@ class _OpRecorder(TorchDispatchMode):
                 self.trace.stored.setdefault(info.origin, info.stored_as)
             return info
         # A tensor the model holds outside its parameters/buffers (a plain attribute): a stored constant, named by
-        # the attribute that holds it, else identified by its values (StoredTensor.key).
+        # the attribute that holds it, else identified by its values (CostContext.key_of).
         uid = next(self.uids)
         bits = dtype_bits(t.dtype, self.float_bits)
         info = TensorInfo(uid, bits, static=True, stored=True, codes=_quantized_dtype(t.dtype), origin=uid)
@@ -582,7 +579,7 @@ class _OpRecorder(TorchDispatchMode):
                 bits = dtype_bits(t.dtype, self.float_bits)
                 info = TensorInfo(uid, bits, False, False, origin=uid)
             if static and stored and info.origin == uid:
-                # Derived at run time (weight * mask): identified by its values (StoredTensor.key).
+                # Derived at run time (weight * mask): identified by its values (CostContext.key_of).
                 name = f"{self._module_path() or '(root)'}.<{op.split('::')[-1]} {tuple(t.shape)}>"
                 info.stored_as = self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), info.bits, info.codes,
                                                                        by_value=True, site=self._module_path())

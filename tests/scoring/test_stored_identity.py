@@ -268,3 +268,25 @@ def test_names_of_derived_tensors_stay_short_however_deep_the_derivation():
     # 3.9 GB at 12 steps).
     trace = trace_model(_Derived(_bjorck, 1).eval(), torch.randn(1, 8), input_bits=32, float_bits=32)
     assert len(trace.stored) > 12 and max(len(s.name) for s in trace.stored.values()) < 100
+
+
+class _Sampled(nn.Module):
+    """A weight drawn at every call (Bayes-by-backprop at inference), or scaled by a number read from the input."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mu, self.rho = nn.Parameter(_weights(8, 8)[0]), nn.Parameter(torch.zeros(8, 8))
+        self.mode = mode
+
+    def forward(self, x):
+        _untraceable(x)
+        if self.mode == "sampled":
+            return x @ (self.mu + nn.functional.softplus(self.rho) * torch.randn(8, 8))
+        return x @ (self.mu / (float(x.abs().max()) + 1))
+
+
+@pytest.mark.parametrize("mode", ["sampled", "input-scaled"])
+def test_a_weight_whose_values_differ_per_example_is_charged_once(mode):
+    # Review finding: keyed by its values alone, it was charged once per traced example (16 x 64 for 16 samples).
+    # Hand count: one 8x8 weight, dense at 32 bits: 64 params, whatever the number of examples.
+    assert [score(_Sampled(mode), input_shape=(1, 8), samples=n).params for n in (1, 16)] == [64, 64]
