@@ -89,8 +89,7 @@ class CostContext:
     policy: Policy
     trace: Trace
     _last_nonzero: list = field(default_factory=lambda: [None, None], compare=False, repr=False)
-    _keys: dict = field(default_factory=dict, compare=False, repr=False)  # key_of, by record uid
-    _ordinals: dict = field(default_factory=dict, compare=False, repr=False)  # key_of: value sets per family
+    value_keys: dict = field(default_factory=dict, compare=False, repr=False)  # key_of; shared by one scoring's traces
 
     def nonzero(self, ref: TensorRef | StoredTensor) -> Tensor:
         """A static tensor's ``values != 0`` (bool): all that weight counts and storage layouts read of its values
@@ -119,22 +118,17 @@ class CostContext:
 
     def key_of(self, ref: TensorRef | StoredTensor) -> Any:
         """What the stored tensor a ref views is charged under, once per scoring: its name (a parameter's, buffer's
-        or attribute's), or for a tensor the forward derives (``weight * mask``) or a constant no attribute holds,
-        the n-th distinct value set (``StoredTensor.identity``) its module made of that shape in this trace. The
-        same tensor derived again (every loop step) is then charged once, different ones of one shape each, and
-        the n-th of each traced example once, whatever values an example gave it (a weight sampled at inference,
-        a scale computed from the input)."""
+        or attribute's), or for a tensor the forward derives (``weight * mask``) its derivation: the op and its
+        operands' derivations down to named tensors, floats left out (``TensorInfo.derivation``). The same weight
+        derived again (every loop step, every example, whatever values a sampled or input-scaled weight takes) is
+        then charged once, and different ones (per-head slices, two experts, two masks) each. A tensor with the
+        values and module of one charged before is that one (a cache re-derived from itself)."""
         stored = ref if isinstance(ref, StoredTensor) else self.trace.stored.get(ref.info.origin)
         if stored is None:
             return f"<tensor {ref.uid}>"
         if not stored.by_value:
             return stored.name
-        key = self._keys.get(stored.uid)
-        if key is None:
-            identity = stored.identity
-            family = self._ordinals.setdefault(identity[:-1], {})
-            key = self._keys[stored.uid] = ("values", *identity[:-1], family.setdefault(identity, len(family) + 1))
-        return key
+        return self.value_keys.setdefault(stored.identity, ("derived", stored.site, stored.derivation))
 
     def param(self, ref: TensorRef, *, sparse: bool = False, module: str = "") -> ParamUse:
         """ParamUse for a static stored tensor, keyed by the stored tensor it views (counted once)."""

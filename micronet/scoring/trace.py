@@ -12,7 +12,7 @@ ran it. Each tensor carries, in a map keyed by identity:
 * ``origin``: the stored tensor a view was taken from, so shared or re-viewed tensors count once.
 
 A stored tensor is charged once under its key, the same in every trace: a parameter's or buffer's path, a
-plain attribute's, or for one derived at run time (``weight * mask``) its values (``CostContext.key_of``).
+plain attribute's, or for one derived at run time (``weight * mask``) its derivation (``CostContext.key_of``).
 
 The model is neither modified nor left with hooks: ModuleStack removes its global hooks on exit and
 the caller restores train/eval mode. Tensors carry their metadata as an attribute (removed from every tensor
@@ -185,6 +185,8 @@ class TensorInfo:
     origin: int = -1  # uid of the stored tensor this is a view of
     zero_channels: frozenset[int] = frozenset()  # dim-1 channels known to be identically zero
     stored_as: StoredTensor | None = field(default=None, compare=False, repr=False)  # the origin's record
+    # A static tensor's derivation: a stored tensor's name, or a hash of the op and its operands' derivations.
+    derivation: str = field(default="", compare=False, repr=False)
 
 
 @dataclass
@@ -223,14 +225,14 @@ class StoredTensor:
     bits: int
     codes: bool
     owner: nn.Module | None = None
-    by_value: bool = False  # no name identifies it (derived at run time, or held by no attribute): ``identity``
-    site: str = ""  # for one identified by its values: the module that made or read it
+    by_value: bool = False  # no name identifies it (derived at run time, or held by no attribute): key_of
+    site: str = ""  # for one without a name: the module that made or read it
+    derivation: str = ""  # for one without a name: TensorInfo.derivation
 
     @functools.cached_property
     def identity(self) -> tuple:
-        """For one identified by its values: the module that made it, its shape, dtype, width and a hash of its
-        values (the record itself when they cannot be read back: a meta or nested tensor). How it is charged
-        across traced examples: ``CostContext.key_of``."""
+        """For one without a name: the module that made it, its shape, dtype, width and a hash of its values (the
+        record itself when they cannot be read back: a meta or nested tensor). ``CostContext.key_of`` uses it."""
         digest = _digest(self.held)
         if digest is None:
             return ("record", self.name, self.uid)
@@ -424,6 +426,7 @@ class _OpRecorder(TorchDispatchMode):
         self.modules, self.trace, self.infos = modules, trace, infos
         self.float_bits, self.uids, self.protected = float_bits, uids, protected
         self.attributes: dict[int, tuple[str, Tensor]] | None = None  # attribute_tensors(), built when needed
+        self.literals: dict[tuple, int] = {}  # _literal: how many such tensors each module made so far
 
     def _refuse_protected_write(self, func: Any, written: frozenset, args: tuple, kwargs: dict) -> None:
         """Stop before an in-place op writes into protected memory (the caller's weights, shared by the copy) or
@@ -460,11 +463,30 @@ class _OpRecorder(TorchDispatchMode):
         named = self.attributes.get(id(t))
         if named is not None and named[1] is t:
             name, by_value = named[0], False
-        else:
+            info.derivation = name
+        else:  # held where no module attribute shows it: known by its values
             name, by_value = f"{self._module_path() or '(root)'}.<constant {tuple(t.shape)}>", True
+            info.derivation = f"<constant {_digest(t)}>"
         info.stored_as = self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), bits, False, by_value=by_value,
-                                                               site=self._module_path())
+                                                               site=self._module_path(), derivation=info.derivation)
         return info
+
+    def _literal(self, t: Tensor) -> None:
+        """A tensor the forward builds from Python values (``torch.tensor(...)``): stored with the code, known by
+        where it is made (its module, shape, dtype and rank among such tensors there), not by its values, which
+        may come from the input (a scale, chosen indices) and differ in every example."""
+        uid = next(self.uids)
+        bits = dtype_bits(t.dtype, self.float_bits)
+        path = self._module_path()
+        site = (path, tuple(t.shape), t.dtype)
+        self.literals[site] = self.literals.get(site, 0) + 1
+        derivation = f"<literal {path} {tuple(t.shape)} {t.dtype} #{self.literals[site]}>"
+        info = TensorInfo(uid, bits, static=True, stored=True, codes=_quantized_dtype(t.dtype), origin=uid,
+                          derivation=derivation)
+        self.infos.tag_foreign(t, info)
+        name = f"{path or '(root)'}.<tensor {tuple(t.shape)}>"
+        info.stored_as = self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), bits, False, by_value=True,
+                                                               site=path, derivation=derivation)
 
     def _ref(self, t: Tensor) -> TensorRef:
         info = self._info(t)
@@ -484,6 +506,8 @@ class _OpRecorder(TorchDispatchMode):
         else:
             out = func(*args, **kwargs)
         op = func._schema.name
+        if op in _LITERALS and in_tensors and self.infos.get(in_tensors[0]) is None:
+            self._literal(in_tensors[0])
         in_refs = [self._ref(t) for t in in_tensors]
         if isinstance(out, Tensor):
             out_tensors = [out]
@@ -491,7 +515,7 @@ class _OpRecorder(TorchDispatchMode):
             out_tensors = [o for o in out if isinstance(o, Tensor)]
         else:
             out_tensors = []
-        out_infos = self._derive(op, args, in_refs, out_tensors)
+        out_infos = self._derive(op, args, kwargs, in_refs, out_tensors)
         out_refs = []
         for t, info in zip(out_tensors, out_infos):
             self.infos[t] = info
@@ -509,10 +533,13 @@ class _OpRecorder(TorchDispatchMode):
         self.trace.records.append(record)
         return out
 
-    def _derive(self, op: str, args: tuple, ins: list[TensorRef], outs: list[Tensor]) -> list[TensorInfo]:
+    def _derive(self, op: str, args: tuple, kwargs: dict, ins: list[TensorRef],
+                outs: list[Tensor]) -> list[TensorInfo]:
         """Metadata of an op's outputs from its inputs (the bit-width propagation rules)."""
         static = all(r.static for r in ins)
         stored = static and any(r.info.stored for r in ins)
+        operands = "|".join([op, *map(self._operand, args), *(f"{k}={self._operand(v)}" for k, v in kwargs.items())]
+                            ) if static else ""
         infos = []
         for k, t in enumerate(outs):
             uid = next(self.uids)
@@ -550,9 +577,11 @@ class _OpRecorder(TorchDispatchMode):
                     zero_channels=frozenset(range(t.shape[1])) if zero else frozenset(),
                 )
             elif op in DATA_MOVEMENT or op in VALUE_PRESERVING:
-                bits = max(r.bits for r in ins)
-                codes = all(r.info.codes for r in ins)
-                signed = any(r.info.signed for r in ins) if codes else True
+                # The values moved set the width, not the integer indices or bool masks that pick them.
+                data = [r for r in ins if r.dtype.is_floating_point] or ins
+                bits = max(r.bits for r in data)
+                codes = all(r.info.codes for r in data)
+                signed = any(r.info.signed for r in data) if codes else True
                 origin = ins[0].info.origin if (op in SAME_ORIGIN and len(ins) == 1 and k == 0) else uid
                 zeros = frozenset()
                 if op == "aten::cat":
@@ -578,13 +607,31 @@ class _OpRecorder(TorchDispatchMode):
             else:
                 bits = dtype_bits(t.dtype, self.float_bits)
                 info = TensorInfo(uid, bits, False, False, origin=uid)
+            if static:
+                # An output that is an input (an in-place update, an op returning its argument): the same tensor.
+                same = next((r for r, a in zip(ins, _tensors_in(args)) if a is t), None)
+                info.derivation = same.info.derivation if same is not None else hashlib.blake2b(
+                    f"{operands}|{k}".encode(), digest_size=12).hexdigest()
             if static and stored and info.origin == uid:
-                # Derived at run time (weight * mask): identified by its values (CostContext.key_of).
+                # Derived at run time (weight * mask): known by its derivation (CostContext.key_of).
                 name = f"{self._module_path() or '(root)'}.<{op.split('::')[-1]} {tuple(t.shape)}>"
                 info.stored_as = self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), info.bits, info.codes,
-                                                                       by_value=True, site=self._module_path())
+                                                                       by_value=True, site=self._module_path(),
+                                                                       derivation=info.derivation)
             infos.append(info)
         return infos
+
+    def _operand(self, a: Any) -> str:
+        """An op argument in a derivation: a tensor's derivation, a value; a float is left out (it may be a number
+        the forward read from its input, different in every example)."""
+        if isinstance(a, Tensor):
+            info = self.infos.get(a)
+            return info.derivation if info is not None else "?"
+        if isinstance(a, (list, tuple)):
+            return "[" + ",".join(map(self._operand, a)) + "]"
+        if isinstance(a, (float, complex)):
+            return "<number>"
+        return repr(a)
 
     def _pad_zero_channels(self, args: tuple, src: TensorRef) -> frozenset[int]:
         """Channels added by a zero ``F.pad`` along dim 1 (PyramidNet's shortcut), plus the source's own."""
@@ -670,7 +717,8 @@ def _register_model_tensors(
             full = f"{path}.{name}" if path else name
             held = tensor if type(tensor) is ScaledWeight else tensor.detach()  # (its detach would dispatch)
             record = trace.stored[uid] = StoredTensor(uid, full, held, bits, codes, module)
-            infos.tag_foreign(tensor, TensorInfo(uid, bits, True, True, codes, signed, uid, stored_as=record))
+            infos.tag_foreign(tensor, TensorInfo(uid, bits, True, True, codes, signed, uid, stored_as=record,
+                                                 derivation=full))
 
 
 def output_tensors(output: Any, depth: int = 8) -> list[Tensor]:
@@ -740,6 +788,9 @@ def storages_of(model: nn.Module) -> frozenset[int]:
     # Address 0 is no memory (empty and meta tensors): protecting it would stop harmless writes to empty tensors.
     return frozenset(p for t in itertools.chain(model.parameters(), model.buffers()) if (p := _storage_of(t)))
 
+
+# Ops that take in a tensor the forward built from Python values (torch.tensor, torch.as_tensor).
+_LITERALS = frozenset({"aten::lift_fresh", "aten::lift_fresh_copy"})
 
 # Tensor uids, unique across every trace of the process: a tensor kept from one traced forward to the next (a
 # cache) keeps its uid, which no other tensor can have.

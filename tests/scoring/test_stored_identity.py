@@ -282,11 +282,42 @@ class _Sampled(nn.Module):
         _untraceable(x)
         if self.mode == "sampled":
             return x @ (self.mu + nn.functional.softplus(self.rho) * torch.randn(8, 8))
-        return x @ (self.mu / (float(x.abs().max()) + 1))
+        if self.mode == "input-scaled":
+            return x @ (self.mu / (float(x.abs().max()) + 1))
+        return x @ self.mu * torch.tensor(1 / (float(x.abs().max()) + 1))  # a tensor built from an input number
 
 
-@pytest.mark.parametrize("mode", ["sampled", "input-scaled"])
-def test_a_weight_whose_values_differ_per_example_is_charged_once(mode):
+@pytest.mark.parametrize(("mode", "params"), [("sampled", 64), ("input-scaled", 64), ("literal-scale", 65)])
+def test_a_weight_whose_values_differ_per_example_is_charged_once(mode, params):
     # Review finding: keyed by its values alone, it was charged once per traced example (16 x 64 for 16 samples).
-    # Hand count: one 8x8 weight, dense at 32 bits: 64 params, whatever the number of examples.
-    assert [score(_Sampled(mode), input_shape=(1, 8), samples=n).params for n in (1, 16)] == [64, 64]
+    # Hand count: one 8x8 weight, dense at 32 bits: 64 params, whatever the number of examples (and the scalar
+    # tensor built in the forward, 1 more).
+    assert [score(_Sampled(mode), input_shape=(1, 8), samples=n).params for n in (1, 16)] == [params, params]
+
+
+class _Experts(nn.Module):
+    """Two of four 8x8 experts chosen in Python by the input, as a bank slice or through torch.tensor indices."""
+
+    def __init__(self, indices: bool):
+        super().__init__()
+        self.bank, self.indices = nn.Parameter(_weights(4, 8, 8)[0]), indices
+
+    def forward(self, x):
+        _untraceable(x)
+        first = int(x.sum() > 0)
+        if self.indices:
+            chosen = torch.index_select(self.bank, 0, torch.tensor([first, first + 2]))
+            return x @ chosen[0] + x @ chosen[1]
+        return x @ (self.bank[first] * 1.0) + x @ (self.bank[first + 2] * 1.0)
+
+
+def test_experts_chosen_by_the_input_are_charged_as_what_each_example_uses():
+    # Slices of a fixed bank: the experts two examples choose are different tensors, each charged (review finding:
+    # numbering value sets per trace charged one). Examples choosing experts {0, 2} and {1, 3}: 4 x 64 params.
+    data = [torch.ones(1, 8), -torch.ones(1, 8)]
+    assert score(_Experts(False), input_shape=(1, 8), data=data, samples=2).params == 256
+    # Chosen through an index tensor built in the forward: one derived (2, 8, 8) selection whatever the indices, its
+    # float32 values at 32 bits (not the int64 indices' 64: 256 before), 128 params. Known to undercount the bank
+    # when examples choose different experts this way (the selection is one tensor).
+    counts = {score(_Experts(True), input_shape=(1, 8), data=data[:n], samples=n).params for n in (1, 2)}
+    assert counts == {128}
