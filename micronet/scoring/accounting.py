@@ -85,7 +85,7 @@ def account(traces: list[Trace], policy: Policy, param_traces: list[Trace] | tup
     examples = sum(t.batch for t in traces)
     dead: dict[tuple[str, str], dict] = {}
     dead_params: dict[tuple[str, str], dict] = {}  # per dead row: ParamUse by key
-    value_keys: dict = {}  # CostContext.key_of: derived tensors already charged, by their values
+    value_keys: dict = {}  # CostContext.key_of: derived tensors already charged, by the memory they hold
 
     def row_for(module: str, kind: str, cost: Cost | None) -> tuple[str, str]:
         key = (module, kind)

@@ -89,7 +89,7 @@ class CostContext:
     policy: Policy
     trace: Trace
     _last_nonzero: list = field(default_factory=lambda: [None, None], compare=False, repr=False)
-    value_keys: dict = field(default_factory=dict, compare=False, repr=False)  # key_of; shared by one scoring's traces
+    value_keys: dict = field(default_factory=dict, compare=False, repr=False)  # key_of, by memory; one per scoring
 
     def nonzero(self, ref: TensorRef | StoredTensor) -> Tensor:
         """A static tensor's ``values != 0`` (bool): all that weight counts and storage layouts read of its values
@@ -121,14 +121,14 @@ class CostContext:
         or attribute's), or for a tensor the forward derives (``weight * mask``) its derivation: the op and its
         operands' derivations down to named tensors, floats left out (``TensorInfo.derivation``). The same weight
         derived again (every loop step, every example, whatever values a sampled or input-scaled weight takes) is
-        then charged once, and different ones (per-head slices, two experts, two masks) each. A tensor with the
-        values and module of one charged before is that one (a cache re-derived from itself)."""
+        then charged once, and different ones (per-head slices, two experts, two masks) each. Records that hold the
+        same memory (a tensor updated in place, a cache kept between examples) are one tensor."""
         stored = ref if isinstance(ref, StoredTensor) else self.trace.stored.get(ref.info.origin)
         if stored is None:
             return f"<tensor {ref.uid}>"
         if not stored.by_value:
             return stored.name
-        return self.value_keys.setdefault(stored.identity, ("derived", stored.site, stored.derivation))
+        return self.value_keys.setdefault(stored.memory, ("derived", stored.site, stored.derivation))
 
     def param(self, ref: TensorRef, *, sparse: bool = False, module: str = "") -> ParamUse:
         """ParamUse for a static stored tensor, keyed by the stored tensor it views (counted once)."""

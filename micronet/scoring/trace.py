@@ -22,9 +22,10 @@ afterwards), so activations are freed as the forward drops them.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import itertools
+import os
+import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -229,14 +230,15 @@ class StoredTensor:
     site: str = ""  # for one without a name: the module that made or read it
     derivation: str = ""  # for one without a name: TensorInfo.derivation
 
-    @functools.cached_property
-    def identity(self) -> tuple:
-        """For one without a name: the module that made it, its shape, dtype, width and a hash of its values (the
-        record itself when they cannot be read back: a meta or nested tensor). ``CostContext.key_of`` uses it."""
-        digest = _digest(self.held)
-        if digest is None:
-            return ("record", self.name, self.uid)
-        return (self.site, tuple(self.held.shape), str(self.held.dtype), self.bits, digest)
+    @property
+    def memory(self) -> tuple:
+        """Where its values are (storage, offset, shape, strides): records of one tensor updated in place, or kept
+        from one traced example to the next, hold the same memory (``CostContext.key_of`` takes them as one)."""
+        t = self.held
+        try:
+            return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        except (RuntimeError, NotImplementedError):  # no plain storage (a sparse or nested tensor)
+            return ("record", self.uid)
 
 
 def _digest(t: Tensor) -> str | None:
@@ -426,7 +428,7 @@ class _OpRecorder(TorchDispatchMode):
         self.modules, self.trace, self.infos = modules, trace, infos
         self.float_bits, self.uids, self.protected = float_bits, uids, protected
         self.attributes: dict[int, tuple[str, Tensor]] | None = None  # attribute_tensors(), built when needed
-        self.literals: dict[tuple, int] = {}  # _literal: how many such tensors each module made so far
+        self.literals: dict[tuple, int] = {}  # _literal: how many such tensors each line made so far
 
     def _refuse_protected_write(self, func: Any, written: frozenset, args: tuple, kwargs: dict) -> None:
         """Stop before an in-place op writes into protected memory (the caller's weights, shared by the copy) or
@@ -447,7 +449,13 @@ class _OpRecorder(TorchDispatchMode):
         info = self.infos.carried_info(t)
         if info is not None:
             # Made by the model in an earlier traced forward and kept (a cache): the same tensor as then (uids are
-            # unique across traces), charged under the same record.
+            # unique across traces), charged under the same record. What is derived from it now is derived from
+            # where the model keeps it, the same in every later example.
+            if self.attributes is None:
+                self.attributes = attribute_tensors(self.trace.modules)
+            named = self.attributes.get(id(t))
+            if info.static and named is not None and named[1] is t:
+                info = dataclasses.replace(info, derivation=f"<kept {named[0]}>")
             self.infos.tag_foreign(t, info)
             if info.stored_as is not None:
                 self.trace.stored.setdefault(info.origin, info.stored_as)
@@ -471,16 +479,37 @@ class _OpRecorder(TorchDispatchMode):
                                                                site=self._module_path(), derivation=info.derivation)
         return info
 
+    def _written_through_view(self, op: str, base: Tensor, written: TensorInfo) -> None:
+        """An in-place op wrote ``written`` into a view of ``base`` (``a[:, :4] = w``): ``base`` now holds those
+        values too, so it is input-dependent if they are, and a stored tensor if they are stored."""
+        before = self.infos.get(base)
+        if before is None or not before.static:
+            return
+        static, stored = written.static, before.stored or written.stored
+        if static and not (stored and not before.stored):
+            return  # a static tensor stays what it was (a stored one is read where it lives, at accounting)
+        uid = next(self.uids)
+        info = TensorInfo(uid, max(before.bits, written.bits), static, stored, before.codes and written.codes,
+                          origin=uid)
+        if static:  # a runtime constant that now holds stored values: a tensor derived at run time
+            info.derivation = hashlib.blake2b(f"{op}|{before.derivation}|{written.derivation}".encode(),
+                                              digest_size=12).hexdigest()
+            name = f"{self._module_path() or '(root)'}.<{op.split('::')[-1]} {tuple(base.shape)}>"
+            info.stored_as = self.trace.stored[uid] = StoredTensor(uid, name, base.detach(), info.bits, info.codes,
+                                                                   by_value=True, site=self._module_path(),
+                                                                   derivation=info.derivation)
+        self.infos[base] = info
+
     def _literal(self, t: Tensor) -> None:
         """A tensor the forward builds from Python values (``torch.tensor(...)``): stored with the code, known by
-        where it is made (its module, shape, dtype and rank among such tensors there), not by its values, which
-        may come from the input (a scale, chosen indices) and differ in every example."""
+        where it is made (the line of the model's code, its shape and dtype, its rank among those made there), not
+        by its values, which may come from the input (a scale, chosen indices) and differ in every example."""
         uid = next(self.uids)
         bits = dtype_bits(t.dtype, self.float_bits)
         path = self._module_path()
-        site = (path, tuple(t.shape), t.dtype)
-        self.literals[site] = self.literals.get(site, 0) + 1
-        derivation = f"<literal {path} {tuple(t.shape)} {t.dtype} #{self.literals[site]}>"
+        site = (_caller_line(), tuple(t.shape), t.dtype)
+        self.literals[site] = self.literals.get(site, 0) + 1  # the n-th made there (in a loop)
+        derivation = f"<literal {site} #{self.literals[site]}>"
         info = TensorInfo(uid, bits, static=True, stored=True, codes=_quantized_dtype(t.dtype), origin=uid,
                           derivation=derivation)
         self.infos.tag_foreign(t, info)
@@ -520,6 +549,8 @@ class _OpRecorder(TorchDispatchMode):
         for t, info in zip(out_tensors, out_infos):
             self.infos[t] = info
             out_refs.append(TensorRef(info.uid, tuple(t.shape), t.dtype, info, t if info.static else None))
+            if written and t._base is not None and any(t is a for a in args):
+                self._written_through_view(op, t._base, info)
         ref_of = {id(t): r for t, r in zip(in_tensors, in_refs)}
         rec_args = tuple(_swap(a, ref_of) for a in args)
         rec_kwargs = {k: _swap(v, ref_of) for k, v in kwargs.items()}
@@ -578,7 +609,7 @@ class _OpRecorder(TorchDispatchMode):
                 )
             elif op in DATA_MOVEMENT or op in VALUE_PRESERVING:
                 # The values moved set the width, not the integer indices or bool masks that pick them.
-                data = [r for r in ins if r.dtype.is_floating_point] or ins
+                data = [r for r in ins if r.dtype not in _INDEX_DTYPES] or ins
                 bits = max(r.bits for r in data)
                 codes = all(r.info.codes for r in data)
                 signed = any(r.info.signed for r in data) if codes else True
@@ -608,10 +639,7 @@ class _OpRecorder(TorchDispatchMode):
                 bits = dtype_bits(t.dtype, self.float_bits)
                 info = TensorInfo(uid, bits, False, False, origin=uid)
             if static:
-                # An output that is an input (an in-place update, an op returning its argument): the same tensor.
-                same = next((r for r, a in zip(ins, _tensors_in(args)) if a is t), None)
-                info.derivation = same.info.derivation if same is not None else hashlib.blake2b(
-                    f"{operands}|{k}".encode(), digest_size=12).hexdigest()
+                info.derivation = hashlib.blake2b(f"{operands}|{k}".encode(), digest_size=12).hexdigest()
             if static and stored and info.origin == uid:
                 # Derived at run time (weight * mask): known by its derivation (CostContext.key_of).
                 name = f"{self._module_path() or '(root)'}.<{op.split('::')[-1]} {tuple(t.shape)}>"
@@ -631,7 +659,9 @@ class _OpRecorder(TorchDispatchMode):
             return "[" + ",".join(map(self._operand, a)) + "]"
         if isinstance(a, (float, complex)):
             return "<number>"
-        return repr(a)
+        if a is None or isinstance(a, (int, str, torch.dtype, torch.device, torch.layout, torch.memory_format)):
+            return repr(a)
+        return f"<{type(a).__name__}>"  # an object (a generator): its repr may hold an address
 
     def _pad_zero_channels(self, args: tuple, src: TensorRef) -> frozenset[int]:
         """Channels added by a zero ``F.pad`` along dim 1 (PyramidNet's shortcut), plus the source's own."""
@@ -679,6 +709,16 @@ def _materialized_arg(a: Any) -> Any:
 
 
 _WRITTEN: dict[Any, frozenset] = {}
+
+
+def _caller_line() -> str:
+    """``file:line`` of the innermost caller outside torch and the scorer (the model's code)."""
+    frame = sys._getframe(1)
+    here = os.path.dirname(__file__)
+    torch_dir = os.path.dirname(torch.__file__)
+    while frame is not None and frame.f_code.co_filename.startswith((here, torch_dir)):
+        frame = frame.f_back
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else "?"
 
 
 def _written_args(func: Any) -> frozenset:
@@ -788,6 +828,9 @@ def storages_of(model: nn.Module) -> frozenset[int]:
     # Address 0 is no memory (empty and meta tensors): protecting it would stop harmless writes to empty tensors.
     return frozenset(p for t in itertools.chain(model.parameters(), model.buffers()) if (p := _storage_of(t)))
 
+
+# Dtypes of the indices and masks data-movement ops take (index_select, gather, masked ops): not values moved.
+_INDEX_DTYPES = frozenset({torch.int64, torch.int32, torch.bool})
 
 # Ops that take in a tensor the forward built from Python values (torch.tensor, torch.as_tensor).
 _LITERALS = frozenset({"aten::lift_fresh", "aten::lift_fresh_copy"})
