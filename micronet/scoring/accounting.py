@@ -85,7 +85,7 @@ def account(traces: list[Trace], policy: Policy, param_traces: list[Trace] | tup
     examples = sum(t.batch for t in traces)
     dead: dict[tuple[str, str], dict] = {}
     dead_params: dict[tuple[str, str], dict] = {}  # per dead row: ParamUse by key
-    value_keys: dict = {}  # CostContext.key_of: derived tensors already charged, by the memory they hold
+    memory_keys: dict = {}  # CostContext.key_of: derived tensors already charged, by the memory they hold
 
     def row_for(module: str, kind: str, cost: Cost | None) -> tuple[str, str]:
         key = (module, kind)
@@ -199,7 +199,7 @@ def account(traces: list[Trace], policy: Policy, param_traces: list[Trace] | tup
             charge_params(key, uses)
 
     for trace, ops_count in [*((t, True) for t in traces), *((t, False) for t in param_traces)]:
-        ctx = CostContext(policy, trace, value_keys=value_keys)
+        ctx = CostContext(policy, trace, memory_keys=memory_keys)
         live = live_records(trace)
         for rec in trace.records:
             account_record(rec, ctx, live, ops_count, trace is traces[0])

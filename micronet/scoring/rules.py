@@ -89,7 +89,7 @@ class CostContext:
     policy: Policy
     trace: Trace
     _last_nonzero: list = field(default_factory=lambda: [None, None], compare=False, repr=False)
-    value_keys: dict = field(default_factory=dict, compare=False, repr=False)  # key_of, by memory; one per scoring
+    memory_keys: dict = field(default_factory=dict, compare=False, repr=False)  # key_of, by memory; one per scoring
 
     def nonzero(self, ref: TensorRef | StoredTensor) -> Tensor:
         """A static tensor's ``values != 0`` (bool): all that weight counts and storage layouts read of its values
@@ -128,7 +128,7 @@ class CostContext:
             return f"<tensor {ref.uid}>"
         if not stored.by_value:
             return stored.name
-        return self.value_keys.setdefault(stored.memory, ("derived", stored.site, stored.derivation))
+        return self.memory_keys.setdefault(stored.memory, ("derived", stored.site, stored.derivation))
 
     def param(self, ref: TensorRef, *, sparse: bool = False, module: str = "") -> ParamUse:
         """ParamUse for a static stored tensor, keyed by the stored tensor it views (counted once)."""

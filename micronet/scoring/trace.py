@@ -241,6 +241,11 @@ class StoredTensor:
             return ("record", self.uid)
 
 
+def _hash(text: str) -> str:
+    """A short fixed-size hash of a derivation's text."""
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
 def _digest(t: Tensor) -> str | None:
     """A hash of a tensor's values (the bytes of its dense, dequantised form), or None when they cannot be read."""
     try:
@@ -451,33 +456,42 @@ class _OpRecorder(TorchDispatchMode):
             # Made by the model in an earlier traced forward and kept (a cache): the same tensor as then (uids are
             # unique across traces), charged under the same record. What is derived from it now is derived from
             # where the model keeps it, the same in every later example.
-            if self.attributes is None:
-                self.attributes = attribute_tensors(self.trace.modules)
-            named = self.attributes.get(id(t))
-            if info.static and named is not None and named[1] is t:
-                info = dataclasses.replace(info, derivation=f"<kept {named[0]}>")
+            attribute = self._attribute_name(t)
+            if info.static and attribute is not None:
+                info = dataclasses.replace(info, derivation=f"<kept {attribute}>")
             self.infos.tag_foreign(t, info)
             if info.stored_as is not None:
                 self.trace.stored.setdefault(info.origin, info.stored_as)
             return info
         # A tensor the model holds outside its parameters/buffers (a plain attribute): a stored constant, named by
         # the attribute that holds it, else identified by its values (CostContext.key_of).
-        uid = next(self.uids)
-        bits = dtype_bits(t.dtype, self.float_bits)
-        info = TensorInfo(uid, bits, static=True, stored=True, codes=_quantized_dtype(t.dtype), origin=uid)
-        self.infos.tag_foreign(t, info)
+        attribute = self._attribute_name(t)
+        if attribute is not None:
+            return self._foreign_constant(t, attribute, attribute, by_value=False)
+        name = f"{self._module_path() or '(root)'}.<constant {tuple(t.shape)}>"
+        return self._foreign_constant(t, f"<constant {_digest(t)}>", name, by_value=True)
+
+    def _attribute_name(self, t: Tensor) -> str | None:
+        """``path.attribute`` of the module attribute that holds ``t`` (:func:`attribute_tensors`), if one does."""
         if self.attributes is None:
             self.attributes = attribute_tensors(self.trace.modules)
         named = self.attributes.get(id(t))
-        if named is not None and named[1] is t:
-            name, by_value = named[0], False
-            info.derivation = name
-        else:  # held where no module attribute shows it: known by its values
-            name, by_value = f"{self._module_path() or '(root)'}.<constant {tuple(t.shape)}>", True
-            info.derivation = f"<constant {_digest(t)}>"
-        info.stored_as = self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), bits, False, by_value=by_value,
-                                                               site=self._module_path(), derivation=info.derivation)
+        return named[0] if named is not None and named[1] is t else None
+
+    def _foreign_constant(self, t: Tensor, derivation: str, name: str, by_value: bool) -> TensorInfo:
+        """Tag a static tensor the trace did not make and record it as stored under ``name``."""
+        uid = next(self.uids)
+        info = TensorInfo(uid, dtype_bits(t.dtype, self.float_bits), static=True, stored=True,
+                          codes=_quantized_dtype(t.dtype), origin=uid, derivation=derivation)
+        self.infos.tag_foreign(t, info)
+        self._record(info, name, t, by_value)
         return info
+
+    def _record(self, info: TensorInfo, name: str, held: Tensor, by_value: bool = True) -> None:
+        """Record the stored tensor ``info`` describes (its own origin), made or read in the running module."""
+        info.stored_as = self.trace.stored[info.uid] = StoredTensor(
+            info.uid, name, held.detach(), info.bits, info.codes, by_value=by_value, site=self._module_path(),
+            derivation=info.derivation)
 
     def _written_through_view(self, op: str, base: Tensor, written: TensorInfo) -> None:
         """An in-place op wrote ``written`` into a view of ``base`` (``a[:, :4] = w``): ``base`` now holds those
@@ -492,30 +506,18 @@ class _OpRecorder(TorchDispatchMode):
         info = TensorInfo(uid, max(before.bits, written.bits), static, stored, before.codes and written.codes,
                           origin=uid)
         if static:  # a runtime constant that now holds stored values: a tensor derived at run time
-            info.derivation = hashlib.blake2b(f"{op}|{before.derivation}|{written.derivation}".encode(),
-                                              digest_size=12).hexdigest()
-            name = f"{self._module_path() or '(root)'}.<{op.split('::')[-1]} {tuple(base.shape)}>"
-            info.stored_as = self.trace.stored[uid] = StoredTensor(uid, name, base.detach(), info.bits, info.codes,
-                                                                   by_value=True, site=self._module_path(),
-                                                                   derivation=info.derivation)
+            info.derivation = _hash(f"{op}|{before.derivation}|{written.derivation}")
+            self._record(info, f"{self._module_path() or '(root)'}.<{op.split('::')[-1]} {tuple(base.shape)}>", base)
         self.infos[base] = info
 
     def _literal(self, t: Tensor) -> None:
         """A tensor the forward builds from Python values (``torch.tensor(...)``): stored with the code, known by
         where it is made (the line of the model's code, its shape and dtype, its rank among those made there), not
         by its values, which may come from the input (a scale, chosen indices) and differ in every example."""
-        uid = next(self.uids)
-        bits = dtype_bits(t.dtype, self.float_bits)
-        path = self._module_path()
         site = (_caller_line(), tuple(t.shape), t.dtype)
         self.literals[site] = self.literals.get(site, 0) + 1  # the n-th made there (in a loop)
-        derivation = f"<literal {site} #{self.literals[site]}>"
-        info = TensorInfo(uid, bits, static=True, stored=True, codes=_quantized_dtype(t.dtype), origin=uid,
-                          derivation=derivation)
-        self.infos.tag_foreign(t, info)
-        name = f"{path or '(root)'}.<tensor {tuple(t.shape)}>"
-        info.stored_as = self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), bits, False, by_value=True,
-                                                               site=path, derivation=derivation)
+        name = f"{self._module_path() or '(root)'}.<tensor {tuple(t.shape)}>"
+        self._foreign_constant(t, f"<literal {site} #{self.literals[site]}>", name, by_value=True)
 
     def _ref(self, t: Tensor) -> TensorRef:
         info = self._info(t)
@@ -639,13 +641,10 @@ class _OpRecorder(TorchDispatchMode):
                 bits = dtype_bits(t.dtype, self.float_bits)
                 info = TensorInfo(uid, bits, False, False, origin=uid)
             if static:
-                info.derivation = hashlib.blake2b(f"{operands}|{k}".encode(), digest_size=12).hexdigest()
+                info.derivation = _hash(f"{operands}|{k}")
             if static and stored and info.origin == uid:
                 # Derived at run time (weight * mask): known by its derivation (CostContext.key_of).
-                name = f"{self._module_path() or '(root)'}.<{op.split('::')[-1]} {tuple(t.shape)}>"
-                info.stored_as = self.trace.stored[uid] = StoredTensor(uid, name, t.detach(), info.bits, info.codes,
-                                                                       by_value=True, site=self._module_path(),
-                                                                       derivation=info.derivation)
+                self._record(info, f"{self._module_path() or '(root)'}.<{op.split('::')[-1]} {tuple(t.shape)}>", t)
             infos.append(info)
         return infos
 
